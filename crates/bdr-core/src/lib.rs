@@ -1,0 +1,9 @@
+//! The pure logic of bdr: nothing here touches PostgreSQL, so all of it is
+//! tested with plain `cargo test`.
+
+pub mod backoff;
+pub mod dsn;
+pub mod naming;
+pub mod node;
+pub mod settings;
+pub mod version;
