@@ -1,1 +1,311 @@
-pub fn x(){}
+//! A harness for multi-node bdr tests: real PostgreSQL 15 instances, started
+//! as the `postgres` user on free ports with the settings bdr needs.
+//!
+//! Everything a test starts is stopped when the `Cluster` is dropped, also when
+//! the test panics; a failing test prints every instance's server log.
+
+use postgres::{Client, NoTls, Row};
+use std::fmt::Write as _;
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use postgres;
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// The settings every bdr node needs, written to each instance's postgresql.conf.
+pub const BASE_CONF: &str = "\
+shared_preload_libraries = 'bdr'
+output_plugin_libraries = 'pgoutput, test_decoding, bdr'
+wal_level = logical
+track_commit_timestamp = on
+max_worker_processes = 32
+max_wal_senders = 16
+max_replication_slots = 16
+listen_addresses = '127.0.0.1'
+unix_socket_directories = ''
+fsync = off
+log_line_prefix = '%m [%p] %b '
+log_min_messages = info
+";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn run_as_postgres(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    out
+}
+
+/// A command that runs as the `postgres` user (PostgreSQL refuses root).
+fn pg_command(program: &str) -> Command {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", program]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        // Also keep clear of a socket lock file from an earlier run.
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port found");
+}
+
+pub struct Instance {
+    pub name: String,
+    pub port: u16,
+    pub datadir: PathBuf,
+    pub logfile: PathBuf,
+    running: bool,
+}
+
+impl Instance {
+    pub fn dsn(&self, db: &str) -> String {
+        format!("host=127.0.0.1 port={} dbname={} user=postgres", self.port, db)
+    }
+
+    pub fn connect(&self, db: &str) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Client::connect(&self.dsn(db), NoTls) {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("connecting to {} ({}): {e}", self.name, self.dsn(db)),
+            }
+        }
+    }
+
+    pub fn start(&mut self) {
+        let out = run_as_postgres(pg_command(&format!("{PG_BIN}/pg_ctl")).args([
+            "-D",
+            self.datadir.to_str().unwrap(),
+            "-l",
+            self.logfile.to_str().unwrap(),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ]));
+        assert!(out.status.success(), "pg_ctl start {} failed: {}\n{}", self.name, String::from_utf8_lossy(&out.stderr), self.log());
+        self.running = true;
+    }
+
+    /// Stops the instance; `mode` is pg_ctl's: smart, fast or immediate.
+    pub fn stop(&mut self, mode: &str) {
+        if !self.running {
+            return;
+        }
+        let _ = run_as_postgres(pg_command(&format!("{PG_BIN}/pg_ctl")).args([
+            "-D",
+            self.datadir.to_str().unwrap(),
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            "60",
+            "stop",
+        ]));
+        self.running = false;
+    }
+
+    /// kill -9 of the postmaster, as a crash would.
+    pub fn kill9(&mut self) {
+        let pidfile = self.datadir.join("postmaster.pid");
+        if let Ok(s) = fs::read_to_string(&pidfile) {
+            if let Some(pid) = s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: sending a signal to a pid we started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let deadline = Instant::now() + Duration::from_secs(30);
+                // SAFETY: kill with signal 0 only checks for existence.
+                while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        self.running = false;
+    }
+
+    /// Appends to postgresql.conf; takes effect on reload or restart.
+    pub fn append_conf(&self, text: &str) {
+        let path = self.datadir.join("postgresql.conf");
+        let mut conf = fs::read_to_string(&path).unwrap();
+        conf.push_str(text);
+        conf.push('\n');
+        fs::write(&path, conf).unwrap();
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.logfile).unwrap_or_default()
+    }
+}
+
+/// A set of instances under one temporary directory.
+pub struct Cluster {
+    pub root: PathBuf,
+    pub nodes: Vec<Instance>,
+    keep: bool,
+}
+
+impl Cluster {
+    /// Starts `n` instances with `BASE_CONF` plus `extra_conf`.
+    pub fn start(n: usize, extra_conf: &str) -> Cluster {
+        let mut c = Cluster::new_stopped(n, extra_conf);
+        for i in &mut c.nodes {
+            i.start();
+        }
+        c
+    }
+
+    /// Creates `n` instances without starting them (to change their config first).
+    pub fn new_stopped(n: usize, extra_conf: &str) -> Cluster {
+        let base = std::env::var("BDR_TEST_TMP").unwrap_or_else(|_| "/tmp".into());
+        let root = PathBuf::from(base).join(format!(
+            "bdr-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
+        chown_postgres(&root);
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let name = format!("node{}", i + 1);
+            let datadir = root.join(&name);
+            let logfile = root.join(format!("{name}.log"));
+            let out = run_as_postgres(pg_command(&format!("{PG_BIN}/initdb")).args([
+                "-D",
+                datadir.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ]));
+            assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+            let port = free_port();
+            let inst = Instance { name, port, datadir, logfile, running: false };
+            inst.append_conf(&format!("{BASE_CONF}port = {port}\n{extra_conf}"));
+            nodes.push(inst);
+        }
+        let keep = std::env::var_os("BDR_TEST_KEEP").is_some();
+        Cluster { root, nodes, keep }
+    }
+
+    pub fn node(&self, i: usize) -> &Instance {
+        &self.nodes[i]
+    }
+
+    pub fn node_mut(&mut self, i: usize) -> &mut Instance {
+        &mut self.nodes[i]
+    }
+
+    /// All server logs, for a failure report.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for n in &self.nodes {
+            let _ = writeln!(s, "===== server log of {} (port {}) =====\n{}", n.name, n.port, n.log());
+        }
+        s
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        for n in &mut self.nodes {
+            n.stop("immediate");
+        }
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+fn chown_postgres(p: &Path) {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let st = Command::new("chown").args(["postgres:postgres", p.to_str().unwrap()]).stdout(Stdio::null()).status();
+        assert!(st.map(|s| s.success()).unwrap_or(false), "chown postgres {p:?}");
+    }
+}
+
+/// Polls `f` until it returns Some, failing the test with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs a query and renders every row as text, for comparisons.
+pub fn rows_as_text(client: &mut Client, query: &str) -> Vec<String> {
+    let wrapped = format!("SELECT t::text FROM ({query}) t");
+    client.query(&wrapped, &[]).unwrap_or_else(|e| panic!("{query}: {e}")).iter().map(|r: &Row| r.get(0)).collect()
+}
+
+/// The full contents of a table, ordered by every column, as text rows.
+pub fn table_contents(client: &mut Client, table: &str) -> Vec<String> {
+    let q = format!("SELECT t::text FROM {table} t ORDER BY t::text");
+    client.query(&q, &[]).unwrap_or_else(|e| panic!("{q}: {e}")).iter().map(|r| r.get(0)).collect()
+}
+
+/// Asserts that `tables` hold the same rows in database `db` on every instance.
+pub fn assert_converged(cluster: &Cluster, db: &str, tables: &[&str]) {
+    let mut first: Option<(String, Vec<Vec<String>>)> = None;
+    for n in &cluster.nodes {
+        let mut c = n.connect(db);
+        let contents: Vec<Vec<String>> = tables.iter().map(|t| table_contents(&mut c, t)).collect();
+        match &first {
+            None => first = Some((n.name.clone(), contents)),
+            Some((name, expect)) => {
+                for (i, t) in tables.iter().enumerate() {
+                    assert_eq!(
+                        &contents[i], &expect[i],
+                        "table {t} differs between {name} and {}", n.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The SQLSTATE and message of a failed statement.
+pub fn expect_error(client: &mut Client, sql: &str) -> (String, String, Option<String>) {
+    match client.batch_execute(sql) {
+        Ok(()) => panic!("expected an error from: {sql}"),
+        Err(e) => {
+            let db = e.as_db_error().unwrap_or_else(|| panic!("not a server error: {e}"));
+            (db.code().code().to_string(), db.message().to_string(), db.hint().map(str::to_string))
+        }
+    }
+}

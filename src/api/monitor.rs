@@ -1,0 +1,91 @@
+//! Version and worker monitoring functions.
+
+use crate::shmem::{self, TASKS};
+use bdr_core::version;
+use pgrx::prelude::*;
+
+/// The bdr version as text, e.g. `4.0.0`.
+#[pg_extern(immutable, parallel_safe)]
+fn bdr_version() -> &'static str {
+    version::VERSION
+}
+
+/// The bdr version as MAJOR*10000 + MINOR*100 + PATCH.
+#[pg_extern(immutable, parallel_safe)]
+fn bdr_version_num() -> i32 {
+    version::VERSION_NUM
+}
+
+
+/// Raw rows of the shared-memory task table; `bdr.worker_tasks` presents them.
+#[pg_extern(volatile)]
+fn _worker_tasks() -> TableIterator<'static, (
+    name!(role, i32),
+    name!(role_name, String),
+    name!(dboid, pg_sys::Oid),
+    name!(subid, pg_sys::Oid),
+    name!(pid, i32),
+    name!(registered, i64),
+    name!(attached, i64),
+    name!(exited, i64),
+    name!(success, bool),
+    name!(next_launch_not_before, i64),
+    name!(last_request_pid, i32),
+    name!(last_request_time, i64),
+    name!(last_request_approved, bool),
+    name!(nrequests, i64),
+    name!(nregistrations, i64),
+    name!(prev_pid, i32),
+    name!(prev_registered, i64),
+    name!(prev_launched, i64),
+    name!(prev_exited, i64),
+    name!(first_registered, i64),
+    name!(failures, i32),
+)> {
+    let snapshot = TASKS.share().tasks;
+    let rows: Vec<_> = snapshot
+        .iter()
+        .filter(|t| t.in_use)
+        .map(|t| {
+            (
+                t.role as i32,
+                t.role.name().to_string(),
+                pg_sys::Oid::from(t.dboid),
+                pg_sys::Oid::from(t.subid),
+                t.pid,
+                t.registered,
+                t.attached,
+                t.exited,
+                t.success,
+                t.next_launch_not_before,
+                t.last_request_pid,
+                t.last_request_time,
+                t.last_request_approved,
+                t.nrequests,
+                t.nregistrations,
+                t.prev_pid,
+                t.prev_registered,
+                t.prev_launched,
+                t.prev_exited,
+                t.first_registered,
+                t.failures as i32,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// Lets every worker that is waiting out a backoff be launched at once.
+#[pg_extern(volatile)]
+fn worker_task_reset_backoff_all() {
+    let proc_ = {
+        let mut t = TASKS.exclusive();
+        for task in t.tasks.iter_mut().filter(|t| t.in_use) {
+            task.next_launch_not_before = 0;
+            task.failures = 0;
+        }
+        t.backoff_reset_generation += 1;
+        t.supervisor_proc
+    };
+    shmem::set_latch_of(proc_);
+}

@@ -1,0 +1,149 @@
+//! Node and group management: `bdr.create_node`, `bdr.create_node_group`,
+//! `bdr.drop_node`.
+
+use crate::catalog::{self, LocalNode};
+use crate::error::{BdrError, BdrResult, OrRaise};
+use crate::{prereq, shmem};
+use bdr_core::dsn::Dsn;
+use bdr_core::node::{self, NodeState};
+use pgrx::callbacks::{register_xact_callback, PgXactCallbackEvent};
+use pgrx::prelude::*;
+
+fn my_database() -> u32 {
+    // SAFETY: MyDatabaseId is set for the life of a connected backend.
+    unsafe { pg_sys::MyDatabaseId.to_u32() }
+}
+
+/// After the transaction commits, the supervisor starts (or the manager
+/// re-reads) the worker of this database; before that they would not see the
+/// new catalog rows.
+fn wake_workers_at_commit() {
+    let db = my_database();
+    register_xact_callback(PgXactCallbackEvent::Commit, move || {
+        shmem::wake_supervisor_for(db);
+        shmem::wake_manager(db);
+    });
+}
+
+pub fn create_node_impl(node_name: &str, local_dsn: &str) -> BdrResult<u32> {
+    prereq::check()?;
+    node::validate_name("node", node_name)?;
+    Dsn::parse(local_dsn).map_err(|err| BdrError::BadDsn { dsn: local_dsn.to_string(), err })?;
+
+    catalog::lock_nodes()?;
+    if let Some(local) = catalog::local_node()? {
+        return Err(BdrError::LocalNodeExists(local.node_name));
+    }
+    if catalog::node_by_name(node_name)?.is_some() {
+        return Err(BdrError::NodeExists(node_name.to_string()));
+    }
+    let id = node::node_id_for(node_name);
+    if let Some(other) = catalog::node_by_id(id)? {
+        return Err(BdrError::NodeIdCollision { id, name: node_name.to_string(), other: other.node_name });
+    }
+    catalog::insert_local_node(id, node_name, local_dsn)?;
+    wake_workers_at_commit();
+    Ok(id)
+}
+
+/// Creates this database's BDR node. A database holds at most one.
+#[pg_extern(volatile, parallel_unsafe)]
+fn create_node(node_name: &str, local_dsn: &str) -> pg_sys::Oid {
+    pg_sys::Oid::from(create_node_impl(node_name, local_dsn).or_raise())
+}
+
+fn create_node_group_impl(
+    node_group_name: &str,
+    parent_group_name: Option<&str>,
+    join_node_group: bool,
+    node_group_type: Option<&str>,
+) -> BdrResult<u32> {
+    node::validate_name("node group", node_group_name)?;
+    if let Some(t) = node_group_type {
+        if !t.eq_ignore_ascii_case("normal") {
+            let known = ["subscriber-only", "datanode", "read coordinator", "write coordinator"];
+            if known.iter().any(|k| k.eq_ignore_ascii_case(t)) {
+                return Err(BdrError::NotSupported(format!("node group type \"{t}\"")));
+            }
+            return Err(BdrError::InvalidValue {
+                what: "node_group_type",
+                msg: format!("\"{t}\" is not a node group type; use NULL for a normal group"),
+            });
+        }
+    }
+    if parent_group_name.is_some() {
+        return Err(BdrError::NotSupported("creating a subgroup (parent_group_name)".into()));
+    }
+    catalog::lock_nodes()?;
+    let local = catalog::local_node()?.ok_or(BdrError::NoLocalNode)?;
+    if let Some(g) = catalog::group_name(local.node_group_id)? {
+        return Err(BdrError::AlreadyInGroup { node: local.node_name, group: g });
+    }
+    if catalog::group_by_name(node_group_name)?.is_some() {
+        return Err(BdrError::GroupExists(node_group_name.to_string()));
+    }
+    let gid = node::group_id_for(node_group_name);
+    catalog::insert_group(gid, node_group_name)?;
+    if join_node_group {
+        catalog::set_node_group(local.node_id, gid, NodeState::Active, 1)?;
+    }
+    wake_workers_at_commit();
+    Ok(gid)
+}
+
+/// Creates a node group; by default the local node becomes its first member.
+#[pg_extern(volatile, parallel_unsafe)]
+fn create_node_group(
+    node_group_name: &str,
+    parent_group_name: default!(Option<&str>, "NULL"),
+    join_node_group: default!(bool, true),
+    node_group_type: default!(Option<&str>, "NULL"),
+) -> pg_sys::Oid {
+    pg_sys::Oid::from(
+        create_node_group_impl(node_group_name, parent_group_name, join_node_group, node_group_type).or_raise(),
+    )
+}
+
+fn drop_node_impl(node_name: &str, _cascade: bool, force: bool) -> BdrResult<()> {
+    catalog::lock_nodes()?;
+    let target = catalog::node_by_name(node_name)?.ok_or_else(|| BdrError::NoSuchNode(node_name.to_string()))?;
+    let local: Option<LocalNode> = catalog::local_node()?;
+    let is_local = local.as_ref().is_some_and(|l| l.node_id == target.node_id);
+    if is_local {
+        let peers = catalog::live_peers(target.node_id, target.node_group_id)?;
+        if !peers.is_empty() && !force {
+            return Err(BdrError::NodeStillActive(format!(
+                "{node_name}\" (the local node) has peers that are not parted: \"{}",
+                peers.join("\", \"")
+            )));
+        }
+        catalog::drop_all_metadata()?;
+    } else {
+        if target.node_state != NodeState::Parted && !force && target.node_group_id != 0 {
+            return Err(BdrError::NodeStillActive(node_name.to_string()));
+        }
+        catalog::drop_node_rows(target.node_id)?;
+    }
+    wake_workers_at_commit();
+    Ok(())
+}
+
+/// Removes a node's metadata: for the local node, all BDR metadata of this
+/// database; for a remote node, only that node's. Parting is `bdr.part_node`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn drop_node(node_name: &str, cascade: default!(bool, false), force: default!(bool, false)) {
+    drop_node_impl(node_name, cascade, force).or_raise()
+}
+
+/// The name of a node state, as `bdr.node_summary` shows it.
+#[pg_extern(immutable, parallel_safe)]
+fn peer_state_name(state: pg_sys::Oid) -> Option<&'static str> {
+    NodeState::from_oid(state.to_u32()).map(NodeState::name)
+}
+
+/// Checks the server settings bdr needs; run by CREATE EXTENSION.
+#[pg_extern(volatile)]
+fn _check_prerequisites() -> bool {
+    prereq::check().or_raise();
+    true
+}

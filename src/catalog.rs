@@ -1,0 +1,185 @@
+//! Typed access to bdr's catalog tables (`sql/bdr_schema.sql`) through SPI.
+//! Reads use read-only SPI so that polling workers never assign an xid.
+
+use crate::error::BdrResult;
+use bdr_core::node::NodeState;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+
+#[derive(Debug, Clone)]
+pub struct NodeRow {
+    pub node_id: u32,
+    pub node_name: String,
+    pub node_group_id: u32,
+    pub node_state: NodeState,
+    pub node_dsn: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalNode {
+    pub node_id: u32,
+    pub node_name: String,
+    pub node_group_id: u32,
+}
+
+fn oid(v: u32) -> pg_sys::Oid {
+    pg_sys::Oid::from(v)
+}
+
+const NODE_COLS: &str = "node_id, node_name::text, node_group_id, node_state, node_dsn";
+
+fn node_rows(client: &SpiClient<'_>, where_: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> BdrResult<Vec<NodeRow>> {
+    let q = format!("SELECT {NODE_COLS} FROM bdr.node WHERE {where_}");
+    let mut out = Vec::new();
+    for row in client.select(&q, None, args)? {
+        out.push(NodeRow {
+            node_id: row.get::<pg_sys::Oid>(1)?.map(|o| o.to_u32()).unwrap_or(0),
+            node_name: row.get::<String>(2)?.unwrap_or_default(),
+            node_group_id: row.get::<pg_sys::Oid>(3)?.map(|o| o.to_u32()).unwrap_or(0),
+            node_state: row
+                .get::<pg_sys::Oid>(4)?
+                .and_then(|o| NodeState::from_oid(o.to_u32()))
+                .unwrap_or(NodeState::None),
+            node_dsn: row.get::<String>(5)?.unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
+pub fn node_by_name(name: &str) -> BdrResult<Option<NodeRow>> {
+    Spi::connect(|c| Ok(node_rows(c, "node_name = $1::name", &[name.into()])?.into_iter().next()))
+}
+
+pub fn node_by_id(id: u32) -> BdrResult<Option<NodeRow>> {
+    Spi::connect(|c| Ok(node_rows(c, "node_id = $1", &[oid(id).into()])?.into_iter().next()))
+}
+
+pub fn local_node() -> BdrResult<Option<LocalNode>> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT n.node_id, n.node_name::text, n.node_group_id FROM bdr.local_node l JOIN bdr.node n USING (node_id)",
+            None,
+            &[],
+        )?;
+        for row in rows {
+            return Ok(Some(LocalNode {
+                node_id: row.get::<pg_sys::Oid>(1)?.map(|o| o.to_u32()).unwrap_or(0),
+                node_name: row.get::<String>(2)?.unwrap_or_default(),
+                node_group_id: row.get::<pg_sys::Oid>(3)?.map(|o| o.to_u32()).unwrap_or(0),
+            }));
+        }
+        Ok(None)
+    })
+}
+
+/// Whether this database has the bdr extension and a local node; used by the
+/// manager, which may run in a database without the extension.
+pub fn database_has_local_node() -> BdrResult<Option<String>> {
+    let has_ext = Spi::connect(|c| -> BdrResult<bool> {
+        let rows = c.select("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'bdr'", None, &[])?;
+        Ok(!rows.is_empty())
+    })?;
+    if !has_ext {
+        return Ok(None);
+    }
+    Ok(local_node()?.map(|l| l.node_name))
+}
+
+/// Serialises node and group changes in this database.
+pub fn lock_nodes() -> BdrResult<()> {
+    Spi::run("LOCK TABLE bdr.node IN SHARE ROW EXCLUSIVE MODE")?;
+    Ok(())
+}
+
+pub fn insert_local_node(id: u32, name: &str, dsn: &str) -> BdrResult<()> {
+    let state = oid(NodeState::Created.oid());
+    Spi::run_with_args(
+        "INSERT INTO bdr.node (node_id, node_name, node_group_id, source_node_id, node_state, target_state,
+                               seq_id, dbname, node_dsn, proto_version_ranges)
+         VALUES ($1, $2::name, 0, $1, $3, $3, 0, current_database(), $4, ARRAY[$5, $5])",
+        &[oid(id).into(), name.into(), state.into(), dsn.into(), bdr_core::version::PROTOCOL_VERSION.into()],
+    )?;
+    Spi::run_with_args("INSERT INTO bdr.local_node (node_id) VALUES ($1)", &[oid(id).into()])?;
+    Ok(())
+}
+
+pub fn group_name(gid: u32) -> BdrResult<Option<String>> {
+    if gid == 0 {
+        return Ok(None);
+    }
+    Ok(Spi::get_one_with_args::<String>(
+        "SELECT node_group_name::text FROM bdr.node_group WHERE node_group_id = $1",
+        &[oid(gid).into()],
+    )
+    .or_else(|e| match e {
+        pgrx::spi::Error::InvalidPosition => Ok(None),
+        e => Err(e),
+    })?)
+}
+
+pub fn group_by_name(name: &str) -> BdrResult<Option<u32>> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT node_group_id FROM bdr.node_group WHERE node_group_name = $1::name",
+            None,
+            &[name.into()],
+        )?;
+        for row in rows {
+            return Ok(row.get::<pg_sys::Oid>(1)?.map(|o| o.to_u32()));
+        }
+        Ok(None)
+    })
+}
+
+pub fn insert_group(gid: u32, name: &str) -> BdrResult<()> {
+    Spi::run_with_args(
+        "INSERT INTO bdr.node_group (node_group_id, node_group_name, node_group_uuid) VALUES ($1, $2::name, gen_random_uuid())",
+        &[oid(gid).into(), name.into()],
+    )?;
+    Ok(())
+}
+
+pub fn set_node_group(node_id: u32, gid: u32, state: NodeState, seq_id: i32) -> BdrResult<()> {
+    Spi::run_with_args(
+        "UPDATE bdr.node SET node_group_id = $2, node_state = $3, target_state = $3, seq_id = $4 WHERE node_id = $1",
+        &[oid(node_id).into(), oid(gid).into(), oid(state.oid()).into(), seq_id.into()],
+    )?;
+    Ok(())
+}
+
+/// Names of the other nodes of the group that are not parted.
+pub fn live_peers(node_id: u32, gid: u32) -> BdrResult<Vec<String>> {
+    if gid == 0 {
+        return Ok(vec![]);
+    }
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT node_name::text FROM bdr.node WHERE node_group_id = $2 AND node_id <> $1 AND node_state <> $3 ORDER BY 1",
+            None,
+            &[oid(node_id).into(), oid(gid).into(), oid(NodeState::Parted.oid()).into()],
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row.get::<String>(1)?.unwrap_or_default());
+        }
+        Ok(out)
+    })
+}
+
+/// Removes every BDR catalog row of this database (dropping the local node).
+pub fn drop_all_metadata() -> BdrResult<()> {
+    Spi::run("DELETE FROM bdr.subscription")?;
+    Spi::run("DELETE FROM bdr.local_node")?;
+    Spi::run("DELETE FROM bdr.node")?;
+    Spi::run("DELETE FROM bdr.node_group")?;
+    Ok(())
+}
+
+pub fn drop_node_rows(node_id: u32) -> BdrResult<()> {
+    Spi::run_with_args(
+        "DELETE FROM bdr.subscription WHERE origin_node_id = $1 OR target_node_id = $1 OR source_node_id = $1",
+        &[oid(node_id).into()],
+    )?;
+    Spi::run_with_args("DELETE FROM bdr.node WHERE node_id = $1", &[oid(node_id).into()])?;
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! bdr's user-facing errors, each with an SQLSTATE and a hint, raised as a
+//! PostgreSQL ERROR at the SQL boundary.
+
+use bdr_core::dsn::DsnError;
+use bdr_core::node::NameError;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BdrError {
+    #[error("{0}")]
+    BadName(#[from] NameError),
+    #[error("invalid connection string \"{dsn}\": {err}")]
+    BadDsn { dsn: String, err: DsnError },
+    #[error("node \"{0}\" already exists")]
+    NodeExists(String),
+    #[error("this database already has a local BDR node \"{0}\"")]
+    LocalNodeExists(String),
+    #[error("node id {id} of \"{name}\" collides with existing node \"{other}\"")]
+    NodeIdCollision { id: u32, name: String, other: String },
+    #[error("no local BDR node exists in this database")]
+    NoLocalNode,
+    #[error("node \"{0}\" does not exist")]
+    NoSuchNode(String),
+    #[error("node group \"{0}\" already exists")]
+    GroupExists(String),
+    #[error("node group \"{0}\" does not exist")]
+    NoSuchGroup(String),
+    #[error("local node \"{node}\" is already a member of node group \"{group}\"")]
+    AlreadyInGroup { node: String, group: String },
+    #[error("node \"{0}\" is still an active member of its group")]
+    NodeStillActive(String),
+    #[error("{msg}")]
+    Prerequisite { msg: String, hint: String },
+    #[error("{0} is not supported yet")]
+    NotSupported(String),
+    #[error("invalid value for {what}: {msg}")]
+    InvalidValue { what: &'static str, msg: String },
+    #[error("{0}")]
+    Spi(#[from] pgrx::spi::Error),
+}
+
+impl BdrError {
+    pub fn code(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            BdrError::BadName(_) => ERRCODE_INVALID_NAME,
+            BdrError::BadDsn { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            BdrError::NodeExists(_) | BdrError::LocalNodeExists(_) | BdrError::GroupExists(_) => ERRCODE_DUPLICATE_OBJECT,
+            BdrError::NodeIdCollision { .. } => ERRCODE_DUPLICATE_OBJECT,
+            BdrError::NoLocalNode | BdrError::AlreadyInGroup { .. } | BdrError::NodeStillActive(_) => {
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
+            BdrError::Prerequisite { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            BdrError::NoSuchNode(_) | BdrError::NoSuchGroup(_) => ERRCODE_UNDEFINED_OBJECT,
+            BdrError::NotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
+            BdrError::InvalidValue { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            BdrError::Spi(_) => ERRCODE_INTERNAL_ERROR,
+        }
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            BdrError::BadName(_) => "Use lowercase letters, digits, hyphens and underscores, at most 63 bytes.".into(),
+            BdrError::BadDsn { .. } => {
+                "Give a libpq connection string such as 'host=db1 port=5432 dbname=app' or a URI such as 'postgresql://db1:5432/app'.".into()
+            }
+            BdrError::NodeExists(_) => "Choose a different node name, or remove the old node with bdr.drop_node().".into(),
+            BdrError::LocalNodeExists(_) => {
+                "A database can hold only one BDR node; remove it first with bdr.drop_node() if you mean to replace it.".into()
+            }
+            BdrError::NodeIdCollision { .. } => "Choose a different node name.".into(),
+            BdrError::NoLocalNode => "Create the local node first with bdr.create_node(node_name, local_dsn).".into(),
+            BdrError::GroupExists(_) => "Choose a different group name, or join the existing group with bdr.join_node_group().".into(),
+            BdrError::NoSuchNode(_) => "See bdr.node_summary for the nodes this database knows.".into(),
+            BdrError::NoSuchGroup(_) => "See bdr.node_group for the groups this database knows.".into(),
+            BdrError::AlreadyInGroup { .. } => "A node can be a member of one group only.".into(),
+            BdrError::NodeStillActive(_) => {
+                "Part the node first with bdr.part_node(), or pass force => true to remove its metadata anyway.".into()
+            }
+            BdrError::Prerequisite { hint, .. } => hint.clone(),
+            BdrError::NotSupported(_) => "See docs/ in the bdr sources for what is implemented.".into(),
+            BdrError::InvalidValue { .. } | BdrError::Spi(_) => return None,
+        })
+    }
+
+    /// Raises this error as a PostgreSQL ERROR; does not return.
+    pub fn raise(self) -> ! {
+        let mut report = ErrorReport::new(self.code(), self.to_string(), "bdr");
+        if let Some(h) = self.hint() {
+            report = report.set_hint(h);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+pub type BdrResult<T> = Result<T, BdrError>;
+
+/// Unwraps a result at the SQL boundary, raising the error as an ERROR.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for BdrResult<T> {
+    fn or_raise(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => e.raise(),
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! Registers every `bdr.*` setting of `bdr_core::settings::SETTINGS` with
+//! PostgreSQL and gives the rest of the extension typed access to them.
+//!
+//! The table drives registration so that the settings, their docs and their
+//! tests come from one place. Each setting gets its own check hook (a const
+//! generic instantiation per table index), because PostgreSQL does not tell a
+//! hook which setting it is checking.
+
+use bdr_core::settings::{Context, Kind, Setting, Status, Unit, SETTINGS};
+use pgrx::pg_sys;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::ptr::addr_of_mut;
+
+const MAX_SETTINGS: usize = 96;
+
+// SAFETY of the statics below: PostgreSQL writes a setting's value through the
+// pointer given at registration, and backends are single threaded, so these are
+// only touched on the main thread.
+static mut BOOLS: [bool; MAX_SETTINGS] = [false; MAX_SETTINGS];
+static mut INTS: [i32; MAX_SETTINGS] = [0; MAX_SETTINGS];
+static mut REALS: [f64; MAX_SETTINGS] = [0.0; MAX_SETTINGS];
+static mut STRINGS: [*mut c_char; MAX_SETTINGS] = [std::ptr::null_mut(); MAX_SETTINGS];
+
+/// True while a `SET LOCAL` statement is being executed (see `hooks.rs`).
+pub static mut IN_SET_LOCAL: bool = false;
+
+fn index(name: &str) -> usize {
+    SETTINGS
+        .iter()
+        .position(|s| s.name == name)
+        .unwrap_or_else(|| panic!("bdr: unknown setting {name}"))
+}
+
+pub fn get_bool(name: &str) -> bool {
+    let i = index(name);
+    // SAFETY: see the statics above.
+    unsafe { (*addr_of_mut!(BOOLS))[i] }
+}
+
+pub fn get_int(name: &str) -> i32 {
+    let i = index(name);
+    // SAFETY: see the statics above.
+    unsafe { (*addr_of_mut!(INTS))[i] }
+}
+
+pub fn get_real(name: &str) -> f64 {
+    let i = index(name);
+    // SAFETY: see the statics above.
+    unsafe { (*addr_of_mut!(REALS))[i] }
+}
+
+/// The current value of an enum setting, as its canonical name.
+pub fn get_enum(name: &str) -> &'static str {
+    let i = index(name);
+    // SAFETY: see the statics above.
+    let ordinal = unsafe { (*addr_of_mut!(INTS))[i] } as usize;
+    match SETTINGS[i].kind {
+        Kind::Enum { values, .. } => values.get(ordinal).copied().unwrap_or(values[0]),
+        _ => panic!("bdr: {name} is not an enum setting"),
+    }
+}
+
+pub fn get_string(name: &str) -> String {
+    let i = index(name);
+    // SAFETY: PostgreSQL keeps the string alive while it is the current value.
+    unsafe {
+        let p = (*addr_of_mut!(STRINGS))[i];
+        if p.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// Log level for `bdr.debug_level` / `bdr.trace_level` as an elog level.
+pub fn elog_level(name: &str) -> i32 {
+    match get_enum(name) {
+        "debug5" => pg_sys::DEBUG5 as i32,
+        "debug4" => pg_sys::DEBUG4 as i32,
+        "debug3" => pg_sys::DEBUG3 as i32,
+        "debug2" => pg_sys::DEBUG2 as i32,
+        "debug1" => pg_sys::DEBUG1 as i32,
+        "log" => pg_sys::LOG as i32,
+        "notice" => pg_sys::NOTICE as i32,
+        _ => pg_sys::WARNING as i32,
+    }
+}
+
+fn leak_cstr(s: &str) -> *const c_char {
+    CString::new(s).expect("no NUL in setting text").into_raw()
+}
+
+fn context(c: Context) -> pg_sys::GucContext::Type {
+    match c {
+        Context::Postmaster => pg_sys::GucContext::PGC_POSTMASTER,
+        Context::Sighup => pg_sys::GucContext::PGC_SIGHUP,
+        Context::Suset => pg_sys::GucContext::PGC_SUSET,
+        Context::Userset => pg_sys::GucContext::PGC_USERSET,
+    }
+}
+
+fn unit_flags(u: Unit) -> i32 {
+    match u {
+        Unit::None => 0,
+        Unit::Ms => pg_sys::GUC_UNIT_MS as i32,
+        Unit::S => pg_sys::GUC_UNIT_S as i32,
+        Unit::Kb => pg_sys::GUC_UNIT_KB as i32,
+    }
+}
+
+/// Whether a value arriving from `source` is something a person just set, so
+/// that a warning about it is useful: interactive sources always, the config
+/// file only in the postmaster (every backend re-reads it too).
+fn worth_warning(source: pg_sys::GucSource::Type) -> bool {
+    use pg_sys::GucSource::*;
+    match source {
+        PGC_S_DEFAULT | PGC_S_DYNAMIC_DEFAULT | PGC_S_OVERRIDE => false,
+        PGC_S_ENV_VAR | PGC_S_FILE | PGC_S_ARGV | PGC_S_GLOBAL => {
+            // SAFETY: plain read of a process-global flag.
+            unsafe { !pg_sys::IsUnderPostmaster }
+        }
+        _ => true,
+    }
+}
+
+fn warn_not_yet(s: &Setting, source: pg_sys::GucSource::Type, differs: bool) {
+    if s.status == Status::NotYet && differs && worth_warning(source) {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("setting \"{}\" is accepted but not implemented yet; it has no effect", s.name),
+            "bdr",
+        )
+        .set_hint("See docs/settings.md for the status of every bdr setting.")
+        .report(pgrx::PgLogLevel::WARNING);
+    }
+}
+
+/// Sets the message of a failed check, which PostgreSQL reports with the
+/// setting's name.
+fn check_fail(msg: &str, hint: &str) {
+    let msg = CString::new(msg).unwrap_or_default();
+    let hint = CString::new(hint).unwrap_or_default();
+    // SAFETY: GUC_check_errmsg_string and friends are the documented way for a
+    // check hook to report; PostgreSQL copies them with pstrdup.
+    unsafe {
+        pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32);
+        pg_sys::GUC_check_errmsg_string = pg_sys::pstrdup(msg.as_ptr());
+        pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(hint.as_ptr());
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_bool<const I: usize>(
+    newval: *mut bool,
+    _extra: *mut *mut c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    let s = &SETTINGS[I];
+    // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
+    let v = unsafe { *newval };
+    if s.name == "bdr.xact_replication" && !v && !xact_replication_off_allowed(source) {
+        check_fail(
+            "bdr.xact_replication can only be turned off for the current transaction",
+            "Use SET LOCAL bdr.xact_replication = off inside a transaction, or set bdr.permit_unsafe_commands = on first.",
+        );
+        return false;
+    }
+    if let Kind::Bool { default } = s.kind {
+        warn_not_yet(s, source, v != default);
+    }
+    true
+}
+
+/// Turning replication off for more than one transaction silently diverges
+/// the nodes, so it is allowed only through SET LOCAL (or with the explicit
+/// unsafe override); the boot value and RESET are always fine.
+fn xact_replication_off_allowed(source: pg_sys::GucSource::Type) -> bool {
+    if source == pg_sys::GucSource::PGC_S_DEFAULT {
+        return true;
+    }
+    if get_bool("bdr.permit_unsafe_commands") {
+        return true;
+    }
+    // SAFETY: plain read of a flag set by our own utility hook on this thread.
+    unsafe { IN_SET_LOCAL }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_int<const I: usize>(
+    newval: *mut i32,
+    _extra: *mut *mut c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    let s = &SETTINGS[I];
+    // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
+    let v = unsafe { *newval };
+    if let Kind::Int { default, .. } = s.kind {
+        warn_not_yet(s, source, v != default);
+    }
+    true
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_real<const I: usize>(
+    newval: *mut f64,
+    _extra: *mut *mut c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    let s = &SETTINGS[I];
+    // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
+    let v = unsafe { *newval };
+    if let Kind::Real { default, .. } = s.kind {
+        warn_not_yet(s, source, v != default);
+    }
+    true
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_enum<const I: usize>(
+    newval: *mut i32,
+    _extra: *mut *mut c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    let s = &SETTINGS[I];
+    // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
+    let v = unsafe { *newval };
+    if let Kind::Enum { default, .. } = s.kind {
+        warn_not_yet(s, source, Some(v) != s.enum_ordinal(default));
+    }
+    true
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_string<const I: usize>(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    let s = &SETTINGS[I];
+    // SAFETY: PostgreSQL passes a valid pointer to a (possibly NULL) C string.
+    let v = unsafe {
+        let p = *newval;
+        if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() }
+    };
+    if s.name == "bdr.standby_slot_names" {
+        for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if !bdr_core::naming::is_valid_slot_name(name) {
+                check_fail(
+                    &format!("\"{name}\" is not a valid replication slot name"),
+                    "List slot names separated by commas; a slot name has only lowercase letters, digits and underscores.",
+                );
+                return false;
+            }
+        }
+    }
+    if let Kind::Str { default } = s.kind {
+        warn_not_yet(s, source, v != default);
+    }
+    true
+}
+
+type BoolHook = unsafe extern "C-unwind" fn(*mut bool, *mut *mut c_void, pg_sys::GucSource::Type) -> bool;
+type IntHook = unsafe extern "C-unwind" fn(*mut i32, *mut *mut c_void, pg_sys::GucSource::Type) -> bool;
+type RealHook = unsafe extern "C-unwind" fn(*mut f64, *mut *mut c_void, pg_sys::GucSource::Type) -> bool;
+type StrHook = unsafe extern "C-unwind" fn(*mut *mut c_char, *mut *mut c_void, pg_sys::GucSource::Type) -> bool;
+
+macro_rules! hook_table {
+    ($f:ident, $t:ty, [$($n:literal),*]) => { [$($f::<$n> as $t),*] };
+}
+
+macro_rules! all_hooks {
+    ($f:ident, $t:ty) => {
+        hook_table!($f, $t, [
+            0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+            20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39,
+            40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
+            60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79,
+            80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95
+        ])
+    };
+}
+
+/// Builds PostgreSQL's `config_enum_entry` array for an enum setting: the
+/// values first, then the aliases as hidden entries, then the terminator.
+fn enum_entries(s: &Setting) -> *const pg_sys::config_enum_entry {
+    let Kind::Enum { values, aliases, .. } = s.kind else { unreachable!() };
+    let mut v: Vec<pg_sys::config_enum_entry> = values
+        .iter()
+        .enumerate()
+        .map(|(i, name)| pg_sys::config_enum_entry { name: leak_cstr(name), val: i as i32, hidden: false })
+        .collect();
+    for (alias, target) in aliases {
+        let val = s.enum_ordinal(target).expect("alias target is a value");
+        v.push(pg_sys::config_enum_entry { name: leak_cstr(alias), val, hidden: true });
+    }
+    v.push(pg_sys::config_enum_entry { name: std::ptr::null(), val: 0, hidden: false });
+    Box::leak(v.into_boxed_slice()).as_ptr()
+}
+
+pub fn init() {
+    assert!(SETTINGS.len() <= MAX_SETTINGS, "raise MAX_SETTINGS");
+    let bool_hooks: [BoolHook; MAX_SETTINGS] = all_hooks!(check_bool, BoolHook);
+    let int_hooks: [IntHook; MAX_SETTINGS] = all_hooks!(check_int, IntHook);
+    let real_hooks: [RealHook; MAX_SETTINGS] = all_hooks!(check_real, RealHook);
+    let enum_hooks: [IntHook; MAX_SETTINGS] = all_hooks!(check_enum, IntHook);
+    let str_hooks: [StrHook; MAX_SETTINGS] = all_hooks!(check_string, StrHook);
+
+    for (i, s) in SETTINGS.iter().enumerate() {
+        // Names and descriptions must outlive the process: PostgreSQL keeps the pointers.
+        let name = leak_cstr(s.name);
+        let short = leak_cstr(s.description);
+        let long = std::ptr::null();
+        let ctx = context(s.context);
+        let flags = 0i32;
+        // SAFETY: registration in _PG_init of a preloaded library, with storage
+        // that lives as long as the process.
+        unsafe {
+            match s.kind {
+                Kind::Bool { default } => {
+                    (*addr_of_mut!(BOOLS))[i] = default;
+                    pg_sys::DefineCustomBoolVariable(
+                        name, short, long, addr_of_mut!(BOOLS[i]), default, ctx, flags,
+                        Some(bool_hooks[i]), None, None,
+                    );
+                }
+                Kind::Int { default, min, max, unit } => {
+                    (*addr_of_mut!(INTS))[i] = default;
+                    pg_sys::DefineCustomIntVariable(
+                        name, short, long, addr_of_mut!(INTS[i]), default, min, max, ctx,
+                        flags | unit_flags(unit), Some(int_hooks[i]), None, None,
+                    );
+                }
+                Kind::Real { default, min, max } => {
+                    (*addr_of_mut!(REALS))[i] = default;
+                    pg_sys::DefineCustomRealVariable(
+                        name, short, long, addr_of_mut!(REALS[i]), default, min, max, ctx, flags,
+                        Some(real_hooks[i]), None, None,
+                    );
+                }
+                Kind::Enum { default, .. } => {
+                    let boot = s.enum_ordinal(default).expect("default is a value");
+                    (*addr_of_mut!(INTS))[i] = boot;
+                    pg_sys::DefineCustomEnumVariable(
+                        name, short, long, addr_of_mut!(INTS[i]), boot, enum_entries(s), ctx,
+                        flags, Some(enum_hooks[i]), None, None,
+                    );
+                }
+                Kind::Str { default } => {
+                    pg_sys::DefineCustomStringVariable(
+                        name, short, long, addr_of_mut!(STRINGS[i]), leak_cstr(default), ctx,
+                        flags, Some(str_hooks[i]), None, None,
+                    );
+                }
+            }
+        }
+    }
+    // SAFETY: called once from _PG_init after all bdr.* settings are defined.
+    unsafe {
+        pg_sys::MarkGUCPrefixReserved(c"bdr".as_ptr());
+    }
+}

@@ -1,0 +1,54 @@
+//! The ProcessUtility hook: tells the `bdr.xact_replication` check whether it
+//! runs inside `SET LOCAL`, which PostgreSQL does not pass to check hooks.
+
+use crate::guc;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::ffi::c_char;
+
+static mut PREV_UTILITY_HOOK: pg_sys::ProcessUtility_hook_type = None;
+
+pub fn init() {
+    // SAFETY: _PG_init runs once in the postmaster before any backend exists.
+    unsafe {
+        PREV_UTILITY_HOOK = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(utility_hook);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pg_guard]
+unsafe extern "C-unwind" fn utility_hook(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: PostgreSQL hands us a valid planned utility statement.
+    let is_set_local = unsafe {
+        let stmt = (*pstmt).utilityStmt;
+        !stmt.is_null()
+            && (*stmt).type_ == pg_sys::NodeTag::T_VariableSetStmt
+            && (*(stmt as *mut pg_sys::VariableSetStmt)).is_local
+    };
+    // SAFETY: single-threaded backend; restored below even on error.
+    let saved = unsafe { guc::IN_SET_LOCAL };
+    unsafe { guc::IN_SET_LOCAL = is_set_local };
+    PgTryBuilder::new(|| unsafe {
+        // SAFETY: forwarding the arguments we were given, unchanged.
+        match PREV_UTILITY_HOOK {
+            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc)
+            }),
+            None => pg_sys::standard_ProcessUtility(
+                pstmt, query_string, read_only_tree, context, params, query_env, dest, qc,
+            ),
+        }
+    })
+    .finally(|| unsafe { guc::IN_SET_LOCAL = saved })
+    .execute();
+}
