@@ -83,7 +83,7 @@ mod tests {
         Spi::run("SET bdr.ddl_locking = 'sometimes'").unwrap();
     }
 
-    #[pg_test(error = "unrecognized configuration parameter \"bdr.no_such_setting\"")]
+    #[pg_test(error = "invalid configuration parameter name \"bdr.no_such_setting\"")]
     fn prefix_is_reserved() {
         Spi::run("SET bdr.no_such_setting = 1").unwrap();
     }

@@ -102,7 +102,7 @@ fn settings_are_validated() {
     c.batch_execute("SET bdr.enable_camo = on").unwrap();
     let v: String = c.query_one("SHOW bdr.enable_camo", &[]).unwrap().get(0);
     assert_eq!(v, "remote_commit_flush");
-    c.batch_execute("SET bdr.ddl_locking = all; RESET bdr.enable_camo").unwrap();
+    c.batch_execute("SET bdr.ddl_locking = 'all'; RESET bdr.enable_camo").unwrap();
     let v: String = c.query_one("SHOW bdr.ddl_locking", &[]).unwrap().get(0);
     assert_eq!(v, "on");
     let (code, _, _) = expect_error(&mut c, "SET bdr.standby_slot_names = 'ok_slot, Not-A-Slot'");

@@ -1,0 +1,58 @@
+-- Two databases of one instance as two BDR nodes.
+SELECT bdr.bdr_version_num() = (split_part(bdr.bdr_version(), '.', 1)::int * 10000
+                              + split_part(bdr.bdr_version(), '.', 2)::int * 100
+                              + split_part(bdr.bdr_version(), '.', 3)::int) AS version_ok;
+
+-- Bad input.
+SELECT bdr.create_node('Node One', 'dbname=regression');
+SELECT bdr.create_node('node1', '');
+SELECT bdr.create_node('node1', 'host=localhost dbnme=x');
+SELECT bdr.create_node_group('g');
+SELECT bdr.drop_node('nobody');
+
+SELECT bdr.create_node('node1', 'host=127.0.0.1 dbname=' || current_database());
+SELECT bdr.create_node('node1b', 'dbname=x');
+SELECT bdr.create_node_group('regress_group');
+SELECT bdr.create_node_group('regress_group');
+SELECT node_name, node_group_name, peer_state_name, peer_target_state_name, node_seq_id
+  FROM bdr.node_summary;
+
+CREATE DATABASE regression_node2;
+\c regression_node2
+SET client_min_messages = warning;
+CREATE EXTENSION bdr;
+SELECT bdr.create_node('node2', 'host=127.0.0.1 dbname=regression_node2') IS NOT NULL AS created;
+SELECT node_name, node_group_name, peer_state_name FROM bdr.local_node_summary;
+-- Joining is not there yet: it says so.
+SELECT bdr.join_node_group('host=127.0.0.1 dbname=regression', 'regress_group');
+
+-- Both databases get a manager.
+DO $$
+DECLARE deadline timestamptz := clock_timestamp() + interval '60 seconds';
+BEGIN
+    WHILE (SELECT count(*) FROM bdr.worker_tasks
+            WHERE task_key_worker_role_name = 'manager' AND task_pid IS NOT NULL
+              AND datname IN ('regression', 'regression_node2')) < 2 LOOP
+        IF clock_timestamp() > deadline THEN RAISE EXCEPTION 'managers did not start'; END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+END $$;
+SELECT datname, task_key_worker_role_name, task_pid IS NOT NULL AS running
+  FROM bdr.worker_tasks WHERE datname IN ('regression', 'regression_node2') ORDER BY datname;
+
+-- Dropping the node stops its manager, so the database can be dropped.
+SELECT bdr.drop_node('node2');
+DO $$
+DECLARE deadline timestamptz := clock_timestamp() + interval '60 seconds';
+BEGIN
+    WHILE EXISTS (SELECT 1 FROM pg_stat_activity
+                   WHERE backend_type = 'bdr manager' AND datname = 'regression_node2') LOOP
+        IF clock_timestamp() > deadline THEN RAISE EXCEPTION 'manager did not stop'; END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+END $$;
+\c regression
+SET client_min_messages = warning;
+DROP DATABASE regression_node2;
+SELECT bdr.drop_node('node1');
+SELECT count(*) AS nodes_left FROM bdr.node;
