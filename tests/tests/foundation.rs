@@ -105,9 +105,11 @@ fn settings_are_validated() {
     c.batch_execute("SET bdr.ddl_locking = 'all'; RESET bdr.enable_camo").unwrap();
     let v: String = c.query_one("SHOW bdr.ddl_locking", &[]).unwrap().get(0);
     assert_eq!(v, "on");
-    let (code, _, _) = expect_error(&mut c, "SET bdr.standby_slot_names = 'ok_slot, Not-A-Slot'");
-    assert_eq!(code, "22023");
-    c.batch_execute("SET bdr.standby_slot_names = ''").unwrap();
+    let (code, msg, _) = expect_error(&mut c, "ALTER SYSTEM SET bdr.standby_slot_names = 'ok_slot, Not-A-Slot'");
+    assert_eq!(code, "22023", "{msg}");
+    assert!(msg.contains("Not-A-Slot"), "{msg}");
+    c.batch_execute("ALTER SYSTEM SET bdr.standby_slot_names = 'ok_slot, other_slot'").unwrap();
+    c.batch_execute("ALTER SYSTEM RESET bdr.standby_slot_names").unwrap();
 }
 
 #[test]
