@@ -5,5 +5,6 @@ pub mod backoff;
 pub mod dsn;
 pub mod naming;
 pub mod node;
+pub mod protocol;
 pub mod settings;
 pub mod version;
