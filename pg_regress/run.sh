@@ -16,17 +16,8 @@ cleanup() {
 }
 trap cleanup EXIT
 as_pg "$bin/initdb" -D "$tmp/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >/dev/null
-cat >> "$tmp/data/postgresql.conf" <<CONF
-shared_preload_libraries = 'bdr'
-output_plugin_libraries = 'pgoutput, test_decoding, bdr'
-wal_level = logical
-track_commit_timestamp = on
-max_worker_processes = 32
-listen_addresses = '127.0.0.1'
-unix_socket_directories = ''
-port = $port
-fsync = off
-CONF
+cat "$here/../scripts/bdr-node.conf" >> "$tmp/data/postgresql.conf"
+printf 'port = %s\nfsync = off\n' "$port" >> "$tmp/data/postgresql.conf"
 as_pg "$bin/pg_ctl" -D "$tmp/data" -l "$tmp/server.log" -w start >/dev/null
 tests=$(cd "$here/sql" && ls *.sql | sed 's/\.sql$//' | sort)
 set +e

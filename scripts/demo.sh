@@ -36,18 +36,8 @@ for i in 1 2 3; do
     port=$(free_port)
     ports+=("$port")
     as_pg "$bin/initdb" -D "$dir/node$i" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
-    cat >> "$dir/node$i/postgresql.conf" <<CONF
-shared_preload_libraries = 'bdr'
-output_plugin_libraries = 'pgoutput, test_decoding, bdr'
-wal_level = logical
-track_commit_timestamp = on
-max_worker_processes = 32
-max_wal_senders = 16
-max_replication_slots = 16
-listen_addresses = '127.0.0.1'
-unix_socket_directories = ''
-port = $port
-CONF
+    cat scripts/bdr-node.conf >> "$dir/node$i/postgresql.conf"
+    echo "port = $port" >> "$dir/node$i/postgresql.conf"
     as_pg "$bin/pg_ctl" -D "$dir/node$i" -l "$dir/node$i.log" -w start >/dev/null
     echo "==> node$i running on port $port"
 done

@@ -28,7 +28,11 @@ fn oid(v: u32) -> pg_sys::Oid {
 
 const NODE_COLS: &str = "node_id, node_name::text, node_group_id, node_state, node_dsn";
 
-fn node_rows(client: &SpiClient<'_>, where_: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> BdrResult<Vec<NodeRow>> {
+fn node_rows(
+    client: &SpiClient<'_>,
+    where_: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> BdrResult<Vec<NodeRow>> {
     let q = format!("SELECT {NODE_COLS} FROM bdr.node WHERE {where_}");
     let mut out = Vec::new();
     for row in client.select(&q, None, args)? {
@@ -47,11 +51,19 @@ fn node_rows(client: &SpiClient<'_>, where_: &str, args: &[pgrx::datum::DatumWit
 }
 
 pub fn node_by_name(name: &str) -> BdrResult<Option<NodeRow>> {
-    Spi::connect(|c| Ok(node_rows(c, "node_name = $1::name", &[name.into()])?.into_iter().next()))
+    Spi::connect(|c| {
+        Ok(node_rows(c, "node_name = $1::name", &[name.into()])?
+            .into_iter()
+            .next())
+    })
 }
 
 pub fn node_by_id(id: u32) -> BdrResult<Option<NodeRow>> {
-    Spi::connect(|c| Ok(node_rows(c, "node_id = $1", &[oid(id).into()])?.into_iter().next()))
+    Spi::connect(|c| {
+        Ok(node_rows(c, "node_id = $1", &[oid(id).into()])?
+            .into_iter()
+            .next())
+    })
 }
 
 pub fn local_node() -> BdrResult<Option<LocalNode>> {
@@ -61,7 +73,7 @@ pub fn local_node() -> BdrResult<Option<LocalNode>> {
             None,
             &[],
         )?;
-        for row in rows {
+        if let Some(row) = rows.into_iter().next() {
             return Ok(Some(LocalNode {
                 node_id: row.get::<pg_sys::Oid>(1)?.map(|o| o.to_u32()).unwrap_or(0),
                 node_name: row.get::<String>(2)?.unwrap_or_default(),
@@ -76,7 +88,11 @@ pub fn local_node() -> BdrResult<Option<LocalNode>> {
 /// manager, which may run in a database without the extension.
 pub fn database_has_local_node() -> BdrResult<Option<String>> {
     let has_ext = Spi::connect(|c| -> BdrResult<bool> {
-        let rows = c.select("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'bdr'", None, &[])?;
+        let rows = c.select(
+            "SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'bdr'",
+            None,
+            &[],
+        )?;
         Ok(!rows.is_empty())
     })?;
     if !has_ext {
@@ -99,7 +115,10 @@ pub fn insert_local_node(id: u32, name: &str, dsn: &str) -> BdrResult<()> {
          VALUES ($1, $2::name, 0, $1, $3, $3, 0, current_database(), $4, ARRAY[$5, $5])",
         &[oid(id).into(), name.into(), state.into(), dsn.into(), bdr_core::version::PROTOCOL_VERSION.into()],
     )?;
-    Spi::run_with_args("INSERT INTO bdr.local_node (node_id) VALUES ($1)", &[oid(id).into()])?;
+    Spi::run_with_args(
+        "INSERT INTO bdr.local_node (node_id) VALUES ($1)",
+        &[oid(id).into()],
+    )?;
     Ok(())
 }
 
@@ -124,7 +143,7 @@ pub fn group_by_name(name: &str) -> BdrResult<Option<u32>> {
             None,
             &[name.into()],
         )?;
-        for row in rows {
+        if let Some(row) = rows.into_iter().next() {
             return Ok(row.get::<pg_sys::Oid>(1)?.map(|o| o.to_u32()));
         }
         Ok(None)
@@ -180,6 +199,9 @@ pub fn drop_node_rows(node_id: u32) -> BdrResult<()> {
         "DELETE FROM bdr.subscription WHERE origin_node_id = $1 OR target_node_id = $1 OR source_node_id = $1",
         &[oid(node_id).into()],
     )?;
-    Spi::run_with_args("DELETE FROM bdr.node WHERE node_id = $1", &[oid(node_id).into()])?;
+    Spi::run_with_args(
+        "DELETE FROM bdr.node WHERE node_id = $1",
+        &[oid(node_id).into()],
+    )?;
     Ok(())
 }

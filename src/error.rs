@@ -18,7 +18,11 @@ pub enum BdrError {
     #[error("this database already has a local BDR node \"{0}\"")]
     LocalNodeExists(String),
     #[error("node id {id} of \"{name}\" collides with existing node \"{other}\"")]
-    NodeIdCollision { id: u32, name: String, other: String },
+    NodeIdCollision {
+        id: u32,
+        name: String,
+        other: String,
+    },
     #[error("no local BDR node exists in this database")]
     NoLocalNode,
     #[error("node \"{0}\" does not exist")]
@@ -47,11 +51,13 @@ impl BdrError {
         match self {
             BdrError::BadName(_) => ERRCODE_INVALID_NAME,
             BdrError::BadDsn { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
-            BdrError::NodeExists(_) | BdrError::LocalNodeExists(_) | BdrError::GroupExists(_) => ERRCODE_DUPLICATE_OBJECT,
-            BdrError::NodeIdCollision { .. } => ERRCODE_DUPLICATE_OBJECT,
-            BdrError::NoLocalNode | BdrError::AlreadyInGroup { .. } | BdrError::NodeStillActive(_) => {
-                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            BdrError::NodeExists(_) | BdrError::LocalNodeExists(_) | BdrError::GroupExists(_) => {
+                ERRCODE_DUPLICATE_OBJECT
             }
+            BdrError::NodeIdCollision { .. } => ERRCODE_DUPLICATE_OBJECT,
+            BdrError::NoLocalNode
+            | BdrError::AlreadyInGroup { .. }
+            | BdrError::NodeStillActive(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             BdrError::Prerequisite { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             BdrError::NoSuchNode(_) | BdrError::NoSuchGroup(_) => ERRCODE_UNDEFINED_OBJECT,
             BdrError::NotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,

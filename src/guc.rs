@@ -128,7 +128,10 @@ fn warn_not_yet(s: &Setting, source: pg_sys::GucSource::Type, differs: bool) {
     if s.status == Status::NotYet && differs && worth_warning(source) {
         pgrx::pg_sys::panic::ErrorReport::new(
             pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            format!("setting \"{}\" is accepted but not implemented yet; it has no effect", s.name),
+            format!(
+                "setting \"{}\" is accepted but not implemented yet; it has no effect",
+                s.name
+            ),
             "bdr",
         )
         .set_hint("See docs/settings.md for the status of every bdr setting.")
@@ -150,26 +153,48 @@ fn check_fail(msg: &str, hint: &str) {
     }
 }
 
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn check_bool<const I: usize>(
-    newval: *mut bool,
-    _extra: *mut *mut c_void,
-    source: pg_sys::GucSource::Type,
-) -> bool {
-    let s = &SETTINGS[I];
-    // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
-    let v = unsafe { *newval };
-    if s.name == "bdr.xact_replication" && !v && !xact_replication_off_allowed(source) {
-        check_fail(
-            "bdr.xact_replication can only be turned off for the current transaction",
-            "Use SET LOCAL bdr.xact_replication = off inside a transaction, or set bdr.permit_unsafe_commands = on first.",
-        );
-        return false;
+/// The value types PostgreSQL hands to bool, int, real and enum check hooks.
+trait CheckedValue: Copy {
+    /// Whether `v` differs from the setting's default.
+    fn differs(s: &Setting, v: Self) -> bool;
+    /// Setting-specific validation beyond PostgreSQL's own range checks.
+    fn validate(_s: &Setting, _v: Self, _source: pg_sys::GucSource::Type) -> bool {
+        true
     }
-    if let Kind::Bool { default } = s.kind {
-        warn_not_yet(s, source, v != default);
+}
+
+impl CheckedValue for bool {
+    fn differs(s: &Setting, v: bool) -> bool {
+        matches!(s.kind, Kind::Bool { default } if v != default)
     }
-    true
+
+    fn validate(s: &Setting, v: bool, source: pg_sys::GucSource::Type) -> bool {
+        if s.name == "bdr.xact_replication" && !v && !xact_replication_off_allowed(source) {
+            check_fail(
+                "bdr.xact_replication can only be turned off for the current transaction",
+                "Use SET LOCAL bdr.xact_replication = off inside a transaction, or set bdr.permit_unsafe_commands = on first.",
+            );
+            return false;
+        }
+        true
+    }
+}
+
+/// Int and enum settings both arrive as an int (an enum as its ordinal).
+impl CheckedValue for i32 {
+    fn differs(s: &Setting, v: i32) -> bool {
+        match s.kind {
+            Kind::Int { default, .. } => v != default,
+            Kind::Enum { default, .. } => Some(v) != s.enum_ordinal(default),
+            _ => false,
+        }
+    }
+}
+
+impl CheckedValue for f64 {
+    fn differs(s: &Setting, v: f64) -> bool {
+        matches!(s.kind, Kind::Real { default, .. } if v != default)
+    }
 }
 
 /// Turning replication off for more than one transaction silently diverges
@@ -187,47 +212,18 @@ fn xact_replication_off_allowed(source: pg_sys::GucSource::Type) -> bool {
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn check_int<const I: usize>(
-    newval: *mut i32,
+unsafe extern "C-unwind" fn check_value<const I: usize, T: CheckedValue>(
+    newval: *mut T,
     _extra: *mut *mut c_void,
     source: pg_sys::GucSource::Type,
 ) -> bool {
     let s = &SETTINGS[I];
     // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
     let v = unsafe { *newval };
-    if let Kind::Int { default, .. } = s.kind {
-        warn_not_yet(s, source, v != default);
+    if !T::validate(s, v, source) {
+        return false;
     }
-    true
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn check_real<const I: usize>(
-    newval: *mut f64,
-    _extra: *mut *mut c_void,
-    source: pg_sys::GucSource::Type,
-) -> bool {
-    let s = &SETTINGS[I];
-    // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
-    let v = unsafe { *newval };
-    if let Kind::Real { default, .. } = s.kind {
-        warn_not_yet(s, source, v != default);
-    }
-    true
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn check_enum<const I: usize>(
-    newval: *mut i32,
-    _extra: *mut *mut c_void,
-    source: pg_sys::GucSource::Type,
-) -> bool {
-    let s = &SETTINGS[I];
-    // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
-    let v = unsafe { *newval };
-    if let Kind::Enum { default, .. } = s.kind {
-        warn_not_yet(s, source, Some(v) != s.enum_ordinal(default));
-    }
+    warn_not_yet(s, source, T::differs(s, v));
     true
 }
 
@@ -241,7 +237,11 @@ unsafe extern "C-unwind" fn check_string<const I: usize>(
     // SAFETY: PostgreSQL passes a valid pointer to a (possibly NULL) C string.
     let v = unsafe {
         let p = *newval;
-        if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() }
+        if p.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
     };
     if s.name == "bdr.standby_slot_names" {
         for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -260,51 +260,78 @@ unsafe extern "C-unwind" fn check_string<const I: usize>(
     true
 }
 
-type BoolHook = unsafe extern "C-unwind" fn(*mut bool, *mut *mut c_void, pg_sys::GucSource::Type) -> bool;
-type IntHook = unsafe extern "C-unwind" fn(*mut i32, *mut *mut c_void, pg_sys::GucSource::Type) -> bool;
-type RealHook = unsafe extern "C-unwind" fn(*mut f64, *mut *mut c_void, pg_sys::GucSource::Type) -> bool;
-type StrHook = unsafe extern "C-unwind" fn(*mut *mut c_char, *mut *mut c_void, pg_sys::GucSource::Type) -> bool;
+type BoolHook =
+    unsafe extern "C-unwind" fn(*mut bool, *mut *mut c_void, pg_sys::GucSource::Type) -> bool;
+type IntHook =
+    unsafe extern "C-unwind" fn(*mut i32, *mut *mut c_void, pg_sys::GucSource::Type) -> bool;
+type RealHook =
+    unsafe extern "C-unwind" fn(*mut f64, *mut *mut c_void, pg_sys::GucSource::Type) -> bool;
+type StrHook = unsafe extern "C-unwind" fn(
+    *mut *mut c_char,
+    *mut *mut c_void,
+    pg_sys::GucSource::Type,
+) -> bool;
 
 macro_rules! hook_table {
-    ($f:ident, $t:ty, [$($n:literal),*]) => { [$($f::<$n> as $t),*] };
+    ($f:ident, $ty:ty; $t:ty; [$($n:literal),*]) => { [$($f::<$n, $ty> as $t),*] };
+    ($f:ident; $t:ty; [$($n:literal),*]) => { [$($f::<$n> as $t),*] };
 }
 
 macro_rules! all_hooks {
-    ($f:ident, $t:ty) => {
-        hook_table!($f, $t, [
-            0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
-            20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39,
-            40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
-            60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79,
-            80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95
-        ])
+    ($($args:tt)*) => {
+        hook_table!(
+            $($args)*;
+            [
+                0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,
+                23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43,
+                44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64,
+                65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85,
+                86, 87, 88, 89, 90, 91, 92, 93, 94, 95
+            ]
+        )
     };
 }
 
 /// Builds PostgreSQL's `config_enum_entry` array for an enum setting: the
 /// values first, then the aliases as hidden entries, then the terminator.
 fn enum_entries(s: &Setting) -> *const pg_sys::config_enum_entry {
-    let Kind::Enum { values, aliases, .. } = s.kind else { unreachable!() };
+    let Kind::Enum {
+        values, aliases, ..
+    } = s.kind
+    else {
+        unreachable!()
+    };
     let mut v: Vec<pg_sys::config_enum_entry> = values
         .iter()
         .enumerate()
-        .map(|(i, name)| pg_sys::config_enum_entry { name: leak_cstr(name), val: i as i32, hidden: false })
+        .map(|(i, name)| pg_sys::config_enum_entry {
+            name: leak_cstr(name),
+            val: i as i32,
+            hidden: false,
+        })
         .collect();
     for (alias, target) in aliases {
         let val = s.enum_ordinal(target).expect("alias target is a value");
-        v.push(pg_sys::config_enum_entry { name: leak_cstr(alias), val, hidden: true });
+        v.push(pg_sys::config_enum_entry {
+            name: leak_cstr(alias),
+            val,
+            hidden: true,
+        });
     }
-    v.push(pg_sys::config_enum_entry { name: std::ptr::null(), val: 0, hidden: false });
+    v.push(pg_sys::config_enum_entry {
+        name: std::ptr::null(),
+        val: 0,
+        hidden: false,
+    });
     Box::leak(v.into_boxed_slice()).as_ptr()
 }
 
 pub fn init() {
     assert!(SETTINGS.len() <= MAX_SETTINGS, "raise MAX_SETTINGS");
-    let bool_hooks: [BoolHook; MAX_SETTINGS] = all_hooks!(check_bool, BoolHook);
-    let int_hooks: [IntHook; MAX_SETTINGS] = all_hooks!(check_int, IntHook);
-    let real_hooks: [RealHook; MAX_SETTINGS] = all_hooks!(check_real, RealHook);
-    let enum_hooks: [IntHook; MAX_SETTINGS] = all_hooks!(check_enum, IntHook);
-    let str_hooks: [StrHook; MAX_SETTINGS] = all_hooks!(check_string, StrHook);
+    let bool_hooks: [BoolHook; MAX_SETTINGS] = all_hooks!(check_value, bool; BoolHook);
+    let int_hooks: [IntHook; MAX_SETTINGS] = all_hooks!(check_value, i32; IntHook);
+    let real_hooks: [RealHook; MAX_SETTINGS] = all_hooks!(check_value, f64; RealHook);
+    let str_hooks: [StrHook; MAX_SETTINGS] = all_hooks!(check_string; StrHook);
 
     for (i, s) in SETTINGS.iter().enumerate() {
         // Names and descriptions must outlive the process: PostgreSQL keeps the pointers.
@@ -320,36 +347,86 @@ pub fn init() {
                 Kind::Bool { default } => {
                     (*addr_of_mut!(BOOLS))[i] = default;
                     pg_sys::DefineCustomBoolVariable(
-                        name, short, long, addr_of_mut!(BOOLS[i]), default, ctx, flags,
-                        Some(bool_hooks[i]), None, None,
+                        name,
+                        short,
+                        long,
+                        addr_of_mut!(BOOLS[i]),
+                        default,
+                        ctx,
+                        flags,
+                        Some(bool_hooks[i]),
+                        None,
+                        None,
                     );
                 }
-                Kind::Int { default, min, max, unit } => {
+                Kind::Int {
+                    default,
+                    min,
+                    max,
+                    unit,
+                } => {
                     (*addr_of_mut!(INTS))[i] = default;
                     pg_sys::DefineCustomIntVariable(
-                        name, short, long, addr_of_mut!(INTS[i]), default, min, max, ctx,
-                        flags | unit_flags(unit), Some(int_hooks[i]), None, None,
+                        name,
+                        short,
+                        long,
+                        addr_of_mut!(INTS[i]),
+                        default,
+                        min,
+                        max,
+                        ctx,
+                        flags | unit_flags(unit),
+                        Some(int_hooks[i]),
+                        None,
+                        None,
                     );
                 }
                 Kind::Real { default, min, max } => {
                     (*addr_of_mut!(REALS))[i] = default;
                     pg_sys::DefineCustomRealVariable(
-                        name, short, long, addr_of_mut!(REALS[i]), default, min, max, ctx, flags,
-                        Some(real_hooks[i]), None, None,
+                        name,
+                        short,
+                        long,
+                        addr_of_mut!(REALS[i]),
+                        default,
+                        min,
+                        max,
+                        ctx,
+                        flags,
+                        Some(real_hooks[i]),
+                        None,
+                        None,
                     );
                 }
                 Kind::Enum { default, .. } => {
                     let boot = s.enum_ordinal(default).expect("default is a value");
                     (*addr_of_mut!(INTS))[i] = boot;
                     pg_sys::DefineCustomEnumVariable(
-                        name, short, long, addr_of_mut!(INTS[i]), boot, enum_entries(s), ctx,
-                        flags, Some(enum_hooks[i]), None, None,
+                        name,
+                        short,
+                        long,
+                        addr_of_mut!(INTS[i]),
+                        boot,
+                        enum_entries(s),
+                        ctx,
+                        flags,
+                        Some(int_hooks[i]),
+                        None,
+                        None,
                     );
                 }
                 Kind::Str { default } => {
                     pg_sys::DefineCustomStringVariable(
-                        name, short, long, addr_of_mut!(STRINGS[i]), leak_cstr(default), ctx,
-                        flags, Some(str_hooks[i]), None, None,
+                        name,
+                        short,
+                        long,
+                        addr_of_mut!(STRINGS[i]),
+                        leak_cstr(default),
+                        ctx,
+                        flags,
+                        Some(str_hooks[i]),
+                        None,
+                        None,
                     );
                 }
             }

@@ -42,10 +42,26 @@ unsafe extern "C-unwind" fn utility_hook(
         // SAFETY: forwarding the arguments we were given, unchanged.
         match PREV_UTILITY_HOOK {
             Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
-                prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc)
+                prev(
+                    pstmt,
+                    query_string,
+                    read_only_tree,
+                    context,
+                    params,
+                    query_env,
+                    dest,
+                    qc,
+                )
             }),
             None => pg_sys::standard_ProcessUtility(
-                pstmt, query_string, read_only_tree, context, params, query_env, dest, qc,
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
             ),
         }
     })

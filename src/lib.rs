@@ -53,8 +53,12 @@ mod tests {
 
     #[pg_test]
     fn version_num_matches_version() {
-        let v = Spi::get_one::<String>("SELECT bdr.bdr_version()").unwrap().unwrap();
-        let n = Spi::get_one::<i32>("SELECT bdr.bdr_version_num()").unwrap().unwrap();
+        let v = Spi::get_one::<String>("SELECT bdr.bdr_version()")
+            .unwrap()
+            .unwrap();
+        let n = Spi::get_one::<i32>("SELECT bdr.bdr_version_num()")
+            .unwrap()
+            .unwrap();
         assert_eq!(n, bdr_core::version::version_num(&v));
     }
 
@@ -90,12 +94,15 @@ mod tests {
 
     #[pg_test]
     fn node_lifecycle() {
-        let id = Spi::get_one::<pg_sys::Oid>("SELECT bdr.create_node('pgtest', 'host=localhost dbname=pgrx_tests')")
-            .unwrap()
-            .unwrap();
+        let id = Spi::get_one::<pg_sys::Oid>(
+            "SELECT bdr.create_node('pgtest', 'host=localhost dbname=pgrx_tests')",
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(id.to_u32(), bdr_core::node::node_id_for("pgtest"));
         Spi::run("SELECT bdr.create_node_group('pgtestgroup')").unwrap();
-        let state = Spi::get_one::<String>("SELECT peer_state_name FROM bdr.local_node_summary").unwrap();
+        let state =
+            Spi::get_one::<String>("SELECT peer_state_name FROM bdr.local_node_summary").unwrap();
         assert_eq!(state.as_deref(), Some("ACTIVE"));
         Spi::run("SELECT bdr.drop_node('pgtest')").unwrap();
         let n = Spi::get_one::<i64>("SELECT count(*) FROM bdr.node").unwrap();

@@ -20,7 +20,9 @@ pub fn setting(name: &str) -> Option<String> {
 }
 
 fn list_contains(list: &str, item: &str) -> bool {
-    list.split(',').map(|s| s.trim().trim_matches('"')).any(|s| s == item)
+    list.split(',')
+        .map(|s| s.trim().trim_matches('"'))
+        .any(|s| s == item)
 }
 
 pub fn check() -> BdrResult<()> {
@@ -34,8 +36,10 @@ pub fn check() -> BdrResult<()> {
     let cts = setting("track_commit_timestamp").unwrap_or_default();
     if cts != "on" {
         return Err(BdrError::Prerequisite {
-            msg: "bdr requires track_commit_timestamp = on, to resolve conflicts by commit time".into(),
-            hint: "Set track_commit_timestamp = on in postgresql.conf and restart PostgreSQL.".into(),
+            msg: "bdr requires track_commit_timestamp = on, to resolve conflicts by commit time"
+                .into(),
+            hint: "Set track_commit_timestamp = on in postgresql.conf and restart PostgreSQL."
+                .into(),
         });
     }
     // PostgreSQL 15.20 lets only the listed libraries serve as output plugins.

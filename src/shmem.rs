@@ -112,17 +112,34 @@ pub fn init() {
 
 impl Tasks {
     pub fn find(&self, role: Role, dboid: u32, subid: u32, writer_id: i32) -> Option<usize> {
-        self.tasks
-            .iter()
-            .position(|t| t.in_use && t.role == role && t.dboid == dboid && t.subid == subid && t.writer_id == writer_id)
+        self.tasks.iter().position(|t| {
+            t.in_use
+                && t.role == role
+                && t.dboid == dboid
+                && t.subid == subid
+                && t.writer_id == writer_id
+        })
     }
 
-    pub fn find_or_create(&mut self, role: Role, dboid: u32, subid: u32, writer_id: i32) -> Option<usize> {
+    pub fn find_or_create(
+        &mut self,
+        role: Role,
+        dboid: u32,
+        subid: u32,
+        writer_id: i32,
+    ) -> Option<usize> {
         if let Some(i) = self.find(role, dboid, subid, writer_id) {
             return Some(i);
         }
         let i = self.tasks.iter().position(|t| !t.in_use)?;
-        self.tasks[i] = Task { in_use: true, role, dboid, subid, writer_id, ..Task::default() };
+        self.tasks[i] = Task {
+            in_use: true,
+            role,
+            dboid,
+            subid,
+            writer_id,
+            ..Task::default()
+        };
         Some(i)
     }
 }
@@ -158,7 +175,11 @@ pub fn set_latch_of(proc_: usize) {
 pub fn wake_manager(dboid: u32) {
     let proc_ = {
         let t = TASKS.share();
-        t.find(Role::Manager, dboid, 0, 0).map(|i| t.tasks[i]).filter(|t| t.pid != 0).map(|t| t.proc_).unwrap_or(0)
+        t.find(Role::Manager, dboid, 0, 0)
+            .map(|i| t.tasks[i])
+            .filter(|t| t.pid != 0)
+            .map(|t| t.proc_)
+            .unwrap_or(0)
     };
     set_latch_of(proc_);
 }

@@ -16,32 +16,35 @@ fn bdr_version_num() -> i32 {
     version::VERSION_NUM
 }
 
-
 /// Raw rows of the shared-memory task table; `bdr.worker_tasks` presents them.
+#[allow(clippy::type_complexity)]
 #[pg_extern(volatile)]
-fn _worker_tasks() -> TableIterator<'static, (
-    name!(role, i32),
-    name!(role_name, String),
-    name!(dboid, pg_sys::Oid),
-    name!(subid, pg_sys::Oid),
-    name!(pid, i32),
-    name!(registered, i64),
-    name!(attached, i64),
-    name!(exited, i64),
-    name!(success, bool),
-    name!(next_launch_not_before, i64),
-    name!(last_request_pid, i32),
-    name!(last_request_time, i64),
-    name!(last_request_approved, bool),
-    name!(nrequests, i64),
-    name!(nregistrations, i64),
-    name!(prev_pid, i32),
-    name!(prev_registered, i64),
-    name!(prev_launched, i64),
-    name!(prev_exited, i64),
-    name!(first_registered, i64),
-    name!(failures, i32),
-)> {
+fn _worker_tasks() -> TableIterator<
+    'static,
+    (
+        name!(role, i32),
+        name!(role_name, String),
+        name!(dboid, pg_sys::Oid),
+        name!(subid, pg_sys::Oid),
+        name!(pid, i32),
+        name!(registered, i64),
+        name!(attached, i64),
+        name!(exited, i64),
+        name!(success, bool),
+        name!(next_launch_not_before, i64),
+        name!(last_request_pid, i32),
+        name!(last_request_time, i64),
+        name!(last_request_approved, bool),
+        name!(nrequests, i64),
+        name!(nregistrations, i64),
+        name!(prev_pid, i32),
+        name!(prev_registered, i64),
+        name!(prev_launched, i64),
+        name!(prev_exited, i64),
+        name!(first_registered, i64),
+        name!(failures, i32),
+    ),
+> {
     let snapshot = TASKS.share().tasks;
     let rows: Vec<_> = snapshot
         .iter()

@@ -28,7 +28,10 @@ fn wake_workers_at_commit() {
 pub fn create_node_impl(node_name: &str, local_dsn: &str) -> BdrResult<u32> {
     prereq::check()?;
     node::validate_name("node", node_name)?;
-    Dsn::parse(local_dsn).map_err(|err| BdrError::BadDsn { dsn: local_dsn.to_string(), err })?;
+    Dsn::parse(local_dsn).map_err(|err| BdrError::BadDsn {
+        dsn: local_dsn.to_string(),
+        err,
+    })?;
 
     catalog::lock_nodes()?;
     if let Some(local) = catalog::local_node()? {
@@ -39,7 +42,11 @@ pub fn create_node_impl(node_name: &str, local_dsn: &str) -> BdrResult<u32> {
     }
     let id = node::node_id_for(node_name);
     if let Some(other) = catalog::node_by_id(id)? {
-        return Err(BdrError::NodeIdCollision { id, name: node_name.to_string(), other: other.node_name });
+        return Err(BdrError::NodeIdCollision {
+            id,
+            name: node_name.to_string(),
+            other: other.node_name,
+        });
     }
     catalog::insert_local_node(id, node_name, local_dsn)?;
     wake_workers_at_commit();
@@ -61,7 +68,12 @@ fn create_node_group_impl(
     node::validate_name("node group", node_group_name)?;
     if let Some(t) = node_group_type {
         if !t.eq_ignore_ascii_case("normal") {
-            let known = ["subscriber-only", "datanode", "read coordinator", "write coordinator"];
+            let known = [
+                "subscriber-only",
+                "datanode",
+                "read coordinator",
+                "write coordinator",
+            ];
             if known.iter().any(|k| k.eq_ignore_ascii_case(t)) {
                 return Err(BdrError::NotSupported(format!("node group type \"{t}\"")));
             }
@@ -72,12 +84,17 @@ fn create_node_group_impl(
         }
     }
     if parent_group_name.is_some() {
-        return Err(BdrError::NotSupported("creating a subgroup (parent_group_name)".into()));
+        return Err(BdrError::NotSupported(
+            "creating a subgroup (parent_group_name)".into(),
+        ));
     }
     catalog::lock_nodes()?;
     let local = catalog::local_node()?.ok_or(BdrError::NoLocalNode)?;
     if let Some(g) = catalog::group_name(local.node_group_id)? {
-        return Err(BdrError::AlreadyInGroup { node: local.node_name, group: g });
+        return Err(BdrError::AlreadyInGroup {
+            node: local.node_name,
+            group: g,
+        });
     }
     if catalog::group_by_name(node_group_name)?.is_some() {
         return Err(BdrError::GroupExists(node_group_name.to_string()));
@@ -100,13 +117,20 @@ fn create_node_group(
     node_group_type: default!(Option<&str>, "NULL"),
 ) -> pg_sys::Oid {
     pg_sys::Oid::from(
-        create_node_group_impl(node_group_name, parent_group_name, join_node_group, node_group_type).or_raise(),
+        create_node_group_impl(
+            node_group_name,
+            parent_group_name,
+            join_node_group,
+            node_group_type,
+        )
+        .or_raise(),
     )
 }
 
 fn drop_node_impl(node_name: &str, _cascade: bool, force: bool) -> BdrResult<()> {
     catalog::lock_nodes()?;
-    let target = catalog::node_by_name(node_name)?.ok_or_else(|| BdrError::NoSuchNode(node_name.to_string()))?;
+    let target = catalog::node_by_name(node_name)?
+        .ok_or_else(|| BdrError::NoSuchNode(node_name.to_string()))?;
     let local: Option<LocalNode> = catalog::local_node()?;
     let is_local = local.as_ref().is_some_and(|l| l.node_id == target.node_id);
     if is_local {

@@ -25,7 +25,7 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
 
     let mut announced = false;
     loop {
-        let node = BackgroundWorker::transaction(|| catalog::database_has_local_node());
+        let node = BackgroundWorker::transaction(catalog::database_has_local_node);
         match node {
             Ok(Some(name)) => {
                 if !announced {

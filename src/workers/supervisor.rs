@@ -36,7 +36,8 @@ fn scan_databases() -> BTreeSet<u32> {
                     break;
                 }
                 let header = (*tup).t_data;
-                let form = (header as *mut u8).add((*header).t_hoff as usize) as *const pg_sys::FormData_pg_database;
+                let form = (header as *mut u8).add((*header).t_hoff as usize)
+                    as *const pg_sys::FormData_pg_database;
                 if (*form).datallowconn && !(*form).datistemplate {
                     out.insert((*form).oid.to_u32());
                 }
@@ -227,7 +228,11 @@ pub extern "C-unwind" fn bdr_supervisor_main(_arg: pg_sys::Datum) {
             // Forget tasks of dropped databases.
             let mut t = TASKS.exclusive();
             for task in t.tasks.iter_mut() {
-                if task.in_use && task.role == Role::Manager && !existing.contains(&task.dboid) && task.pid == 0 {
+                if task.in_use
+                    && task.role == Role::Manager
+                    && !existing.contains(&task.dboid)
+                    && task.pid == 0
+                {
                     *task = Default::default();
                 }
             }
@@ -241,7 +246,9 @@ pub extern "C-unwind" fn bdr_supervisor_main(_arg: pg_sys::Datum) {
             }
             let allowed = {
                 let t = TASKS.share();
-                t.find(Role::Manager, db, 0, 0).map(|i| t.tasks[i].next_launch_not_before <= ts).unwrap_or(true)
+                t.find(Role::Manager, db, 0, 0)
+                    .map(|i| t.tasks[i].next_launch_not_before <= ts)
+                    .unwrap_or(true)
             };
             if allowed {
                 if let Some(r) = launch(db, &mut jitter) {

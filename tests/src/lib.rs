@@ -19,25 +19,17 @@ pub use postgres;
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// The settings every bdr node needs, written to each instance's postgresql.conf.
-pub const BASE_CONF: &str = "\
-shared_preload_libraries = 'bdr'
-output_plugin_libraries = 'pgoutput, test_decoding, bdr'
-wal_level = logical
-track_commit_timestamp = on
-max_worker_processes = 32
-max_wal_senders = 16
-max_replication_slots = 16
-listen_addresses = '127.0.0.1'
-unix_socket_directories = ''
-fsync = off
-log_line_prefix = '%m [%p] %b '
-log_min_messages = info
-";
+pub const BASE_CONF: &str = concat!(
+    include_str!("../../scripts/bdr-node.conf"),
+    "fsync = off\nlog_line_prefix = '%m [%p] %b '\nlog_min_messages = info\n"
+);
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 fn run_as_postgres(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     out
 }
 
@@ -77,7 +69,10 @@ pub struct Instance {
 
 impl Instance {
     pub fn dsn(&self, db: &str) -> String {
-        format!("host=127.0.0.1 port={} dbname={} user=postgres", self.port, db)
+        format!(
+            "host=127.0.0.1 port={} dbname={} user=postgres",
+            self.port, db
+        )
     }
 
     pub fn connect(&self, db: &str) -> Client {
@@ -105,7 +100,13 @@ impl Instance {
             "60",
             "start",
         ]));
-        assert!(out.status.success(), "pg_ctl start {} failed: {}\n{}", self.name, String::from_utf8_lossy(&out.stderr), self.log());
+        assert!(
+            out.status.success(),
+            "pg_ctl start {} failed: {}\n{}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
         self.running = true;
     }
 
@@ -203,9 +204,19 @@ impl Cluster {
                 "UTF8",
                 "--locale=C",
             ]));
-            assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let port = free_port();
-            let inst = Instance { name, port, datadir, logfile, running: false };
+            let inst = Instance {
+                name,
+                port,
+                datadir,
+                logfile,
+                running: false,
+            };
             inst.append_conf(&format!("{BASE_CONF}port = {port}\n{extra_conf}"));
             nodes.push(inst);
         }
@@ -225,7 +236,13 @@ impl Cluster {
     pub fn logs(&self) -> String {
         let mut s = String::new();
         for n in &self.nodes {
-            let _ = writeln!(s, "===== server log of {} (port {}) =====\n{}", n.name, n.port, n.log());
+            let _ = writeln!(
+                s,
+                "===== server log of {} (port {}) =====\n{}",
+                n.name,
+                n.port,
+                n.log()
+            );
         }
         s
     }
@@ -248,8 +265,14 @@ impl Drop for Cluster {
 fn chown_postgres(p: &Path) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        let st = Command::new("chown").args(["postgres:postgres", p.to_str().unwrap()]).stdout(Stdio::null()).status();
-        assert!(st.map(|s| s.success()).unwrap_or(false), "chown postgres {p:?}");
+        let st = Command::new("chown")
+            .args(["postgres:postgres", p.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .status();
+        assert!(
+            st.map(|s| s.success()).unwrap_or(false),
+            "chown postgres {p:?}"
+        );
     }
 }
 
@@ -270,13 +293,23 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 /// Runs a query and renders every row as text, for comparisons.
 pub fn rows_as_text(client: &mut Client, query: &str) -> Vec<String> {
     let wrapped = format!("SELECT t::text FROM ({query}) t");
-    client.query(&wrapped, &[]).unwrap_or_else(|e| panic!("{query}: {e}")).iter().map(|r: &Row| r.get(0)).collect()
+    client
+        .query(&wrapped, &[])
+        .unwrap_or_else(|e| panic!("{query}: {e}"))
+        .iter()
+        .map(|r: &Row| r.get(0))
+        .collect()
 }
 
 /// The full contents of a table, ordered by every column, as text rows.
 pub fn table_contents(client: &mut Client, table: &str) -> Vec<String> {
     let q = format!("SELECT t::text FROM {table} t ORDER BY t::text");
-    client.query(&q, &[]).unwrap_or_else(|e| panic!("{q}: {e}")).iter().map(|r| r.get(0)).collect()
+    client
+        .query(&q, &[])
+        .unwrap_or_else(|e| panic!("{q}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 /// Asserts that `tables` hold the same rows in database `db` on every instance.
@@ -291,7 +324,8 @@ pub fn assert_converged(cluster: &Cluster, db: &str, tables: &[&str]) {
                 for (i, t) in tables.iter().enumerate() {
                     assert_eq!(
                         &contents[i], &expect[i],
-                        "table {t} differs between {name} and {}", n.name
+                        "table {t} differs between {name} and {}",
+                        n.name
                     );
                 }
             }
@@ -304,8 +338,14 @@ pub fn expect_error(client: &mut Client, sql: &str) -> (String, String, Option<S
     match client.batch_execute(sql) {
         Ok(()) => panic!("expected an error from: {sql}"),
         Err(e) => {
-            let db = e.as_db_error().unwrap_or_else(|| panic!("not a server error: {e}"));
-            (db.code().code().to_string(), db.message().to_string(), db.hint().map(str::to_string))
+            let db = e
+                .as_db_error()
+                .unwrap_or_else(|| panic!("not a server error: {e}"));
+            (
+                db.code().code().to_string(),
+                db.message().to_string(),
+                db.hint().map(str::to_string),
+            )
         }
     }
 }

@@ -23,13 +23,43 @@ pub enum DsnError {
 
 /// Every keyword PostgreSQL 15's libpq accepts.
 pub const KEYWORDS: &[&str] = &[
-    "host", "hostaddr", "port", "dbname", "user", "password", "passfile", "channel_binding",
-    "connect_timeout", "client_encoding", "options", "application_name",
-    "fallback_application_name", "keepalives", "keepalives_idle", "keepalives_interval",
-    "keepalives_count", "tcp_user_timeout", "replication", "sslmode", "requiressl",
-    "sslcompression", "sslcert", "sslkey", "sslpassword", "sslrootcert", "sslcrl", "sslcrldir",
-    "sslsni", "requirepeer", "ssl_min_protocol_version", "ssl_max_protocol_version", "gssencmode",
-    "krbsrvname", "gsslib", "service", "target_session_attrs",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "passfile",
+    "channel_binding",
+    "connect_timeout",
+    "client_encoding",
+    "options",
+    "application_name",
+    "fallback_application_name",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "replication",
+    "sslmode",
+    "requiressl",
+    "sslcompression",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslrootcert",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "requirepeer",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "gssencmode",
+    "krbsrvname",
+    "gsslib",
+    "service",
+    "target_session_attrs",
 ];
 
 /// A parsed connection string: its options in order of appearance.
@@ -59,7 +89,11 @@ impl Dsn {
 
     /// The last value given for `key`, as libpq would use it.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.options.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.options
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Sets `key`, replacing any earlier value.
@@ -79,7 +113,11 @@ impl Dsn {
 }
 
 fn quote(v: &str) -> String {
-    if !v.is_empty() && !v.chars().any(|c| c.is_whitespace() || c == '\'' || c == '\\') {
+    if !v.is_empty()
+        && !v
+            .chars()
+            .any(|c| c.is_whitespace() || c == '\'' || c == '\\')
+    {
         return v.to_string();
     }
     let mut out = String::with_capacity(v.len() + 2);
@@ -167,8 +205,11 @@ fn percent_decode(s: &str) -> Result<String, DsnError> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).ok_or_else(|| DsnError::BadUri(format!("bad percent-encoding in \"{s}\"")))?;
-            let b = u8::from_str_radix(hex, 16).map_err(|_| DsnError::BadUri(format!("bad percent-encoding in \"{s}\"")))?;
+            let hex = s
+                .get(i + 1..i + 3)
+                .ok_or_else(|| DsnError::BadUri(format!("bad percent-encoding in \"{s}\"")))?;
+            let b = u8::from_str_radix(hex, 16)
+                .map_err(|_| DsnError::BadUri(format!("bad percent-encoding in \"{s}\"")))?;
             out.push(b);
             i += 3;
         } else {
@@ -211,7 +252,9 @@ fn parse_uri(s: &str) -> Result<Vec<(String, String)>, DsnError> {
         let mut ports = Vec::new();
         for hp in hostpart.split(',') {
             let (h, p) = if let Some(stripped) = hp.strip_prefix('[') {
-                let (h, after) = stripped.split_once(']').ok_or_else(|| DsnError::BadUri(format!("unterminated IPv6 address in \"{hp}\"")))?;
+                let (h, after) = stripped.split_once(']').ok_or_else(|| {
+                    DsnError::BadUri(format!("unterminated IPv6 address in \"{hp}\""))
+                })?;
                 (h.to_string(), after.strip_prefix(':').map(str::to_string))
             } else {
                 match hp.split_once(':') {
@@ -241,7 +284,9 @@ fn parse_uri(s: &str) -> Result<Vec<(String, String)>, DsnError> {
     }
     if let Some(q) = query {
         for pair in q.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').ok_or_else(|| DsnError::BadUri(format!("missing \"=\" in \"{pair}\"")))?;
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| DsnError::BadUri(format!("missing \"=\" in \"{pair}\"")))?;
             let k = percent_decode(k)?;
             // libpq accepts ssl=true as an alias in URIs.
             if k == "ssl" && v == "true" {
@@ -278,7 +323,9 @@ mod tests {
 
     #[test]
     fn uri() {
-        let d = Dsn::parse("postgresql://u:p%40ss@h1:5433,h2/app?sslmode=disable&application_name=x").unwrap();
+        let d =
+            Dsn::parse("postgresql://u:p%40ss@h1:5433,h2/app?sslmode=disable&application_name=x")
+                .unwrap();
         assert_eq!(d.get("user"), Some("u"));
         assert_eq!(d.get("password"), Some("p@ss"));
         assert_eq!(d.get("host"), Some("h1,h2"));
@@ -293,11 +340,23 @@ mod tests {
     #[test]
     fn errors() {
         assert_eq!(Dsn::parse("  "), Err(DsnError::Empty));
-        assert_eq!(Dsn::parse("host"), Err(DsnError::MissingEquals("host".into())));
+        assert_eq!(
+            Dsn::parse("host"),
+            Err(DsnError::MissingEquals("host".into()))
+        );
         assert_eq!(Dsn::parse("host='abc"), Err(DsnError::UnterminatedQuote));
-        assert_eq!(Dsn::parse("hots=abc"), Err(DsnError::UnknownKeyword("hots".into())));
-        assert!(matches!(Dsn::parse("postgresql://h:notaport/db"), Err(DsnError::BadUri(_))));
-        assert!(matches!(Dsn::parse("this is not a dsn"), Err(DsnError::MissingEquals(_))));
+        assert_eq!(
+            Dsn::parse("hots=abc"),
+            Err(DsnError::UnknownKeyword("hots".into()))
+        );
+        assert!(matches!(
+            Dsn::parse("postgresql://h:notaport/db"),
+            Err(DsnError::BadUri(_))
+        ));
+        assert!(matches!(
+            Dsn::parse("this is not a dsn"),
+            Err(DsnError::MissingEquals(_))
+        ));
     }
 
     #[test]
@@ -305,7 +364,10 @@ mod tests {
         let mut d = Dsn::parse("host=a dbname=x replication=false").unwrap();
         d.set("replication", "database");
         assert_eq!(d.get("replication"), Some("database"));
-        assert_eq!(d.options.iter().filter(|(k, _)| k == "replication").count(), 1);
+        assert_eq!(
+            d.options.iter().filter(|(k, _)| k == "replication").count(),
+            1
+        );
         assert_eq!(d.to_conninfo(), "host=a dbname=x replication=database");
         d.set("application_name", "");
         assert!(d.to_conninfo().ends_with("application_name=''"));

@@ -33,7 +33,11 @@ fn build(parts: &[&str]) -> String {
     let full = parts.join("_");
     let sanitized: Vec<(String, bool)> = parts.iter().map(|p| sanitize(p)).collect();
     let changed = sanitized.iter().any(|(_, c)| *c);
-    let plain = sanitized.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>().join("_");
+    let plain = sanitized
+        .iter()
+        .map(|(s, _)| s.as_str())
+        .collect::<Vec<_>>()
+        .join("_");
     if !changed && plain.len() <= MAX {
         return plain;
     }
@@ -76,7 +80,10 @@ pub fn group_slot_name(db: &str, group: &str) -> String {
 }
 
 pub fn is_valid_slot_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    !s.is_empty()
+        && s.len() <= MAX
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 #[cfg(test)]
@@ -100,7 +107,11 @@ mod tests {
         assert_eq!(b, "bdr_app_g_node_1");
         let long = slot_name(&"d".repeat(40), &"g".repeat(40), &"n".repeat(40));
         assert!(long.len() <= 63 && is_valid_slot_name(&long), "{long}");
-        let long2 = slot_name(&"d".repeat(40), &"g".repeat(40), &format!("{}x", "n".repeat(40)));
+        let long2 = slot_name(
+            &"d".repeat(40),
+            &"g".repeat(40),
+            &format!("{}x", "n".repeat(40)),
+        );
         assert_ne!(long, long2);
         let weird = slot_name("My DB", "g", "a");
         assert!(is_valid_slot_name(&weird), "{weird}");

@@ -74,9 +74,17 @@ pub enum NameError {
     #[error("{what} name must not be empty")]
     Empty { what: &'static str },
     #[error("{what} name \"{name}\" is too long ({len} bytes, at most 63)")]
-    TooLong { what: &'static str, name: String, len: usize },
+    TooLong {
+        what: &'static str,
+        name: String,
+        len: usize,
+    },
     #[error("{what} name \"{name}\" contains \"{ch}\"; only lowercase letters, digits, hyphens and underscores are allowed")]
-    BadChar { what: &'static str, name: String, ch: char },
+    BadChar {
+        what: &'static str,
+        name: String,
+        ch: char,
+    },
 }
 
 /// BDR 4's rule for node and group names: lowercase letters, digits, hyphens
@@ -86,10 +94,21 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), NameError> {
         return Err(NameError::Empty { what });
     }
     if name.len() > 63 {
-        return Err(NameError::TooLong { what, name: name.to_string(), len: name.len() });
+        return Err(NameError::TooLong {
+            what,
+            name: name.to_string(),
+            len: name.len(),
+        });
     }
-    if let Some(ch) = name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_')) {
-        return Err(NameError::BadChar { what, name: name.to_string(), ch });
+    if let Some(ch) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_'))
+    {
+        return Err(NameError::BadChar {
+            what,
+            name: name.to_string(),
+            ch,
+        });
     }
     Ok(())
 }
@@ -143,10 +162,22 @@ mod tests {
     #[test]
     fn names() {
         assert!(validate_name("node", "node-1_a").is_ok());
-        assert_eq!(validate_name("node", ""), Err(NameError::Empty { what: "node" }));
-        assert!(matches!(validate_name("node", "Node"), Err(NameError::BadChar { ch: 'N', .. })));
-        assert!(matches!(validate_name("node", "a b"), Err(NameError::BadChar { ch: ' ', .. })));
-        assert!(matches!(validate_name("group", &"x".repeat(64)), Err(NameError::TooLong { .. })));
+        assert_eq!(
+            validate_name("node", ""),
+            Err(NameError::Empty { what: "node" })
+        );
+        assert!(matches!(
+            validate_name("node", "Node"),
+            Err(NameError::BadChar { ch: 'N', .. })
+        ));
+        assert!(matches!(
+            validate_name("node", "a b"),
+            Err(NameError::BadChar { ch: ' ', .. })
+        ));
+        assert!(matches!(
+            validate_name("group", &"x".repeat(64)),
+            Err(NameError::TooLong { .. })
+        ));
     }
 
     #[test]

@@ -46,19 +46,48 @@ pub struct Relation {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
-    Begin { xid: u32, final_lsn: u64, commit_time: i64 },
-    Commit { commit_lsn: u64, end_lsn: u64, commit_time: i64 },
+    Begin {
+        xid: u32,
+        final_lsn: u64,
+        commit_time: i64,
+    },
+    Commit {
+        commit_lsn: u64,
+        end_lsn: u64,
+        commit_time: i64,
+    },
     /// The transaction originated on another node (only when forwarding).
-    Origin { name: String, lsn: u64 },
+    Origin {
+        name: String,
+        lsn: u64,
+    },
     Relation(Relation),
-    Insert { relid: u32, new: Vec<Value> },
+    Insert {
+        relid: u32,
+        new: Vec<Value>,
+    },
     /// `old` is the key (or the full old row with REPLICA IDENTITY FULL) when
     /// the key changed or identity is full; otherwise the key is taken from `new`.
-    Update { relid: u32, old: Option<Vec<Value>>, new: Vec<Value> },
-    Delete { relid: u32, old: Vec<Value> },
-    Truncate { relids: Vec<u32>, cascade: bool, restart_identity: bool },
+    Update {
+        relid: u32,
+        old: Option<Vec<Value>>,
+        new: Vec<Value>,
+    },
+    Delete {
+        relid: u32,
+        old: Vec<Value>,
+    },
+    Truncate {
+        relids: Vec<u32>,
+        cascade: bool,
+        restart_identity: bool,
+    },
     /// A logical message (DDL, locks, consensus), in or outside a transaction.
-    Message { transactional: bool, prefix: String, content: Vec<u8> },
+    Message {
+        transactional: bool,
+        prefix: String,
+        content: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -100,8 +129,17 @@ pub fn decode(buf: &[u8]) -> Result<Message, ProtoError> {
 /// A frame from the walsender inside COPY BOTH.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame<'a> {
-    XLogData { start_lsn: u64, end_lsn: u64, send_time: i64, data: &'a [u8] },
-    Keepalive { end_lsn: u64, send_time: i64, reply_requested: bool },
+    XLogData {
+        start_lsn: u64,
+        end_lsn: u64,
+        send_time: i64,
+        data: &'a [u8],
+    },
+    Keepalive {
+        end_lsn: u64,
+        send_time: i64,
+        reply_requested: bool,
+    },
 }
 
 fn be_u64(b: &[u8]) -> u64 {
@@ -126,7 +164,11 @@ pub fn parse_frame(buf: &[u8]) -> Result<Frame<'_>, ProtoError> {
             if buf.len() < 18 {
                 return Err(ProtoError::Truncated("keepalive"));
             }
-            Ok(Frame::Keepalive { end_lsn: be_u64(&buf[1..]), send_time: be_u64(&buf[9..]) as i64, reply_requested: buf[17] != 0 })
+            Ok(Frame::Keepalive {
+                end_lsn: be_u64(&buf[1..]),
+                send_time: be_u64(&buf[9..]) as i64,
+                reply_requested: buf[17] != 0,
+            })
         }
         Some(&other) => Err(ProtoError::UnknownFrame(other)),
     }
@@ -154,24 +196,40 @@ pub struct StartOptions {
     pub forward_origins: Vec<String>,
 }
 
-pub fn parse_start_options<'a>(opts: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<StartOptions, String> {
+pub fn parse_start_options<'a>(
+    opts: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<StartOptions, String> {
     let mut out = StartOptions::default();
     let mut seen_version = false;
     for (k, v) in opts {
         match k {
             "proto_version" => {
-                let n: u8 = v.parse().map_err(|_| format!("invalid proto_version \"{v}\""))?;
+                let n: u8 = v
+                    .parse()
+                    .map_err(|_| format!("invalid proto_version \"{v}\""))?;
                 if n != PROTO_VERSION {
                     return Err(format!("bdr protocol version {n} is not supported; this node speaks {PROTO_VERSION}"));
                 }
                 out.proto_version = n;
                 seen_version = true;
             }
-            "binary" => out.binary = parse_bool(v).ok_or_else(|| format!("invalid value \"{v}\" for binary"))?,
-            "forward_origins" => {
-                out.forward_origins = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+            "binary" => {
+                out.binary =
+                    parse_bool(v).ok_or_else(|| format!("invalid value \"{v}\" for binary"))?
             }
-            other => return Err(format!("unknown option \"{other}\" for the bdr output plugin")),
+            "forward_origins" => {
+                out.forward_origins = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
+            other => {
+                return Err(format!(
+                    "unknown option \"{other}\" for the bdr output plugin"
+                ))
+            }
         }
     }
     if !seen_version {
@@ -200,7 +258,9 @@ mod tests {
         }
         fn s(&mut self) -> String {
             let len = self.n(12) as usize;
-            (0..len).map(|_| char::from_u32(0x20 + self.n(0x2FF) as u32).unwrap_or('x')).collect()
+            (0..len)
+                .map(|_| char::from_u32(0x20 + self.n(0x2FF) as u32).unwrap_or('x'))
+                .collect()
         }
         fn value(&mut self) -> Value {
             match self.n(4) {
@@ -215,23 +275,62 @@ mod tests {
         }
         fn message(&mut self) -> Message {
             match self.n(9) {
-                0 => Message::Begin { xid: self.n(u32::MAX as u64) as u32, final_lsn: self.n(u64::MAX), commit_time: self.n(1 << 60) as i64 - (1 << 59) },
-                1 => Message::Commit { commit_lsn: self.n(u64::MAX), end_lsn: self.n(u64::MAX), commit_time: self.n(1 << 40) as i64 },
-                2 => Message::Origin { name: self.s(), lsn: self.n(u64::MAX) },
+                0 => Message::Begin {
+                    xid: self.n(u32::MAX as u64) as u32,
+                    final_lsn: self.n(u64::MAX),
+                    commit_time: self.n(1 << 60) as i64 - (1 << 59),
+                },
+                1 => Message::Commit {
+                    commit_lsn: self.n(u64::MAX),
+                    end_lsn: self.n(u64::MAX),
+                    commit_time: self.n(1 << 40) as i64,
+                },
+                2 => Message::Origin {
+                    name: self.s(),
+                    lsn: self.n(u64::MAX),
+                },
                 3 => Message::Relation(Relation {
                     id: self.n(100_000) as u32,
                     schema: self.s(),
                     name: self.s(),
                     replica_identity: b"dfin"[self.n(4) as usize],
                     columns: (0..self.n(5))
-                        .map(|_| Column { name: self.s(), type_name: self.s(), type_oid: self.n(9999) as u32, typmod: self.n(100) as i32 - 1, is_key: self.n(2) == 1 })
+                        .map(|_| Column {
+                            name: self.s(),
+                            type_name: self.s(),
+                            type_oid: self.n(9999) as u32,
+                            typmod: self.n(100) as i32 - 1,
+                            is_key: self.n(2) == 1,
+                        })
                         .collect(),
                 }),
-                4 => Message::Insert { relid: self.n(100) as u32, new: self.row() },
-                5 => Message::Update { relid: self.n(100) as u32, old: if self.n(2) == 0 { None } else { Some(self.row()) }, new: self.row() },
-                6 => Message::Delete { relid: self.n(100) as u32, old: self.row() },
-                7 => Message::Truncate { relids: (0..self.n(4)).map(|_| self.n(100) as u32).collect(), cascade: self.n(2) == 1, restart_identity: self.n(2) == 1 },
-                _ => Message::Message { transactional: self.n(2) == 1, prefix: self.s(), content: (0..self.n(30)).map(|_| self.n(256) as u8).collect() },
+                4 => Message::Insert {
+                    relid: self.n(100) as u32,
+                    new: self.row(),
+                },
+                5 => Message::Update {
+                    relid: self.n(100) as u32,
+                    old: if self.n(2) == 0 {
+                        None
+                    } else {
+                        Some(self.row())
+                    },
+                    new: self.row(),
+                },
+                6 => Message::Delete {
+                    relid: self.n(100) as u32,
+                    old: self.row(),
+                },
+                7 => Message::Truncate {
+                    relids: (0..self.n(4)).map(|_| self.n(100) as u32).collect(),
+                    cascade: self.n(2) == 1,
+                    restart_identity: self.n(2) == 1,
+                },
+                _ => Message::Message {
+                    transactional: self.n(2) == 1,
+                    prefix: self.s(),
+                    content: (0..self.n(30)).map(|_| self.n(256) as u8).collect(),
+                },
             }
         }
     }
@@ -260,7 +359,10 @@ mod tests {
         }
         // Truncations of valid messages fail cleanly.
         let m = g.message();
-        let bytes = encode(&Message::Insert { relid: 1, new: vec![Value::Text("abc".into()), Value::Null] });
+        let bytes = encode(&Message::Insert {
+            relid: 1,
+            new: vec![Value::Text("abc".into()), Value::Null],
+        });
         for cut in 0..bytes.len() {
             let _ = decode(&bytes[..cut]);
         }
@@ -269,7 +371,11 @@ mod tests {
 
     #[test]
     fn version_is_checked() {
-        let mut bytes = encode(&Message::Commit { commit_lsn: 1, end_lsn: 2, commit_time: 3 });
+        let mut bytes = encode(&Message::Commit {
+            commit_lsn: 1,
+            end_lsn: 2,
+            commit_time: 3,
+        });
         bytes[0] = 9;
         assert_eq!(decode(&bytes), Err(ProtoError::Version { got: 9 }));
         assert_eq!(decode(&[]), Err(ProtoError::Empty));
@@ -282,13 +388,31 @@ mod tests {
         w.extend(32u64.to_be_bytes());
         w.extend(5i64.to_be_bytes());
         w.extend(b"xyz");
-        assert_eq!(parse_frame(&w).unwrap(), Frame::XLogData { start_lsn: 16, end_lsn: 32, send_time: 5, data: b"xyz" });
+        assert_eq!(
+            parse_frame(&w).unwrap(),
+            Frame::XLogData {
+                start_lsn: 16,
+                end_lsn: 32,
+                send_time: 5,
+                data: b"xyz"
+            }
+        );
         let mut k = vec![b'k'];
         k.extend(99u64.to_be_bytes());
         k.extend(7i64.to_be_bytes());
         k.push(1);
-        assert_eq!(parse_frame(&k).unwrap(), Frame::Keepalive { end_lsn: 99, send_time: 7, reply_requested: true });
-        assert_eq!(parse_frame(&k[..10]), Err(ProtoError::Truncated("keepalive")));
+        assert_eq!(
+            parse_frame(&k).unwrap(),
+            Frame::Keepalive {
+                end_lsn: 99,
+                send_time: 7,
+                reply_requested: true
+            }
+        );
+        assert_eq!(
+            parse_frame(&k[..10]),
+            Err(ProtoError::Truncated("keepalive"))
+        );
         assert_eq!(parse_frame(b"zz"), Err(ProtoError::UnknownFrame(b'z')));
         let r = status_update(1, 2, 3, 4, true);
         assert_eq!(r.len(), 34);
@@ -299,11 +423,31 @@ mod tests {
 
     #[test]
     fn start_options() {
-        let o = parse_start_options([("proto_version", "1"), ("binary", "on"), ("forward_origins", "a, b")]).unwrap();
-        assert_eq!(o, StartOptions { proto_version: 1, binary: true, forward_origins: vec!["a".into(), "b".into()] });
-        assert!(parse_start_options([("proto_version", "2")]).unwrap_err().contains("not supported"));
-        assert!(parse_start_options([("proto_version", "1"), ("publication_names", "x")]).unwrap_err().contains("unknown option"));
-        assert!(parse_start_options([("binary", "on")]).unwrap_err().contains("required"));
+        let o = parse_start_options([
+            ("proto_version", "1"),
+            ("binary", "on"),
+            ("forward_origins", "a, b"),
+        ])
+        .unwrap();
+        assert_eq!(
+            o,
+            StartOptions {
+                proto_version: 1,
+                binary: true,
+                forward_origins: vec!["a".into(), "b".into()]
+            }
+        );
+        assert!(parse_start_options([("proto_version", "2")])
+            .unwrap_err()
+            .contains("not supported"));
+        assert!(
+            parse_start_options([("proto_version", "1"), ("publication_names", "x")])
+                .unwrap_err()
+                .contains("unknown option")
+        );
+        assert!(parse_start_options([("binary", "on")])
+            .unwrap_err()
+            .contains("required"));
         assert!(parse_start_options([("proto_version", "1"), ("binary", "maybe")]).is_err());
     }
 }

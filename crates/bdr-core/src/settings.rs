@@ -110,7 +110,13 @@ const fn b(
     status: Status,
     description: &'static str,
 ) -> Setting {
-    Setting { name, kind: Kind::Bool { default }, context, status, description }
+    Setting {
+        name,
+        kind: Kind::Bool { default },
+        context,
+        status,
+        description,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -124,7 +130,18 @@ const fn i(
     status: Status,
     description: &'static str,
 ) -> Setting {
-    Setting { name, kind: Kind::Int { default, min, max, unit }, context, status, description }
+    Setting {
+        name,
+        kind: Kind::Int {
+            default,
+            min,
+            max,
+            unit,
+        },
+        context,
+        status,
+        description,
+    }
 }
 
 const fn r(
@@ -136,7 +153,13 @@ const fn r(
     status: Status,
     description: &'static str,
 ) -> Setting {
-    Setting { name, kind: Kind::Real { default, min, max }, context, status, description }
+    Setting {
+        name,
+        kind: Kind::Real { default, min, max },
+        context,
+        status,
+        description,
+    }
 }
 
 const fn e(
@@ -148,7 +171,17 @@ const fn e(
     status: Status,
     description: &'static str,
 ) -> Setting {
-    Setting { name, kind: Kind::Enum { default, values, aliases }, context, status, description }
+    Setting {
+        name,
+        kind: Kind::Enum {
+            default,
+            values,
+            aliases,
+        },
+        context,
+        status,
+        description,
+    }
 }
 
 const fn s(
@@ -158,7 +191,13 @@ const fn s(
     status: Status,
     description: &'static str,
 ) -> Setting {
-    Setting { name, kind: Kind::Str { default }, context, status, description }
+    Setting {
+        name,
+        kind: Kind::Str { default },
+        context,
+        status,
+        description,
+    }
 }
 
 use Context::*;
@@ -166,7 +205,9 @@ use Status::*;
 use Unit::{Kb, Ms};
 
 const MAX_INT: i32 = i32::MAX;
-const LOG_LEVELS: &[&str] = &["debug5", "debug4", "debug3", "debug2", "debug1", "log", "notice", "warning"];
+const LOG_LEVELS: &[&str] = &[
+    "debug5", "debug4", "debug3", "debug2", "debug1", "log", "notice", "warning",
+];
 
 /// The version number `bdr.bdr_version_num()` returns and `bdr.backwards_compatibility` defaults to.
 pub const VERSION_NUM: i32 = crate::version::VERSION_NUM;
@@ -209,9 +250,9 @@ pub static SETTINGS: &[Setting] = &[
     i("bdr.standby_slots_min_confirmed", -1, -1, 1000, Unit::None, Sighup, NotYet,
         "How many of bdr.standby_slot_names must confirm first; -1 means all of them."),
     // Generic replication
-    i("bdr.writers_per_subscription", 1, 1, 64, Unit::None, Sighup, Honoured,
+    i("bdr.writers_per_subscription", 1, 1, 64, Unit::None, Sighup, NotYet,
         "Default number of writer processes per subscription."),
-    i("bdr.max_writers_per_subscription", 8, 1, 64, Unit::None, Sighup, Honoured,
+    i("bdr.max_writers_per_subscription", 8, 1, 64, Unit::None, Sighup, NotYet,
         "Upper limit for the number of writers of one subscription."),
     b("bdr.xact_replication", true, Suset, NotYet,
         "Replicate the current transaction; may only be turned off with SET LOCAL unless bdr.permit_unsafe_commands is on."),
@@ -290,7 +331,7 @@ pub static SETTINGS: &[Setting] = &[
         "Maximum number of consensus connections across all BDR groups of the instance."),
     i("bdr.raft_election_timeout", 6000, 1, MAX_INT, Ms, Sighup, NotYet,
         "Raft election timeout."),
-    i("bdr.backwards_compatibility", VERSION_NUM, 30_000, VERSION_NUM, Unit::None, Suset, Honoured,
+    i("bdr.backwards_compatibility", VERSION_NUM, 30_000, VERSION_NUM, Unit::None, Suset, NotYet,
         "Behave as the given earlier BDR version (same format as bdr.bdr_version_num())."),
     b("bdr.track_replication_estimates", true, Userset, NotYet,
         "Track apply rates and catch-up estimates for peer nodes."),
@@ -307,7 +348,10 @@ pub static SETTINGS: &[Setting] = &[
 ];
 
 pub fn find(name: &str) -> Option<(usize, &'static Setting)> {
-    SETTINGS.iter().enumerate().find(|(_, s)| s.name.eq_ignore_ascii_case(name))
+    SETTINGS
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.name.eq_ignore_ascii_case(name))
 }
 
 impl Setting {
@@ -326,7 +370,7 @@ impl Setting {
     pub fn default_human(&self) -> String {
         match self.kind {
             Kind::Int { default, unit, .. } => human_int(default, unit),
-            Kind::Str { default } if default.is_empty() => "''".into(),
+            Kind::Str { default: "" } => "''".into(),
             _ => self.default_text(),
         }
     }
@@ -344,13 +388,18 @@ impl Setting {
     /// Ordinal of an enum value or alias, as PostgreSQL stores it.
     pub fn enum_ordinal(&self, value: &str) -> Option<i32> {
         match self.kind {
-            Kind::Enum { values, aliases, .. } => {
+            Kind::Enum {
+                values, aliases, ..
+            } => {
                 let target = aliases
                     .iter()
                     .find(|(a, _)| a.eq_ignore_ascii_case(value))
                     .map(|(_, t)| *t)
                     .unwrap_or(value);
-                values.iter().position(|v| v.eq_ignore_ascii_case(target)).map(|p| p as i32)
+                values
+                    .iter()
+                    .position(|v| v.eq_ignore_ascii_case(target))
+                    .map(|p| p as i32)
             }
             _ => None,
         }
@@ -387,11 +436,19 @@ pub fn render_doc_table() -> String {
         let allowed = match s.kind {
             Kind::Bool { .. } => "on, off".to_string(),
             Kind::Int { min, max, unit, .. } => {
-                let max = if max == MAX_INT { "∞".to_string() } else { human_int(max, unit) };
+                let max = if max == MAX_INT {
+                    "∞".to_string()
+                } else {
+                    human_int(max, unit)
+                };
                 format!("{} .. {}", human_int(min, unit), max)
             }
             Kind::Real { min, max, .. } => {
-                let max = if max == f64::MAX { "∞".to_string() } else { format!("{max}") };
+                let max = if max == f64::MAX {
+                    "∞".to_string()
+                } else {
+                    format!("{max}")
+                };
                 format!("{min} .. {max}")
             }
             Kind::Enum { values, .. } => values.join(", "),
@@ -436,9 +493,17 @@ mod tests {
     fn defaults_lie_in_range() {
         for s in SETTINGS {
             match s.kind {
-                Kind::Int { default, min, max, .. } => assert!(min <= default && default <= max, "{}", s.name),
-                Kind::Real { default, min, max } => assert!(min <= default && default <= max, "{}", s.name),
-                Kind::Enum { default, values, aliases } => {
+                Kind::Int {
+                    default, min, max, ..
+                } => assert!(min <= default && default <= max, "{}", s.name),
+                Kind::Real { default, min, max } => {
+                    assert!(min <= default && default <= max, "{}", s.name)
+                }
+                Kind::Enum {
+                    default,
+                    values,
+                    aliases,
+                } => {
                     assert!(values.contains(&default), "{}", s.name);
                     for (_, target) in aliases {
                         assert!(values.contains(target), "{} alias -> {}", s.name, target);
@@ -510,7 +575,10 @@ mod tests {
     fn settings_doc_is_current() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/settings.md");
         let doc = std::fs::read_to_string(path).expect("docs/settings.md");
-        let (start, end) = ("<!-- settings-table:start -->\n", "<!-- settings-table:end -->");
+        let (start, end) = (
+            "<!-- settings-table:start -->\n",
+            "<!-- settings-table:end -->",
+        );
         let a = doc.find(start).expect("start marker") + start.len();
         let z = doc.find(end).expect("end marker");
         let table = render_doc_table();
@@ -519,6 +587,10 @@ mod tests {
             std::fs::write(path, new).unwrap();
             return;
         }
-        assert_eq!(&doc[a..z], table, "docs/settings.md is stale: run BDR_BLESS=1 cargo test -p bdr-core settings_doc");
+        assert_eq!(
+            &doc[a..z],
+            table,
+            "docs/settings.md is stale: run BDR_BLESS=1 cargo test -p bdr-core settings_doc"
+        );
     }
 }
