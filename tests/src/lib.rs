@@ -90,16 +90,22 @@ impl Instance {
     }
 
     pub fn start(&mut self) {
-        let out = run_as_postgres(pg_command(&format!("{PG_BIN}/pg_ctl")).args([
-            "-D",
-            self.datadir.to_str().unwrap(),
-            "-l",
-            self.logfile.to_str().unwrap(),
-            "-w",
-            "-t",
-            "60",
-            "start",
-        ]));
+        // RUST_BACKTRACE=1 as a developer would have it: users must still never
+        // see a Rust backtrace in an error (see the foundation tests).
+        let out = run_as_postgres(
+            pg_command(&format!("{PG_BIN}/pg_ctl"))
+                .env("RUST_BACKTRACE", "1")
+                .args([
+                    "-D",
+                    self.datadir.to_str().unwrap(),
+                    "-l",
+                    self.logfile.to_str().unwrap(),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]),
+        );
         assert!(
             out.status.success(),
             "pg_ctl start {} failed: {}\n{}",

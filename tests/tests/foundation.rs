@@ -143,6 +143,14 @@ fn settings_are_validated() {
     let (code, msg, _) = expect_error(&mut c, "SET bdr.ddl_replicaton = off");
     assert_eq!(code, "42602", "misspelt bdr.* settings are errors: {msg}");
     assert!(msg.contains("bdr.ddl_replicaton"), "{msg}");
+    // The error passed through bdr's utility hook: no Rust backtrace in DETAIL.
+    let err = c.batch_execute("SET bdr.ddl_replicaton = off").unwrap_err();
+    let detail = err
+        .as_db_error()
+        .and_then(|e| e.detail())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(detail, "\"bdr\" is a reserved prefix.");
     let (code, _, _) = expect_error(&mut c, "SET bdr.global_lock_max_locks = 5000");
     assert_eq!(code, "55P02", "server-start settings cannot be SET");
     // Aliases BDR documents.
