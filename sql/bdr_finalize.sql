@@ -76,37 +76,28 @@ SELECT t.role AS task_key_worker_role,
 
 -- Functions BDR 4 users call that this version does not provide yet. They
 -- fail loudly instead of pretending to work.
+CREATE FUNCTION bdr._not_implemented(function_name text, hint text DEFAULT 'See docs/nodes.md.')
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '% is not implemented yet', function_name
+        USING ERRCODE = 'feature_not_supported', HINT = hint;
+END $$;
+
 CREATE FUNCTION bdr.join_node_group(join_target_dsn text, node_group_name text DEFAULT NULL,
     pause_in_standby boolean DEFAULT false, wait_for_completion boolean DEFAULT true,
     synchronize_structure text DEFAULT 'all') RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'bdr.join_node_group is not implemented yet'
-        USING ERRCODE = 'feature_not_supported',
-              HINT = 'This version of bdr manages single-node groups only; see docs/nodes.md.';
-END $$;
+LANGUAGE sql AS $$ SELECT bdr._not_implemented('bdr.join_node_group',
+    'This version of bdr manages single-node groups only; see docs/nodes.md.') $$;
 
 CREATE FUNCTION bdr.wait_for_join_completion(verbose_progress boolean DEFAULT false) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'bdr.wait_for_join_completion is not implemented yet'
-        USING ERRCODE = 'feature_not_supported', HINT = 'See docs/nodes.md.';
-END $$;
+LANGUAGE sql AS $$ SELECT bdr._not_implemented('bdr.wait_for_join_completion') $$;
 
 CREATE FUNCTION bdr.part_node(node_name text, wait_for_completion boolean DEFAULT true,
     force boolean DEFAULT false) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'bdr.part_node is not implemented yet'
-        USING ERRCODE = 'feature_not_supported', HINT = 'See docs/nodes.md.';
-END $$;
+LANGUAGE sql AS $$ SELECT bdr._not_implemented('bdr.part_node') $$;
 
 CREATE FUNCTION bdr.alter_node_interface(node_name text, interface_dsn text) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'bdr.alter_node_interface is not implemented yet'
-        USING ERRCODE = 'feature_not_supported', HINT = 'See docs/nodes.md.';
-END $$;
+LANGUAGE sql AS $$ SELECT bdr._not_implemented('bdr.alter_node_interface') $$;
 
 REVOKE ALL ON FUNCTION bdr.create_node(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.create_node_group(text, text, boolean, text) FROM PUBLIC;

@@ -3,8 +3,9 @@
 
 use crate::error::BdrResult;
 use bdr_core::node::NodeState;
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
+use pgrx::spi::SpiHeapTupleData;
 
 #[derive(Debug, Clone)]
 pub struct NodeRow {
@@ -26,75 +27,80 @@ fn oid(v: u32) -> pg_sys::Oid {
     pg_sys::Oid::from(v)
 }
 
-const NODE_COLS: &str = "node_id, node_name::text, node_group_id, node_state, node_dsn";
+type Args<'a> = [DatumWithOid<'a>];
 
-fn node_rows(
-    client: &SpiClient<'_>,
-    where_: &str,
-    args: &[pgrx::datum::DatumWithOid<'_>],
-) -> BdrResult<Vec<NodeRow>> {
-    let q = format!("SELECT {NODE_COLS} FROM bdr.node WHERE {where_}");
-    let mut out = Vec::new();
-    for row in client.select(&q, None, args)? {
-        out.push(NodeRow {
-            node_id: row.get::<pg_sys::Oid>(1)?.map(|o| o.to_u32()).unwrap_or(0),
-            node_name: row.get::<String>(2)?.unwrap_or_default(),
-            node_group_id: row.get::<pg_sys::Oid>(3)?.map(|o| o.to_u32()).unwrap_or(0),
-            node_state: row
-                .get::<pg_sys::Oid>(4)?
-                .and_then(|o| NodeState::from_oid(o.to_u32()))
-                .unwrap_or(NodeState::None),
-            node_dsn: row.get::<String>(5)?.unwrap_or_default(),
-        });
-    }
-    Ok(out)
+/// Runs a read-only query and maps every row.
+fn select<T>(
+    q: &str,
+    args: &Args<'_>,
+    map: impl Fn(&SpiHeapTupleData<'_>) -> BdrResult<T>,
+) -> BdrResult<Vec<T>> {
+    Spi::connect(|c| c.select(q, None, args)?.map(|row| map(&row)).collect())
 }
 
-pub fn node_by_name(name: &str) -> BdrResult<Option<NodeRow>> {
-    Spi::connect(|c| {
-        Ok(node_rows(c, "node_name = $1::name", &[name.into()])?
-            .into_iter()
-            .next())
+fn select_first<T>(
+    q: &str,
+    args: &Args<'_>,
+    map: impl Fn(&SpiHeapTupleData<'_>) -> BdrResult<T>,
+) -> BdrResult<Option<T>> {
+    Ok(select(q, args, map)?.into_iter().next())
+}
+
+// The catalog columns read below are all NOT NULL.
+fn oid_col(row: &SpiHeapTupleData<'_>, i: usize) -> BdrResult<u32> {
+    Ok(row.get::<pg_sys::Oid>(i)?.map(|o| o.to_u32()).unwrap_or(0))
+}
+
+fn text_col(row: &SpiHeapTupleData<'_>, i: usize) -> BdrResult<String> {
+    Ok(row.get::<String>(i)?.unwrap_or_default())
+}
+
+fn node_row(row: &SpiHeapTupleData<'_>) -> BdrResult<NodeRow> {
+    Ok(NodeRow {
+        node_id: oid_col(row, 1)?,
+        node_name: text_col(row, 2)?,
+        node_group_id: oid_col(row, 3)?,
+        node_state: NodeState::from_oid(oid_col(row, 4)?).unwrap_or(NodeState::None),
+        node_dsn: text_col(row, 5)?,
     })
+}
+
+const NODE_QUERY: &str =
+    "SELECT node_id, node_name::text, node_group_id, node_state, node_dsn FROM bdr.node";
+
+pub fn node_by_name(name: &str) -> BdrResult<Option<NodeRow>> {
+    select_first(
+        &format!("{NODE_QUERY} WHERE node_name = $1::name"),
+        &[name.into()],
+        node_row,
+    )
 }
 
 pub fn node_by_id(id: u32) -> BdrResult<Option<NodeRow>> {
-    Spi::connect(|c| {
-        Ok(node_rows(c, "node_id = $1", &[oid(id).into()])?
-            .into_iter()
-            .next())
-    })
+    select_first(
+        &format!("{NODE_QUERY} WHERE node_id = $1"),
+        &[oid(id).into()],
+        node_row,
+    )
 }
 
 pub fn local_node() -> BdrResult<Option<LocalNode>> {
-    Spi::connect(|c| {
-        let rows = c.select(
-            "SELECT n.node_id, n.node_name::text, n.node_group_id FROM bdr.local_node l JOIN bdr.node n USING (node_id)",
-            None,
-            &[],
-        )?;
-        if let Some(row) = rows.into_iter().next() {
-            return Ok(Some(LocalNode {
-                node_id: row.get::<pg_sys::Oid>(1)?.map(|o| o.to_u32()).unwrap_or(0),
-                node_name: row.get::<String>(2)?.unwrap_or_default(),
-                node_group_id: row.get::<pg_sys::Oid>(3)?.map(|o| o.to_u32()).unwrap_or(0),
-            }));
-        }
-        Ok(None)
-    })
+    select_first(
+        "SELECT n.node_id, n.node_name::text, n.node_group_id FROM bdr.local_node l JOIN bdr.node n USING (node_id)",
+        &[],
+        |row| Ok(LocalNode { node_id: oid_col(row, 1)?, node_name: text_col(row, 2)?, node_group_id: oid_col(row, 3)? }),
+    )
 }
 
-/// Whether this database has the bdr extension and a local node; used by the
-/// manager, which may run in a database without the extension.
+/// The local node's name, if this database has the bdr extension and a local
+/// node; used by the manager, which may run in a database without the extension.
 pub fn database_has_local_node() -> BdrResult<Option<String>> {
-    let has_ext = Spi::connect(|c| -> BdrResult<bool> {
-        let rows = c.select(
-            "SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'bdr'",
-            None,
-            &[],
-        )?;
-        Ok(!rows.is_empty())
-    })?;
+    let has_ext = !select(
+        "SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'bdr'",
+        &[],
+        |_| Ok(()),
+    )?
+    .is_empty();
     if !has_ext {
         return Ok(None);
     }
@@ -123,31 +129,19 @@ pub fn insert_local_node(id: u32, name: &str, dsn: &str) -> BdrResult<()> {
 }
 
 pub fn group_name(gid: u32) -> BdrResult<Option<String>> {
-    if gid == 0 {
-        return Ok(None);
-    }
-    Ok(Spi::get_one_with_args::<String>(
+    select_first(
         "SELECT node_group_name::text FROM bdr.node_group WHERE node_group_id = $1",
         &[oid(gid).into()],
+        |row| text_col(row, 1),
     )
-    .or_else(|e| match e {
-        pgrx::spi::Error::InvalidPosition => Ok(None),
-        e => Err(e),
-    })?)
 }
 
 pub fn group_by_name(name: &str) -> BdrResult<Option<u32>> {
-    Spi::connect(|c| {
-        let rows = c.select(
-            "SELECT node_group_id FROM bdr.node_group WHERE node_group_name = $1::name",
-            None,
-            &[name.into()],
-        )?;
-        if let Some(row) = rows.into_iter().next() {
-            return Ok(row.get::<pg_sys::Oid>(1)?.map(|o| o.to_u32()));
-        }
-        Ok(None)
-    })
+    select_first(
+        "SELECT node_group_id FROM bdr.node_group WHERE node_group_name = $1::name",
+        &[name.into()],
+        |row| oid_col(row, 1),
+    )
 }
 
 pub fn insert_group(gid: u32, name: &str) -> BdrResult<()> {
@@ -171,18 +165,11 @@ pub fn live_peers(node_id: u32, gid: u32) -> BdrResult<Vec<String>> {
     if gid == 0 {
         return Ok(vec![]);
     }
-    Spi::connect(|c| {
-        let rows = c.select(
-            "SELECT node_name::text FROM bdr.node WHERE node_group_id = $2 AND node_id <> $1 AND node_state <> $3 ORDER BY 1",
-            None,
-            &[oid(node_id).into(), oid(gid).into(), oid(NodeState::Parted.oid()).into()],
-        )?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row.get::<String>(1)?.unwrap_or_default());
-        }
-        Ok(out)
-    })
+    select(
+        "SELECT node_name::text FROM bdr.node WHERE node_group_id = $2 AND node_id <> $1 AND node_state <> $3 ORDER BY 1",
+        &[oid(node_id).into(), oid(gid).into(), oid(NodeState::Parted.oid()).into()],
+        |row| text_col(row, 1),
+    )
 }
 
 /// Removes every BDR catalog row of this database (dropping the local node).

@@ -35,6 +35,8 @@ pub enum BdrError {
     AlreadyInGroup { node: String, group: String },
     #[error("node \"{0}\" is still an active member of its group")]
     NodeStillActive(String),
+    #[error("local node \"{node}\" still has peers that are not parted: {}", .peers.join(", "))]
+    LocalNodeHasPeers { node: String, peers: Vec<String> },
     #[error("{msg}")]
     Prerequisite { msg: String, hint: String },
     #[error("{0} is not supported yet")]
@@ -57,7 +59,8 @@ impl BdrError {
             BdrError::NodeIdCollision { .. } => ERRCODE_DUPLICATE_OBJECT,
             BdrError::NoLocalNode
             | BdrError::AlreadyInGroup { .. }
-            | BdrError::NodeStillActive(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            | BdrError::NodeStillActive(_)
+            | BdrError::LocalNodeHasPeers { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             BdrError::Prerequisite { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             BdrError::NoSuchNode(_) | BdrError::NoSuchGroup(_) => ERRCODE_UNDEFINED_OBJECT,
             BdrError::NotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -82,7 +85,7 @@ impl BdrError {
             BdrError::NoSuchNode(_) => "See bdr.node_summary for the nodes this database knows.".into(),
             BdrError::NoSuchGroup(_) => "See bdr.node_group for the groups this database knows.".into(),
             BdrError::AlreadyInGroup { .. } => "A node can be a member of one group only.".into(),
-            BdrError::NodeStillActive(_) => {
+            BdrError::NodeStillActive(_) | BdrError::LocalNodeHasPeers { .. } => {
                 "Part the node first with bdr.part_node(), or pass force => true to remove its metadata anyway.".into()
             }
             BdrError::Prerequisite { hint, .. } => hint.clone(),

@@ -6,7 +6,9 @@
 //! generic instantiation per table index), because PostgreSQL does not tell a
 //! hook which setting it is checking.
 
-use bdr_core::settings::{Context, Kind, Setting, Status, Unit, SETTINGS};
+use bdr_core::settings::{
+    enum_index_of, enum_spec, index_of, Context, EnumSpec, Kind, Setting, Status, Unit, SETTINGS,
+};
 use pgrx::pg_sys;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr::addr_of_mut;
@@ -24,71 +26,51 @@ static mut STRINGS: [*mut c_char; MAX_SETTINGS] = [std::ptr::null_mut(); MAX_SET
 /// True while a `SET LOCAL` statement is being executed (see `hooks.rs`).
 pub static mut IN_SET_LOCAL: bool = false;
 
-fn index(name: &str) -> usize {
-    SETTINGS
-        .iter()
-        .position(|s| s.name == name)
-        .unwrap_or_else(|| panic!("bdr: unknown setting {name}"))
-}
+// Keys of the settings the extension reads. They are positions in the
+// settings table computed at build time, so a misspelt name fails the build
+// and reading a setting costs an array index.
+pub const XACT_REPLICATION: usize = index_of("bdr.xact_replication");
+pub const PERMIT_UNSAFE_COMMANDS: usize = index_of("bdr.permit_unsafe_commands");
+pub const STANDBY_SLOT_NAMES: usize = index_of("bdr.standby_slot_names");
+pub const MIN_WORKER_BACKOFF_DELAY: usize = index_of("bdr.min_worker_backoff_delay");
+pub const MAX_WORKER_BACKOFF_DELAY: usize = index_of("bdr.max_worker_backoff_delay");
+pub const DEBUG_LEVEL: usize = enum_index_of("bdr.debug_level");
+pub const TRACE_LEVEL: usize = enum_index_of("bdr.trace_level");
 
-pub fn get_bool(name: &str) -> bool {
-    let i = index(name);
+pub fn get_bool(key: usize) -> bool {
     // SAFETY: see the statics above.
-    unsafe { (*addr_of_mut!(BOOLS))[i] }
+    unsafe { (*addr_of_mut!(BOOLS))[key] }
 }
 
-pub fn get_int(name: &str) -> i32 {
-    let i = index(name);
+pub fn get_int(key: usize) -> i32 {
     // SAFETY: see the statics above.
-    unsafe { (*addr_of_mut!(INTS))[i] }
+    unsafe { (*addr_of_mut!(INTS))[key] }
 }
 
-pub fn get_real(name: &str) -> f64 {
-    let i = index(name);
-    // SAFETY: see the statics above.
-    unsafe { (*addr_of_mut!(REALS))[i] }
+/// The ordinal of an enum setting's current value in its `values`.
+pub fn get_enum_ordinal(key: usize) -> usize {
+    // SAFETY: see the statics above; PostgreSQL stores enum settings as int.
+    unsafe { (*addr_of_mut!(INTS))[key] as usize }
 }
 
-/// The current value of an enum setting, as its canonical name.
-pub fn get_enum(name: &str) -> &'static str {
-    let i = index(name);
-    // SAFETY: see the statics above.
-    let ordinal = unsafe { (*addr_of_mut!(INTS))[i] } as usize;
-    match SETTINGS[i].kind {
-        Kind::Enum { values, .. } => values.get(ordinal).copied().unwrap_or(values[0]),
-        _ => panic!("bdr: {name} is not an enum setting"),
-    }
+/// The current value of an enum setting (a key from `enum_index_of`), by name.
+pub fn get_enum(key: usize) -> &'static str {
+    let Kind::Enum { values, .. } = SETTINGS[key].kind else {
+        // Keys of enum settings come from enum_index_of, which checks the kind.
+        return "";
+    };
+    values
+        .get(get_enum_ordinal(key))
+        .copied()
+        .unwrap_or(values[0])
 }
 
-pub fn get_string(name: &str) -> String {
-    let i = index(name);
-    // SAFETY: PostgreSQL keeps the string alive while it is the current value.
-    unsafe {
-        let p = (*addr_of_mut!(STRINGS))[i];
-        if p.is_null() {
-            String::new()
-        } else {
-            CStr::from_ptr(p).to_string_lossy().into_owned()
-        }
-    }
-}
-
-/// Log level for `bdr.debug_level` / `bdr.trace_level` as an elog level.
-pub fn elog_level(name: &str) -> i32 {
-    match get_enum(name) {
-        "debug5" => pg_sys::DEBUG5 as i32,
-        "debug4" => pg_sys::DEBUG4 as i32,
-        "debug3" => pg_sys::DEBUG3 as i32,
-        "debug2" => pg_sys::DEBUG2 as i32,
-        "debug1" => pg_sys::DEBUG1 as i32,
-        "log" => pg_sys::LOG as i32,
-        "notice" => pg_sys::NOTICE as i32,
-        _ => pg_sys::WARNING as i32,
-    }
-}
-
+/// A C string that lives as long as the process, as PostgreSQL needs for
+/// setting names, descriptions and enum entries.
 fn leak_cstr(s: &str) -> *const c_char {
-    CString::new(s).expect("no NUL in setting text").into_raw()
+    // The settings table holds no NUL (bdr-core test texts_hold_no_nul), so
+    // the fallback to an empty string never happens.
+    CString::new(s).unwrap_or_default().into_raw()
 }
 
 fn context(c: Context) -> pg_sys::GucContext::Type {
@@ -158,7 +140,7 @@ trait CheckedValue: Copy {
     /// Whether `v` differs from the setting's default.
     fn differs(s: &Setting, v: Self) -> bool;
     /// Setting-specific validation beyond PostgreSQL's own range checks.
-    fn validate(_s: &Setting, _v: Self, _source: pg_sys::GucSource::Type) -> bool {
+    fn validate(_key: usize, _v: Self, _source: pg_sys::GucSource::Type) -> bool {
         true
     }
 }
@@ -168,8 +150,8 @@ impl CheckedValue for bool {
         matches!(s.kind, Kind::Bool { default } if v != default)
     }
 
-    fn validate(s: &Setting, v: bool, source: pg_sys::GucSource::Type) -> bool {
-        if s.name == "bdr.xact_replication" && !v && !xact_replication_off_allowed(source) {
+    fn validate(key: usize, v: bool, source: pg_sys::GucSource::Type) -> bool {
+        if key == XACT_REPLICATION && !v && !xact_replication_off_allowed(source) {
             check_fail(
                 "bdr.xact_replication can only be turned off for the current transaction",
                 "Use SET LOCAL bdr.xact_replication = off inside a transaction, or set bdr.permit_unsafe_commands = on first.",
@@ -204,7 +186,7 @@ fn xact_replication_off_allowed(source: pg_sys::GucSource::Type) -> bool {
     if source == pg_sys::GucSource::PGC_S_DEFAULT {
         return true;
     }
-    if get_bool("bdr.permit_unsafe_commands") {
+    if get_bool(PERMIT_UNSAFE_COMMANDS) {
         return true;
     }
     // SAFETY: plain read of a flag set by our own utility hook on this thread.
@@ -220,7 +202,7 @@ unsafe extern "C-unwind" fn check_value<const I: usize, T: CheckedValue>(
     let s = &SETTINGS[I];
     // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
     let v = unsafe { *newval };
-    if !T::validate(s, v, source) {
+    if !T::validate(I, v, source) {
         return false;
     }
     warn_not_yet(s, source, T::differs(s, v));
@@ -243,7 +225,7 @@ unsafe extern "C-unwind" fn check_string<const I: usize>(
             CStr::from_ptr(p).to_string_lossy().into_owned()
         }
     };
-    if s.name == "bdr.standby_slot_names" {
+    if I == STANDBY_SLOT_NAMES {
         for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             if !bdr_core::naming::is_valid_slot_name(name) {
                 check_fail(
@@ -292,32 +274,18 @@ macro_rules! all_hooks {
     };
 }
 
-/// Builds PostgreSQL's `config_enum_entry` array for an enum setting: the
-/// values first, then the aliases as hidden entries, then the terminator.
-fn enum_entries(s: &Setting) -> *const pg_sys::config_enum_entry {
-    let Kind::Enum {
-        values, aliases, ..
-    } = s.kind
-    else {
-        unreachable!()
-    };
-    let mut v: Vec<pg_sys::config_enum_entry> = values
+/// PostgreSQL's `config_enum_entry` array for an enum setting, terminated
+/// by a NULL name, leaked because PostgreSQL keeps it.
+fn enum_entries(spec: &EnumSpec) -> *const pg_sys::config_enum_entry {
+    let mut v: Vec<pg_sys::config_enum_entry> = spec
+        .entries
         .iter()
-        .enumerate()
-        .map(|(i, name)| pg_sys::config_enum_entry {
+        .map(|(name, val, hidden)| pg_sys::config_enum_entry {
             name: leak_cstr(name),
-            val: i as i32,
-            hidden: false,
+            val: *val,
+            hidden: *hidden,
         })
         .collect();
-    for (alias, target) in aliases {
-        let val = s.enum_ordinal(target).expect("alias target is a value");
-        v.push(pg_sys::config_enum_entry {
-            name: leak_cstr(alias),
-            val,
-            hidden: true,
-        });
-    }
     v.push(pg_sys::config_enum_entry {
         name: std::ptr::null(),
         val: 0,
@@ -398,8 +366,13 @@ pub fn init() {
                         None,
                     );
                 }
-                Kind::Enum { default, .. } => {
-                    let boot = s.enum_ordinal(default).expect("default is a value");
+                Kind::Enum {
+                    default,
+                    values,
+                    aliases,
+                } => {
+                    let spec = enum_spec(default, values, aliases);
+                    let boot = spec.default;
                     (*addr_of_mut!(INTS))[i] = boot;
                     pg_sys::DefineCustomEnumVariable(
                         name,
@@ -407,7 +380,7 @@ pub fn init() {
                         long,
                         addr_of_mut!(INTS[i]),
                         boot,
-                        enum_entries(s),
+                        enum_entries(&spec),
                         ctx,
                         flags,
                         Some(int_hooks[i]),

@@ -51,62 +51,62 @@ pub extern "C-unwind" fn _PG_init() {
 mod tests {
     use pgrx::prelude::*;
 
+    use crate::guc;
+    use pgrx::spi;
+
     #[pg_test]
-    fn version_num_matches_version() {
-        let v = Spi::get_one::<String>("SELECT bdr.bdr_version()")
-            .unwrap()
-            .unwrap();
-        let n = Spi::get_one::<i32>("SELECT bdr.bdr_version_num()")
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, bdr_core::version::version_num(&v));
+    fn version_num_matches_version() -> Result<(), spi::Error> {
+        let v = Spi::get_one::<String>("SELECT bdr.bdr_version()")?;
+        let n = Spi::get_one::<i32>("SELECT bdr.bdr_version_num()")?;
+        assert_eq!(n, v.map(|v| bdr_core::version::version_num(&v)));
+        Ok(())
     }
 
     #[pg_test]
-    fn every_setting_is_registered_with_its_default() {
+    fn every_setting_is_registered_with_its_default() -> Result<(), spi::Error> {
         for s in bdr_core::settings::SETTINGS {
             let boot = Spi::get_one_with_args::<String>(
                 "SELECT boot_val FROM pg_settings WHERE name = $1",
                 &[s.name.into()],
-            )
-            .unwrap()
-            .unwrap_or_else(|| panic!("{} is not in pg_settings", s.name));
-            assert_eq!(boot, s.default_text(), "{}", s.name);
+            )?;
+            assert_eq!(boot, Some(s.default_text()), "{}", s.name);
         }
+        Ok(())
     }
 
     #[pg_test]
     fn backoff_settings_are_typed() {
-        assert_eq!(crate::guc::get_int("bdr.min_worker_backoff_delay"), 1000);
-        assert_eq!(crate::guc::get_int("bdr.max_worker_backoff_delay"), 60000);
-        assert_eq!(crate::guc::get_enum("bdr.debug_level"), "debug2");
+        assert_eq!(guc::get_int(guc::MIN_WORKER_BACKOFF_DELAY), 1000);
+        assert_eq!(guc::get_int(guc::MAX_WORKER_BACKOFF_DELAY), 60000);
+        assert_eq!(guc::get_enum(guc::DEBUG_LEVEL), "debug2");
     }
 
     #[pg_test(error = "invalid value for parameter \"bdr.ddl_locking\": \"sometimes\"")]
-    fn enum_rejects_unknown_value() {
-        Spi::run("SET bdr.ddl_locking = 'sometimes'").unwrap();
+    fn enum_rejects_unknown_value() -> Result<(), spi::Error> {
+        Spi::run("SET bdr.ddl_locking = 'sometimes'")
     }
 
     #[pg_test(error = "invalid configuration parameter name \"bdr.no_such_setting\"")]
-    fn prefix_is_reserved() {
-        Spi::run("SET bdr.no_such_setting = 1").unwrap();
+    fn prefix_is_reserved() -> Result<(), spi::Error> {
+        Spi::run("SET bdr.no_such_setting = 1")
     }
 
     #[pg_test]
-    fn node_lifecycle() {
+    fn node_lifecycle() -> Result<(), spi::Error> {
         let id = Spi::get_one::<pg_sys::Oid>(
             "SELECT bdr.create_node('pgtest', 'host=localhost dbname=pgrx_tests')",
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(id.to_u32(), bdr_core::node::node_id_for("pgtest"));
-        Spi::run("SELECT bdr.create_node_group('pgtestgroup')").unwrap();
-        let state =
-            Spi::get_one::<String>("SELECT peer_state_name FROM bdr.local_node_summary").unwrap();
+        )?;
+        assert_eq!(
+            id.map(|o| o.to_u32()),
+            Some(bdr_core::node::node_id_for("pgtest"))
+        );
+        Spi::run("SELECT bdr.create_node_group('pgtestgroup')")?;
+        let state = Spi::get_one::<String>("SELECT peer_state_name FROM bdr.local_node_summary")?;
         assert_eq!(state.as_deref(), Some("ACTIVE"));
-        Spi::run("SELECT bdr.drop_node('pgtest')").unwrap();
-        let n = Spi::get_one::<i64>("SELECT count(*) FROM bdr.node").unwrap();
+        Spi::run("SELECT bdr.drop_node('pgtest')")?;
+        let n = Spi::get_one::<i64>("SELECT count(*) FROM bdr.node")?;
         assert_eq!(n, Some(0));
+        Ok(())
     }
 }
 

@@ -6,7 +6,6 @@
 //! `bdr.trace_level`. Nothing is written to stderr directly.
 
 use crate::guc;
-use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 use std::fmt::Write;
@@ -40,17 +39,23 @@ impl Visit for Fields {
     }
 }
 
-fn pg_level(elevel: i32) -> PgLogLevel {
-    match elevel as u32 {
-        pg_sys::DEBUG5 => PgLogLevel::DEBUG5,
-        pg_sys::DEBUG4 => PgLogLevel::DEBUG4,
-        pg_sys::DEBUG3 => PgLogLevel::DEBUG3,
-        pg_sys::DEBUG2 => PgLogLevel::DEBUG2,
-        pg_sys::DEBUG1 => PgLogLevel::DEBUG1,
-        pg_sys::LOG => PgLogLevel::LOG,
-        pg_sys::NOTICE => PgLogLevel::NOTICE,
-        _ => PgLogLevel::WARNING,
-    }
+/// The log level an enum setting over `bdr_core::settings::LOG_LEVELS` names.
+fn level_of(key: usize) -> PgLogLevel {
+    const LEVELS: [PgLogLevel; 8] = [
+        PgLogLevel::DEBUG5,
+        PgLogLevel::DEBUG4,
+        PgLogLevel::DEBUG3,
+        PgLogLevel::DEBUG2,
+        PgLogLevel::DEBUG1,
+        PgLogLevel::LOG,
+        PgLogLevel::NOTICE,
+        PgLogLevel::WARNING,
+    ];
+    const _: () = assert!(LEVELS.len() == bdr_core::settings::LOG_LEVELS.len());
+    LEVELS
+        .get(guc::get_enum_ordinal(key))
+        .copied()
+        .unwrap_or(PgLogLevel::WARNING)
 }
 
 impl Subscriber for PgLog {
@@ -71,8 +76,8 @@ impl Subscriber for PgLog {
         let level = match *event.metadata().level() {
             Level::ERROR | Level::WARN => PgLogLevel::WARNING,
             Level::INFO => PgLogLevel::LOG,
-            Level::DEBUG => pg_level(guc::elog_level("bdr.debug_level")),
-            Level::TRACE => pg_level(guc::elog_level("bdr.trace_level")),
+            Level::DEBUG => level_of(guc::DEBUG_LEVEL),
+            Level::TRACE => level_of(guc::TRACE_LEVEL),
         };
         let msg = format!("bdr: {}{}", f.message, f.extra);
         ErrorReport::new(PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, msg, "bdr").report(level);

@@ -45,6 +45,13 @@ pub enum ExitKind {
     NothingToDo = 1,
 }
 
+impl Task {
+    /// Whether the worker's last run ended cleanly.
+    pub fn success(&self) -> bool {
+        self.exit_kind != ExitKind::Unknown
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Task {
     pub in_use: bool,
@@ -57,7 +64,6 @@ pub struct Task {
     pub registered: i64,
     pub attached: i64,
     pub exited: i64,
-    pub success: bool,
     pub exit_kind: ExitKind,
     pub next_launch_not_before: i64,
     pub failures: u32,
@@ -79,11 +85,9 @@ pub struct Task {
 pub struct Tasks {
     pub tasks: [Task; MAX_TASKS],
     pub supervisor_proc: usize,
-    pub supervisor_pid: i32,
     /// Databases whose manager should be (re)considered now, e.g. after
     /// `bdr.create_node`.
     pub wake_dbs: [u32; MAX_WAKE_REQUESTS],
-    pub backoff_reset_generation: u64,
     pub next_generation: u64,
 }
 
@@ -92,9 +96,7 @@ impl Default for Tasks {
         Tasks {
             tasks: [Task::default(); MAX_TASKS],
             supervisor_proc: 0,
-            supervisor_pid: 0,
             wake_dbs: [0; MAX_WAKE_REQUESTS],
-            backoff_reset_generation: 0,
             next_generation: 1,
         }
     }

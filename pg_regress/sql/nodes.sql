@@ -20,6 +20,19 @@ SELECT node_name, node_group_name, peer_state_name, peer_target_state_name, node
 CREATE DATABASE regression_node2;
 \c regression_node2
 SET client_min_messages = warning;
+-- Polls a condition with a deadline; the tests below wait on workers with it.
+CREATE FUNCTION pg_temp.wait_until(condition text, what text) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE deadline timestamptz := clock_timestamp() + interval '60 seconds';
+DECLARE ok boolean;
+BEGIN
+    LOOP
+        EXECUTE condition INTO ok;
+        EXIT WHEN ok;
+        IF clock_timestamp() > deadline THEN RAISE EXCEPTION 'timed out waiting for %', what; END IF;
+        PERFORM pg_sleep(0.1);  -- the poll interval
+    END LOOP;
+END $$;
+
 CREATE EXTENSION bdr;
 SELECT bdr.create_node('node2', 'host=127.0.0.1 dbname=regression_node2') IS NOT NULL AS created;
 SELECT node_name, node_group_name, peer_state_name FROM bdr.local_node_summary;
@@ -27,30 +40,16 @@ SELECT node_name, node_group_name, peer_state_name FROM bdr.local_node_summary;
 SELECT bdr.join_node_group('host=127.0.0.1 dbname=regression', 'regress_group');
 
 -- Both databases get a manager.
-DO $$
-DECLARE deadline timestamptz := clock_timestamp() + interval '60 seconds';
-BEGIN
-    WHILE (SELECT count(*) FROM bdr.worker_tasks
-            WHERE task_key_worker_role_name = 'manager' AND task_pid IS NOT NULL
-              AND datname IN ('regression', 'regression_node2')) < 2 LOOP
-        IF clock_timestamp() > deadline THEN RAISE EXCEPTION 'managers did not start'; END IF;
-        PERFORM pg_sleep(0.1);
-    END LOOP;
-END $$;
+SELECT pg_temp.wait_until($$SELECT count(*) = 2 FROM bdr.worker_tasks
+    WHERE task_key_worker_role_name = 'manager' AND task_pid IS NOT NULL
+      AND datname IN ('regression', 'regression_node2')$$, 'both managers');
 SELECT datname, task_key_worker_role_name, task_pid IS NOT NULL AS running
   FROM bdr.worker_tasks WHERE datname IN ('regression', 'regression_node2') ORDER BY datname;
 
 -- Dropping the node stops its manager, so the database can be dropped.
 SELECT bdr.drop_node('node2');
-DO $$
-DECLARE deadline timestamptz := clock_timestamp() + interval '60 seconds';
-BEGIN
-    WHILE EXISTS (SELECT 1 FROM pg_stat_activity
-                   WHERE backend_type = 'bdr manager' AND datname = 'regression_node2') LOOP
-        IF clock_timestamp() > deadline THEN RAISE EXCEPTION 'manager did not stop'; END IF;
-        PERFORM pg_sleep(0.1);
-    END LOOP;
-END $$;
+SELECT pg_temp.wait_until($$SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity
+    WHERE backend_type = 'bdr manager' AND datname = 'regression_node2')$$, 'the manager to stop');
 \c regression
 SET client_min_messages = warning;
 DROP DATABASE regression_node2;

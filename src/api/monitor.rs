@@ -59,7 +59,7 @@ fn _worker_tasks() -> TableIterator<
                 t.registered,
                 t.attached,
                 t.exited,
-                t.success,
+                t.success(),
                 t.next_launch_not_before,
                 t.last_request_pid,
                 t.last_request_time,
@@ -87,7 +87,6 @@ fn worker_task_reset_backoff_all() {
             task.next_launch_not_before = 0;
             task.failures = 0;
         }
-        t.backoff_reset_generation += 1;
         t.supervisor_proc
     };
     shmem::set_latch_of(proc_);

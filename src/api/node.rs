@@ -136,10 +136,10 @@ fn drop_node_impl(node_name: &str, _cascade: bool, force: bool) -> BdrResult<()>
     if is_local {
         let peers = catalog::live_peers(target.node_id, target.node_group_id)?;
         if !peers.is_empty() && !force {
-            return Err(BdrError::NodeStillActive(format!(
-                "{node_name}\" (the local node) has peers that are not parted: \"{}",
-                peers.join("\", \"")
-            )));
+            return Err(BdrError::LocalNodeHasPeers {
+                node: node_name.to_string(),
+                peers,
+            });
         }
         catalog::drop_all_metadata()?;
     } else {

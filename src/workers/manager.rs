@@ -40,7 +40,6 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                 let mut t = TASKS.exclusive();
                 let me = &mut t.tasks[idx];
                 if me.generation == generation {
-                    me.success = true;
                     me.exit_kind = ExitKind::NothingToDo;
                 }
                 return;

@@ -36,7 +36,6 @@ pub fn attach_task(idx: usize, generation: u64) -> Option<Task> {
         task.proc_ = pg_sys::MyProc as usize;
     }
     task.attached = crate::shmem::now();
-    task.success = false;
     task.exit_kind = crate::shmem::ExitKind::Unknown;
     Some(*task)
 }

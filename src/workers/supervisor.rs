@@ -51,8 +51,8 @@ fn scan_databases() -> BTreeSet<u32> {
 
 fn backoff_settings() -> (u64, u64) {
     (
-        guc::get_int("bdr.min_worker_backoff_delay").max(0) as u64,
-        guc::get_int("bdr.max_worker_backoff_delay").max(0) as u64,
+        guc::get_int(guc::MIN_WORKER_BACKOFF_DELAY).max(0) as u64,
+        guc::get_int(guc::MAX_WORKER_BACKOFF_DELAY).max(0) as u64,
     )
 }
 
@@ -61,6 +61,10 @@ fn launch(dboid: u32, jitter: &mut Jitter) -> Option<Running> {
     let (idx, generation) = {
         let mut t = TASKS.exclusive();
         let idx = t.find_or_create(Role::Manager, dboid, 0, 0)?;
+        // Waiting out a backoff is not a launch request.
+        if t.tasks[idx].next_launch_not_before > ts {
+            return None;
+        }
         let generation = t.next_generation;
         t.next_generation += 1;
         let task = &mut t.tasks[idx];
@@ -68,10 +72,6 @@ fn launch(dboid: u32, jitter: &mut Jitter) -> Option<Running> {
         task.last_request_pid = unsafe { pg_sys::MyProcPid };
         task.last_request_time = ts;
         task.nrequests += 1;
-        if task.next_launch_not_before > ts {
-            task.last_request_approved = false;
-            return None;
-        }
         task.last_request_approved = true;
         if task.pid != 0 || task.registered != 0 {
             task.prev_pid = task.pid;
@@ -82,7 +82,6 @@ fn launch(dboid: u32, jitter: &mut Jitter) -> Option<Running> {
         task.pid = 0;
         task.attached = 0;
         task.exited = 0;
-        task.success = false;
         task.exit_kind = ExitKind::Unknown;
         task.generation = generation;
         task.registered = ts;
@@ -140,7 +139,6 @@ pub extern "C-unwind" fn bdr_supervisor_main(_arg: pg_sys::Datum) {
         // SAFETY: MyProc and MyProcPid are set for every started backend.
         unsafe {
             t.supervisor_proc = pg_sys::MyProc as usize;
-            t.supervisor_pid = pg_sys::MyProcPid;
         }
         let ts = now();
         if let Some(i) = t.find_or_create(Role::Supervisor, 0, 0, 0) {
@@ -202,18 +200,19 @@ pub extern "C-unwind" fn bdr_supervisor_main(_arg: pg_sys::Datum) {
         }
         for (db, idx) in exited {
             running.remove(&db);
-            let (success, kind) = {
+            let kind = {
                 let mut t = TASKS.exclusive();
                 let task = &mut t.tasks[idx];
                 task.exited = now();
                 task.pid = 0;
                 task.proc_ = 0;
-                (task.success, task.exit_kind)
+                if task.exit_kind == ExitKind::NothingToDo {
+                    task.failures = 0;
+                }
+                task.exit_kind
             };
-            if success && kind == ExitKind::NothingToDo {
+            if kind == ExitKind::NothingToDo {
                 wanted.remove(&db);
-                let mut t = TASKS.exclusive();
-                t.tasks[idx].failures = 0;
             } else {
                 tracing::warn!("manager of database {db} exited unexpectedly; it will be restarted after a backoff");
                 record_failure(idx, &mut jitter);
@@ -239,21 +238,13 @@ pub extern "C-unwind" fn bdr_supervisor_main(_arg: pg_sys::Datum) {
         }
 
         // Launch what is wanted, not running, and allowed by the backoff.
-        let ts = now();
-        for db in wanted.iter().copied().collect::<Vec<_>>() {
-            if running.contains_key(&db) {
-                continue;
-            }
-            let allowed = {
-                let t = TASKS.share();
-                t.find(Role::Manager, db, 0, 0)
-                    .map(|i| t.tasks[i].next_launch_not_before <= ts)
-                    .unwrap_or(true)
-            };
-            if allowed {
-                if let Some(r) = launch(db, &mut jitter) {
-                    running.insert(db, r);
-                }
+        for &db in wanted
+            .iter()
+            .filter(|db| !running.contains_key(db))
+            .collect::<Vec<_>>()
+        {
+            if let Some(r) = launch(db, &mut jitter) {
+                running.insert(db, r);
             }
         }
 

@@ -4,7 +4,7 @@
 //! Everything a test starts is stopped when the `Cluster` is dropped, also when
 //! the test panics; a failing test prints every instance's server log.
 
-use postgres::{Client, NoTls, Row};
+use postgres::{Client, NoTls};
 use std::fmt::Write as _;
 use std::fs;
 use std::net::TcpListener;
@@ -26,23 +26,23 @@ pub const BASE_CONF: &str = concat!(
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-fn run_as_postgres(cmd: &mut Command) -> std::process::Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    out
-}
-
-/// A command that runs as the `postgres` user (PostgreSQL refuses root).
-fn pg_command(program: &str) -> Command {
+/// Runs a PostgreSQL program as the `postgres` user (PostgreSQL refuses
+/// root), with RUST_BACKTRACE=1 as a developer would have it: users must still
+/// never see a Rust backtrace in an error (see the foundation tests).
+fn run_as_postgres(program: &str, args: &[&str]) -> std::process::Output {
+    let path = format!("{PG_BIN}/{program}");
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    let mut cmd = if unsafe { libc::geteuid() } == 0 {
         let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", program]);
+        c.args(["-u", "postgres", "--", &path]);
         c
     } else {
-        Command::new(program)
-    }
+        Command::new(&path)
+    };
+    cmd.env("RUST_BACKTRACE", "1")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"))
 }
 
 /// A free TCP port on the loopback interface.
@@ -76,36 +76,23 @@ impl Instance {
     }
 
     pub fn connect(&self, db: &str) -> Client {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match Client::connect(&self.dsn(db), NoTls) {
-                Ok(c) => return c,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => panic!("connecting to {} ({}): {e}", self.name, self.dsn(db)),
-            }
-        }
+        let dsn = self.dsn(db);
+        wait_for_ok(
+            &format!("a connection to {} ({dsn})", self.name),
+            Duration::from_secs(30),
+            || Client::connect(&dsn, NoTls),
+        )
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> std::process::Output {
+        let datadir = self.datadir.to_string_lossy();
+        let mut all = vec!["-D", &datadir, "-w", "-t", "60"];
+        all.extend_from_slice(args);
+        run_as_postgres("pg_ctl", &all)
     }
 
     pub fn start(&mut self) {
-        // RUST_BACKTRACE=1 as a developer would have it: users must still never
-        // see a Rust backtrace in an error (see the foundation tests).
-        let out = run_as_postgres(
-            pg_command(&format!("{PG_BIN}/pg_ctl"))
-                .env("RUST_BACKTRACE", "1")
-                .args([
-                    "-D",
-                    self.datadir.to_str().unwrap(),
-                    "-l",
-                    self.logfile.to_str().unwrap(),
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ]),
-        );
+        let out = self.pg_ctl(&["-l", &self.logfile.to_string_lossy(), "start"]);
         assert!(
             out.status.success(),
             "pg_ctl start {} failed: {}\n{}",
@@ -118,35 +105,30 @@ impl Instance {
 
     /// Stops the instance; `mode` is pg_ctl's: smart, fast or immediate.
     pub fn stop(&mut self, mode: &str) {
-        if !self.running {
-            return;
+        if self.running {
+            self.pg_ctl(&["-m", mode, "stop"]);
+            self.running = false;
         }
-        let _ = run_as_postgres(pg_command(&format!("{PG_BIN}/pg_ctl")).args([
-            "-D",
-            self.datadir.to_str().unwrap(),
-            "-m",
-            mode,
-            "-w",
-            "-t",
-            "60",
-            "stop",
-        ]));
-        self.running = false;
     }
 
     /// kill -9 of the postmaster, as a crash would.
     pub fn kill9(&mut self) {
-        let pidfile = self.datadir.join("postmaster.pid");
-        if let Ok(s) = fs::read_to_string(&pidfile) {
-            if let Some(pid) = s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) {
-                // SAFETY: sending a signal to a pid we started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                let deadline = Instant::now() + Duration::from_secs(30);
-                // SAFETY: kill with signal 0 only checks for existence.
-                while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
+        let pidfile = fs::read_to_string(self.datadir.join("postmaster.pid")).unwrap_or_default();
+        if let Some(pid) = pidfile
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        {
+            // SAFETY: sending a signal to a pid we started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            wait_for(
+                &format!("postmaster {pid} to exit"),
+                Duration::from_secs(30),
+                || {
+                    // SAFETY: kill with signal 0 only checks for existence.
+                    (unsafe { libc::kill(pid, 0) } != 0).then_some(())
+                },
+            );
         }
         self.running = false;
     }
@@ -199,17 +181,20 @@ impl Cluster {
             let name = format!("node{}", i + 1);
             let datadir = root.join(&name);
             let logfile = root.join(format!("{name}.log"));
-            let out = run_as_postgres(pg_command(&format!("{PG_BIN}/initdb")).args([
-                "-D",
-                datadir.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ]));
+            let out = run_as_postgres(
+                "initdb",
+                &[
+                    "-D",
+                    &datadir.to_string_lossy(),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ],
+            );
             assert!(
                 out.status.success(),
                 "initdb failed: {}",
@@ -282,29 +267,29 @@ fn chown_postgres(p: &Path) {
     }
 }
 
-/// Polls `f` until it returns Some, failing the test with `what` after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+/// Polls `f` until it returns Ok, failing the test with `what` and the last
+/// error after `timeout`.
+pub fn wait_for_ok<T, E: std::fmt::Display>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<T, E>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(v) = f() {
-            return v;
+        match f() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() > deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}: {e}")
+            }
+            // The poll interval; the deadline above bounds the wait.
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-/// Runs a query and renders every row as text, for comparisons.
-pub fn rows_as_text(client: &mut Client, query: &str) -> Vec<String> {
-    let wrapped = format!("SELECT t::text FROM ({query}) t");
-    client
-        .query(&wrapped, &[])
-        .unwrap_or_else(|e| panic!("{query}: {e}"))
-        .iter()
-        .map(|r: &Row| r.get(0))
-        .collect()
+/// Polls `f` until it returns Some, failing the test with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    wait_for_ok(what, timeout, || f().ok_or("condition not met yet"))
 }
 
 /// The full contents of a table, ordered by every column, as text rows.

@@ -248,44 +248,37 @@ fn unimplemented_setting_warns() {
 
 #[test]
 fn prerequisites_are_checked() {
-    // Not preloaded: loading the library fails with a hint.
-    let cluster = Cluster::new_stopped(1, "shared_preload_libraries = ''");
-    let mut cluster = cluster;
-    cluster.node_mut(0).start();
-    let mut c = cluster.node(0).connect("postgres");
-    let (code, msg, hint) = expect_error(&mut c, "CREATE EXTENSION bdr");
-    assert_eq!(code, "55000", "{msg}");
-    assert!(msg.contains("shared_preload_libraries"), "{msg}");
-    assert!(hint
-        .unwrap_or_default()
-        .contains("shared_preload_libraries"));
-    drop(c);
-    cluster.node_mut(0).stop("fast");
+    /// Restarts with `conf` appended and returns the message and hint with which
+    /// CREATE EXTENSION is refused (SQLSTATE 55000).
+    fn refused(cluster: &mut Cluster, conf: &str) -> (String, String) {
+        cluster.node_mut(0).stop("fast");
+        cluster.node(0).append_conf(conf);
+        cluster.node_mut(0).start();
+        let mut c = cluster.node(0).connect("postgres");
+        let (code, msg, hint) = expect_error(&mut c, "CREATE EXTENSION bdr");
+        assert_eq!(code, "55000", "{msg}");
+        (msg, hint.unwrap_or_default())
+    }
 
-    // wal_level and track_commit_timestamp.
-    cluster
-        .node(0)
-        .append_conf("shared_preload_libraries = 'bdr'\nwal_level = replica");
-    cluster.node_mut(0).start();
-    let mut c = cluster.node(0).connect("postgres");
-    let (code, msg, hint) = expect_error(&mut c, "CREATE EXTENSION bdr");
-    assert_eq!(code, "55000");
+    let mut cluster = Cluster::new_stopped(1, "");
+    // Not preloaded: loading the library fails with a hint.
+    let (msg, hint) = refused(&mut cluster, "shared_preload_libraries = ''");
+    assert!(msg.contains("shared_preload_libraries"), "{msg}");
+    assert!(hint.contains("shared_preload_libraries"), "{hint}");
+    let (msg, hint) = refused(
+        &mut cluster,
+        "shared_preload_libraries = 'bdr'\nwal_level = replica",
+    );
     assert!(msg.contains("wal_level"), "{msg}");
-    assert!(hint.unwrap_or_default().contains("wal_level = logical"));
-    drop(c);
-    cluster.node_mut(0).stop("fast");
-    cluster
-        .node(0)
-        .append_conf("wal_level = logical\ntrack_commit_timestamp = off");
-    cluster.node_mut(0).start();
-    let mut c = cluster.node(0).connect("postgres");
-    let (code, msg, _) = expect_error(&mut c, "CREATE EXTENSION bdr");
-    assert_eq!(code, "55000");
+    assert!(hint.contains("wal_level = logical"), "{hint}");
+    let (msg, _) = refused(
+        &mut cluster,
+        "wal_level = logical\ntrack_commit_timestamp = off",
+    );
     assert!(msg.contains("track_commit_timestamp"), "{msg}");
-    drop(c);
-    cluster.node_mut(0).stop("fast");
 
     // output_plugin_libraries (PostgreSQL 15.20+), also checked by create_node.
+    cluster.node_mut(0).stop("fast");
     cluster.node(0).append_conf("track_commit_timestamp = on");
     cluster.node_mut(0).start();
     let mut c = cluster.node(0).connect("postgres");

@@ -205,7 +205,8 @@ use Status::*;
 use Unit::{Kb, Ms};
 
 const MAX_INT: i32 = i32::MAX;
-const LOG_LEVELS: &[&str] = &[
+/// Log levels of `bdr.debug_level` and `bdr.trace_level`, lowest first.
+pub const LOG_LEVELS: &[&str] = &[
     "debug5", "debug4", "debug3", "debug2", "debug1", "log", "notice", "warning",
 ];
 
@@ -213,7 +214,7 @@ const LOG_LEVELS: &[&str] = &[
 pub const VERSION_NUM: i32 = crate::version::VERSION_NUM;
 
 /// Every `bdr.*` setting, in the order of the BDR 4 configuration reference.
-pub static SETTINGS: &[Setting] = &[
+pub const SETTINGS: &[Setting] = &[
     // Conflict handling
     e("bdr.default_conflict_detection", "row_origin",
         &["row_origin", "row_version", "column_commit_timestamp", "column_modify_timestamp"], &[],
@@ -347,11 +348,41 @@ pub static SETTINGS: &[Setting] = &[
         "Maximum size of one LCR segment file."),
 ];
 
-pub fn find(name: &str) -> Option<(usize, &'static Setting)> {
-    SETTINGS
-        .iter()
-        .enumerate()
-        .find(|(_, s)| s.name.eq_ignore_ascii_case(name))
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Position of a setting in [`SETTINGS`]. Meant for constants: a name that is
+/// not in the table then fails the build instead of a lookup at run time.
+pub const fn index_of(name: &str) -> usize {
+    let mut i = 0;
+    while i < SETTINGS.len() {
+        if str_eq(SETTINGS[i].name, name) {
+            return i;
+        }
+        i += 1;
+    }
+    panic!("not a bdr setting")
+}
+
+/// Like [`index_of`], for an enum setting (a build error otherwise).
+pub const fn enum_index_of(name: &str) -> usize {
+    let i = index_of(name);
+    match SETTINGS[i].kind {
+        Kind::Enum { .. } => i,
+        _ => panic!("not an enum setting"),
+    }
 }
 
 impl Setting {
@@ -403,6 +434,39 @@ impl Setting {
             }
             _ => None,
         }
+    }
+}
+
+/// What PostgreSQL needs to register an enum setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnumSpec {
+    /// (name, ordinal, hidden): the values in order, then the aliases, hidden.
+    pub entries: Vec<(&'static str, i32, bool)>,
+    /// Ordinal of the default value.
+    pub default: i32,
+}
+
+pub fn enum_spec(
+    default: &str,
+    values: &'static [&'static str],
+    aliases: &'static [(&'static str, &'static str)],
+) -> EnumSpec {
+    // Defaults and alias targets are always among the values (test
+    // defaults_lie_in_range), so the fallbacks to 0 are never taken.
+    let ordinal = |v: &str| values.iter().position(|x| *x == v).unwrap_or(0) as i32;
+    let mut entries: Vec<_> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (*v, i as i32, false))
+        .collect();
+    entries.extend(
+        aliases
+            .iter()
+            .map(|(a, target)| (*a, ordinal(target), true)),
+    );
+    EnumSpec {
+        entries,
+        default: ordinal(default),
     }
 }
 
@@ -555,14 +619,58 @@ mod tests {
             ("bdr.enable_wal_decoder", "off"),
         ];
         for (name, default) in expect {
-            let (_, s) = find(name).unwrap_or_else(|| panic!("{name} missing"));
+            let s = &SETTINGS[index_of(name)];
             assert_eq!(s.default_text(), default, "{name}");
         }
     }
 
     #[test]
+    fn enum_spec_lists_values_then_hidden_aliases() {
+        let Kind::Enum {
+            default,
+            values,
+            aliases,
+        } = SETTINGS[enum_index_of("bdr.ddl_locking")].kind
+        else {
+            unreachable!()
+        };
+        let spec = enum_spec(default, values, aliases);
+        assert_eq!(spec.default, 1);
+        assert_eq!(
+            &spec.entries[..3],
+            &[("off", 0, false), ("on", 1, false), ("dml", 2, false)]
+        );
+        assert!(spec.entries.contains(&("all", 1, true)));
+        assert!(spec.entries[3..].iter().all(|e| e.2));
+    }
+
+    #[test]
+    fn texts_hold_no_nul() {
+        // guc.rs hands these to PostgreSQL as C strings.
+        for s in SETTINGS {
+            assert!(
+                !s.name.contains('\0') && !s.description.contains('\0'),
+                "{}",
+                s.name
+            );
+            if let Kind::Enum {
+                values, aliases, ..
+            } = s.kind
+            {
+                assert!(values
+                    .iter()
+                    .chain(aliases.iter().map(|(a, _)| a))
+                    .all(|v| !v.contains('\0')));
+            }
+            if let Kind::Str { default } = s.kind {
+                assert!(!default.contains('\0'));
+            }
+        }
+    }
+
+    #[test]
     fn enum_aliases_resolve() {
-        let (_, camo) = find("bdr.enable_camo").unwrap();
+        let camo = &SETTINGS[enum_index_of("bdr.enable_camo")];
         assert_eq!(camo.enum_ordinal("on"), Some(3));
         assert_eq!(camo.enum_ordinal("REMOTE_WRITE"), Some(1));
         assert_eq!(camo.enum_ordinal("0"), Some(0));
