@@ -74,6 +74,149 @@ SELECT t.role AS task_key_worker_role,
   LEFT JOIN pg_catalog.pg_database d ON d.oid = t.dboid
   LEFT JOIN bdr.subscription s ON s.sub_id = t.subid;
 
+CREATE VIEW bdr.subscription_summary AS
+SELECT g.node_group_name,
+       s.sub_name,
+       o.node_name AS origin_name,
+       t.node_name AS target_name,
+       s.sub_enabled,
+       s.slot_name AS sub_slot_name,
+       s.replication_sets AS sub_replication_sets,
+       s.forward_origins AS sub_forward_origins,
+       s.apply_delay AS sub_apply_delay,
+       s.origin_name AS sub_origin_name,
+       s.subscription_mode AS bdr_subscription_mode,
+       CASE WHEN NOT s.sub_enabled THEN 'disabled'
+            WHEN r.connected THEN 'replicating'
+            WHEN r.pid IS NOT NULL AND r.pid <> 0 THEN 'connecting'
+            ELSE 'down' END AS subscription_status,
+       s.nodegroup_id AS node_group_id,
+       s.sub_id,
+       s.origin_node_id AS origin_id,
+       s.target_node_id AS target_id,
+       NULLIF(r.recv_lsn, '0/0')::pg_lsn AS receive_lsn,
+       NULLIF(r.recv_commit_lsn, '0/0')::pg_lsn AS receive_commit_lsn,
+       NULLIF(w.replay_lsn, '0/0')::pg_lsn AS last_xact_replay_lsn,
+       NULLIF(r.flush_lsn, '0/0')::pg_lsn AS last_xact_flush_lsn,
+       bdr._ts(w.replay_time) AS last_xact_replay_timestamp,
+       COALESCE(w.ncommits, 0) AS nxacts_applied
+  FROM bdr.subscription s
+  JOIN bdr.local_node l ON l.node_id = s.target_node_id
+  LEFT JOIN bdr.node o ON o.node_id = s.origin_node_id
+  LEFT JOIN bdr.node t ON t.node_id = s.target_node_id
+  LEFT JOIN bdr.node_group g ON g.node_group_id = s.nodegroup_id
+  LEFT JOIN bdr._worker_status() r ON r.role_name = 'receiver' AND r.subid = s.sub_id
+       AND r.dboid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+  LEFT JOIN bdr._worker_status() w ON w.role_name = 'writer' AND w.subid = s.sub_id
+       AND w.dboid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database());
+
+-- Outgoing replication: the slots peers stream from, with their walsenders.
+CREATE VIEW bdr.node_slots AS
+SELECT current_database()::name AS target_dbname,
+       g.node_group_name,
+       g.node_group_id,
+       lo.node_name AS origin_name,
+       n.node_name AS target_name,
+       lo.node_id AS origin_id,
+       n.node_id AS target_id,
+       sl.slot_name AS local_slot_name,
+       sl.slot_name,
+       false AS is_group_slot,
+       false AS is_decoder_slot,
+       sl.plugin,
+       sl.slot_type,
+       sl.datoid,
+       sl.database,
+       sl.temporary,
+       sl.active,
+       sl.active_pid,
+       sl.xmin,
+       sl.catalog_xmin,
+       sl.restart_lsn,
+       sl.confirmed_flush_lsn,
+       sr.usesysid,
+       sr.usename,
+       sr.application_name,
+       sr.client_addr,
+       sr.client_hostname,
+       sr.client_port,
+       sr.backend_start,
+       COALESCE(sr.state, 'disconnected') AS state,
+       sr.sent_lsn,
+       sr.write_lsn,
+       sr.flush_lsn,
+       sr.replay_lsn,
+       sr.write_lag,
+       sr.flush_lag,
+       sr.replay_lag,
+       pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), sr.sent_lsn) AS sent_lag_bytes,
+       pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), sr.write_lsn) AS write_lag_bytes,
+       pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), COALESCE(sr.flush_lsn, sl.confirmed_flush_lsn)) AS flush_lag_bytes,
+       pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), sr.replay_lsn) AS replay_lag_bytes,
+       pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), sr.sent_lsn)) AS sent_lag_size,
+       pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), sr.write_lsn)) AS write_lag_size,
+       pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), COALESCE(sr.flush_lsn, sl.confirmed_flush_lsn))) AS flush_lag_size,
+       pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), sr.replay_lsn)) AS replay_lag_size
+  FROM bdr.local_node l
+  JOIN bdr.node lo ON lo.node_id = l.node_id
+  JOIN bdr.node_group g ON g.node_group_id = lo.node_group_id
+  JOIN bdr.node n ON n.node_group_id = lo.node_group_id AND n.node_id <> lo.node_id
+  JOIN pg_catalog.pg_replication_slots sl
+    ON sl.slot_name = bdr._slot_name(current_database(), g.node_group_name, n.node_name)
+  LEFT JOIN pg_catalog.pg_stat_replication sr ON sr.pid = sl.active_pid;
+
+CREATE VIEW bdr.worker_errors AS
+SELECT g.node_group_name,
+       o.node_name AS origin_name,
+       o.node_name AS source_name,
+       t.node_name AS target_name,
+       s.sub_name,
+       e.role AS worker_role,
+       e.role_name AS worker_role_name,
+       e.last_error_pid AS worker_pid,
+       bdr._ts(e.last_error_time) AS error_time,
+       now() - bdr._ts(e.last_error_time) AS error_age,
+       e.last_error AS error_message,
+       NULL::text AS error_context_message,
+       NULL::oid AS remoterelid
+  FROM bdr._worker_status() e
+  LEFT JOIN bdr.subscription s ON s.sub_id = e.subid
+  LEFT JOIN bdr.node o ON o.node_id = s.origin_node_id
+  LEFT JOIN bdr.node t ON t.node_id = s.target_node_id
+  LEFT JOIN bdr.node_group g ON g.node_group_id = s.nodegroup_id
+ WHERE e.last_error IS NOT NULL
+   AND (e.dboid = 0 OR e.dboid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()));
+
+-- Waits until the bdr slots of this database (or the one named) have
+-- confirmed target_lsn (by default the current WAL insert position).
+CREATE FUNCTION bdr.wait_slot_confirm_lsn(slot_name text DEFAULT NULL, target_lsn pg_lsn DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    target pg_lsn := COALESCE(target_lsn, pg_catalog.pg_current_wal_insert_lsn());
+    behind int;
+BEGIN
+    IF slot_name IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = wait_slot_confirm_lsn.slot_name) THEN
+        RAISE EXCEPTION 'replication slot "%" does not exist', slot_name
+            USING ERRCODE = 'undefined_object', HINT = 'See bdr.node_slots for the slots of this node.';
+    END IF;
+    LOOP
+        SELECT count(*) INTO behind
+          FROM pg_catalog.pg_replication_slots s
+         WHERE s.plugin = 'bdr' AND s.database = current_database()
+           AND (wait_slot_confirm_lsn.slot_name IS NULL OR s.slot_name = wait_slot_confirm_lsn.slot_name)
+           AND (s.confirmed_flush_lsn IS NULL OR s.confirmed_flush_lsn < target);
+        EXIT WHEN behind = 0;
+        PERFORM pg_catalog.pg_sleep(0.05);
+    END LOOP;
+END $$;
+
+-- UPDATE and DELETE need a replica identity to replicate. A publication of
+-- every table makes PostgreSQL itself refuse them on tables without one, on
+-- the node where they are made (temporary and unlogged tables are exempt).
+-- It is never streamed from; bdr's own output plugin does that.
+CREATE PUBLICATION bdr_replica_identity_check FOR ALL TABLES WITH (publish = 'update, delete');
+
 -- Functions BDR 4 users call that this version does not provide yet. They
 -- fail loudly instead of pretending to work.
 CREATE FUNCTION bdr._not_implemented(function_name text, hint text DEFAULT 'See docs/nodes.md.')
@@ -82,15 +225,6 @@ BEGIN
     RAISE EXCEPTION '% is not implemented yet', function_name
         USING ERRCODE = 'feature_not_supported', HINT = hint;
 END $$;
-
-CREATE FUNCTION bdr.join_node_group(join_target_dsn text, node_group_name text DEFAULT NULL,
-    pause_in_standby boolean DEFAULT false, wait_for_completion boolean DEFAULT true,
-    synchronize_structure text DEFAULT 'all') RETURNS void
-LANGUAGE sql AS $$ SELECT bdr._not_implemented('bdr.join_node_group',
-    'This version of bdr manages single-node groups only; see docs/nodes.md.') $$;
-
-CREATE FUNCTION bdr.wait_for_join_completion(verbose_progress boolean DEFAULT false) RETURNS void
-LANGUAGE sql AS $$ SELECT bdr._not_implemented('bdr.wait_for_join_completion') $$;
 
 CREATE FUNCTION bdr.part_node(node_name text, wait_for_completion boolean DEFAULT true,
     force boolean DEFAULT false) RETURNS void
@@ -103,6 +237,9 @@ REVOKE ALL ON FUNCTION bdr.create_node(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.create_node_group(text, text, boolean, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.drop_node(text, boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.worker_task_reset_backoff_all() FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr.join_node_group(text, text, boolean, boolean, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr._join_register(bigint, text, text, text, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr._join_activate(bigint) FROM PUBLIC;
 
 -- CREATE EXTENSION fails here, with a hint, if the server is not set up for bdr.
 SELECT bdr._check_prerequisites();

@@ -2,6 +2,7 @@
 //! Reads use read-only SPI so that polling workers never assign an xid.
 
 use crate::error::BdrResult;
+use bdr_core::naming;
 use bdr_core::node::NodeState;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -14,6 +15,7 @@ pub struct NodeRow {
     pub node_group_id: u32,
     pub node_state: NodeState,
     pub node_dsn: String,
+    pub dbname: String,
 }
 
 #[derive(Debug, Clone)]
@@ -62,11 +64,12 @@ fn node_row(row: &SpiHeapTupleData<'_>) -> BdrResult<NodeRow> {
         node_group_id: oid_col(row, 3)?,
         node_state: NodeState::from_oid(oid_col(row, 4)?).unwrap_or(NodeState::None),
         node_dsn: text_col(row, 5)?,
+        dbname: text_col(row, 6)?,
     })
 }
 
 const NODE_QUERY: &str =
-    "SELECT node_id, node_name::text, node_group_id, node_state, node_dsn FROM bdr.node";
+    "SELECT node_id, node_name::text, node_group_id, node_state, node_dsn, dbname::text FROM bdr.node";
 
 pub fn node_by_name(name: &str) -> BdrResult<Option<NodeRow>> {
     select_first(
@@ -191,4 +194,96 @@ pub fn drop_node_rows(node_id: u32) -> BdrResult<()> {
         &[oid(node_id).into()],
     )?;
     Ok(())
+}
+
+/// A subscription of the local node to a peer, with what a receiver needs.
+#[derive(Debug, Clone)]
+pub struct SubRow {
+    pub sub_id: u32,
+    pub sub_name: String,
+    pub origin_node_id: u32,
+    pub origin_node_name: String,
+    pub origin_dsn: String,
+    pub slot_name: String,
+    pub origin_name: String,
+    pub enabled: bool,
+}
+
+const SUB_QUERY: &str = "SELECT s.sub_id, s.sub_name::text, s.origin_node_id, n.node_name::text, n.node_dsn,
+        s.slot_name::text, s.origin_name::text, s.sub_enabled
+   FROM bdr.subscription s JOIN bdr.node n ON n.node_id = s.origin_node_id
+   JOIN bdr.local_node l ON l.node_id = s.target_node_id";
+
+fn sub_row(row: &SpiHeapTupleData<'_>) -> BdrResult<SubRow> {
+    Ok(SubRow {
+        sub_id: oid_col(row, 1)?,
+        sub_name: text_col(row, 2)?,
+        origin_node_id: oid_col(row, 3)?,
+        origin_node_name: text_col(row, 4)?,
+        origin_dsn: text_col(row, 5)?,
+        slot_name: text_col(row, 6)?,
+        origin_name: text_col(row, 7)?,
+        enabled: row.get::<bool>(8)?.unwrap_or(false),
+    })
+}
+
+/// The local node's subscriptions (one per peer it receives from).
+pub fn local_subscriptions() -> BdrResult<Vec<SubRow>> {
+    select(&format!("{SUB_QUERY} ORDER BY s.sub_id"), &[], sub_row)
+}
+
+pub fn subscription(sub_id: u32) -> BdrResult<Option<SubRow>> {
+    select_first(&format!("{SUB_QUERY} WHERE s.sub_id = $1"), &[oid(sub_id).into()], sub_row)
+}
+
+/// The other members of the local node's group, every state.
+pub fn group_peers(local: &LocalNode) -> BdrResult<Vec<NodeRow>> {
+    select(
+        &format!("{NODE_QUERY} WHERE node_group_id = $1 AND node_id <> $2 AND node_group_id <> 0 ORDER BY node_id"),
+        &[oid(local.node_group_id).into(), oid(local.node_id).into()],
+        node_row,
+    )
+}
+
+/// Makes bdr.subscription hold exactly one subscription from each active
+/// peer of the local node. Writes only when something changes, so a
+/// polling manager does not burn transaction ids.
+pub fn sync_subscriptions(local: &LocalNode) -> BdrResult<bool> {
+    if local.node_group_id == 0 {
+        return Ok(false);
+    }
+    let group = group_name(local.node_group_id)?.unwrap_or_default();
+    let mydb = select_first("SELECT current_database()::text", &[], |r| text_col(r, 1))?
+        .unwrap_or_default();
+    let peers: Vec<NodeRow> = group_peers(local)?
+        .into_iter()
+        .filter(|p| p.node_state == NodeState::Active)
+        .collect();
+    let existing = local_subscriptions()?;
+    let mut changed = false;
+    for p in &peers {
+        if existing.iter().any(|s| s.origin_node_id == p.node_id) {
+            continue;
+        }
+        let sub_name = naming::subscription_name(&mydb, &group, &p.node_name, &local.node_name);
+        let slot = naming::slot_name(&p.dbname, &group, &local.node_name);
+        let origin = naming::origin_name(&mydb, &group, &p.node_name);
+        let sub_id = bdr_core::node::node_id_for(&sub_name);
+        Spi::run_with_args(
+            "INSERT INTO bdr.subscription (sub_id, sub_name, nodegroup_id, origin_node_id, source_node_id,
+                                           target_node_id, slot_name, origin_name)
+             VALUES ($1, $2::name, $3, $4, $4, $5, $6::name, $7::name)
+             ON CONFLICT (sub_id) DO NOTHING",
+            &[oid(sub_id).into(), sub_name.as_str().into(), oid(local.node_group_id).into(),
+              oid(p.node_id).into(), oid(local.node_id).into(), slot.as_str().into(), origin.as_str().into()],
+        )?;
+        changed = true;
+    }
+    for s in &existing {
+        if !peers.iter().any(|p| p.node_id == s.origin_node_id) {
+            Spi::run_with_args("DELETE FROM bdr.subscription WHERE sub_id = $1", &[oid(s.sub_id).into()])?;
+            changed = true;
+        }
+    }
+    Ok(changed)
 }

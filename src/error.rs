@@ -43,6 +43,12 @@ pub enum BdrError {
     NotSupported(String),
     #[error("invalid value for {what}: {msg}")]
     InvalidValue { what: &'static str, msg: String },
+    #[error("could not connect to {what} (\"{dsn}\"): {msg}")]
+    PeerUnreachable { what: String, dsn: String, msg: String },
+    #[error("{what} failed on node \"{node}\": {msg}")]
+    PeerCommand { what: String, node: String, msg: String },
+    #[error("{msg}")]
+    JoinRefused { msg: String, hint: String },
     #[error("{0}")]
     Spi(#[from] pgrx::spi::Error),
 }
@@ -65,6 +71,9 @@ impl BdrError {
             BdrError::NoSuchNode(_) | BdrError::NoSuchGroup(_) => ERRCODE_UNDEFINED_OBJECT,
             BdrError::NotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             BdrError::InvalidValue { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            BdrError::PeerUnreachable { .. } => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            BdrError::PeerCommand { .. } => ERRCODE_CONNECTION_EXCEPTION,
+            BdrError::JoinRefused { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             BdrError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -90,6 +99,11 @@ impl BdrError {
             }
             BdrError::Prerequisite { hint, .. } => hint.clone(),
             BdrError::NotSupported(_) => "See docs/ in the bdr sources for what is implemented.".into(),
+            BdrError::PeerUnreachable { .. } => {
+                "Check that the node is running and that the connection string, pg_hba.conf and the network allow a replication connection from this node.".into()
+            }
+            BdrError::PeerCommand { .. } => "See that node's server log for details.".into(),
+            BdrError::JoinRefused { hint, .. } => hint.clone(),
             BdrError::InvalidValue { .. } | BdrError::Spi(_) => return None,
         })
     }

@@ -34,6 +34,8 @@ pub const PERMIT_UNSAFE_COMMANDS: usize = index_of("bdr.permit_unsafe_commands")
 pub const STANDBY_SLOT_NAMES: usize = index_of("bdr.standby_slot_names");
 pub const MIN_WORKER_BACKOFF_DELAY: usize = index_of("bdr.min_worker_backoff_delay");
 pub const MAX_WORKER_BACKOFF_DELAY: usize = index_of("bdr.max_worker_backoff_delay");
+pub const WRITER_INPUT_QUEUE_SIZE: usize = index_of("bdr.writer_input_queue_size");
+pub const WRITER_OUTPUT_QUEUE_SIZE: usize = index_of("bdr.writer_output_queue_size");
 pub const DEBUG_LEVEL: usize = enum_index_of("bdr.debug_level");
 pub const TRACE_LEVEL: usize = enum_index_of("bdr.trace_level");
 
@@ -294,6 +296,20 @@ fn enum_entries(spec: &EnumSpec) -> *const pg_sys::config_enum_entry {
     Box::leak(v.into_boxed_slice()).as_ptr()
 }
 
+/// `bdr.xact_replication = off` tags the transaction's WAL with the origin
+/// "do not replicate", which the output plugin filters out like any origin.
+/// SET LOCAL reverts at transaction end, after the commit record is written.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn assign_xact_replication(newval: bool, _extra: *mut std::ffi::c_void) {
+    let dnr = pg_sys::DoNotReplicateId as pg_sys::RepOriginId;
+    let none = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
+    if !newval && pg_sys::replorigin_session_origin == none {
+        pg_sys::replorigin_session_origin = dnr;
+    } else if newval && pg_sys::replorigin_session_origin == dnr {
+        pg_sys::replorigin_session_origin = none;
+    }
+}
+
 pub fn init() {
     assert!(SETTINGS.len() <= MAX_SETTINGS, "raise MAX_SETTINGS");
     let bool_hooks: [BoolHook; MAX_SETTINGS] = all_hooks!(check_value, bool; BoolHook);
@@ -323,7 +339,11 @@ pub fn init() {
                         ctx,
                         flags,
                         Some(bool_hooks[i]),
-                        None,
+                        if i == XACT_REPLICATION {
+                            Some(assign_xact_replication)
+                        } else {
+                            None
+                        },
                         None,
                     );
                 }

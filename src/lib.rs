@@ -6,13 +6,16 @@
 use pgrx::prelude::*;
 
 pub mod api;
+pub mod apply;
 pub mod catalog;
 pub mod error;
 pub mod guc;
 pub mod hooks;
 pub mod log;
+pub mod output_plugin;
 pub mod prereq;
 pub mod shmem;
+pub mod walrcv;
 pub mod workers;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -43,6 +43,8 @@ pub enum ExitKind {
     Unknown = 0,
     /// Nothing to do in this database: no bdr extension or no local node.
     NothingToDo = 1,
+    /// Told to stop, or its subscription went away.
+    Stopped = 2,
 }
 
 impl Task {
@@ -79,6 +81,53 @@ pub struct Task {
     pub first_registered: i64,
     /// The process's `PGPROC`, so others can set its latch.
     pub proc_: usize,
+    /// The last error that ended this task (`bdr.worker_errors`).
+    pub last_error: ErrorText,
+    pub last_error_time: i64,
+    pub last_error_pid: i32,
+    /// Receivers: whether the stream from the peer is up, and how far it got.
+    pub connected: bool,
+    pub recv_lsn: u64,
+    pub recv_commit_lsn: u64,
+    pub flush_lsn: u64,
+    /// Writers: the last applied remote commit, its time, and how many.
+    pub replay_lsn: u64,
+    pub replay_time: i64,
+    pub ncommits: i64,
+    /// Receivers: the DSM segment holding the queues to and from the writer.
+    pub dsm_handle: u32,
+}
+
+pub const ERROR_TEXT_LEN: usize = 512;
+
+#[derive(Clone, Copy)]
+pub struct ErrorText(pub [u8; ERROR_TEXT_LEN]);
+
+impl Default for ErrorText {
+    fn default() -> Self {
+        ErrorText([0; ERROR_TEXT_LEN])
+    }
+}
+
+impl std::fmt::Debug for ErrorText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl ErrorText {
+    pub fn set(&mut self, s: &str) {
+        let mut n = s.len().min(ERROR_TEXT_LEN - 1);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.0 = [0; ERROR_TEXT_LEN];
+        self.0[..n].copy_from_slice(&s.as_bytes()[..n]);
+    }
+    pub fn as_str(&self) -> &str {
+        let end = self.0.iter().position(|b| *b == 0).unwrap_or(ERROR_TEXT_LEN);
+        std::str::from_utf8(&self.0[..end]).unwrap_or("")
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -146,6 +195,26 @@ impl Tasks {
     }
 }
 
+/// Records why the task in slot `idx` (of `generation`) failed.
+pub fn record_error(idx: usize, generation: u64, msg: &str) {
+    let mut t = TASKS.exclusive();
+    if let Some(task) = t.tasks.get_mut(idx).filter(|t| t.generation == generation) {
+        task.last_error.set(msg);
+        task.last_error_time = now();
+        // SAFETY: MyProcPid is set for every started backend.
+        task.last_error_pid = unsafe { pg_sys::MyProcPid };
+        task.connected = false;
+    }
+}
+
+/// Updates the task in slot `idx` if it still belongs to `generation`.
+pub fn update_task(idx: usize, generation: u64, f: impl FnOnce(&mut Task)) {
+    let mut t = TASKS.exclusive();
+    if let Some(task) = t.tasks.get_mut(idx).filter(|t| t.generation == generation) {
+        f(task);
+    }
+}
+
 pub fn now() -> i64 {
     // SAFETY: reads the clock; no preconditions.
     unsafe { pg_sys::GetCurrentTimestamp() }
@@ -184,4 +253,12 @@ pub fn wake_manager(dboid: u32) {
             .unwrap_or(0)
     };
     set_latch_of(proc_);
+}
+
+/// Updates the task (role, dboid, subid), if there is one.
+pub fn update_task_by(role: Role, dboid: u32, subid: u32, f: impl FnOnce(&mut Task)) {
+    let mut t = TASKS.exclusive();
+    if let Some(i) = t.find(role, dboid, subid, 0) {
+        f(&mut t.tasks[i]);
+    }
 }

@@ -1,4 +1,5 @@
 //! SQL-callable functions, one file per area.
 
+pub mod join;
 pub mod monitor;
 pub mod node;

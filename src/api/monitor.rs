@@ -78,6 +78,59 @@ fn _worker_tasks() -> TableIterator<
     TableIterator::new(rows)
 }
 
+/// Replication state of receivers and writers, and the last error of every
+/// task; `bdr.subscription_summary` and `bdr.worker_errors` present them.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile)]
+fn _worker_status() -> TableIterator<
+    'static,
+    (
+        name!(role, i32),
+        name!(role_name, String),
+        name!(dboid, pg_sys::Oid),
+        name!(subid, pg_sys::Oid),
+        name!(pid, i32),
+        name!(connected, bool),
+        name!(recv_lsn, String),
+        name!(recv_commit_lsn, String),
+        name!(flush_lsn, String),
+        name!(replay_lsn, String),
+        name!(replay_time, i64),
+        name!(ncommits, i64),
+        name!(last_error, Option<String>),
+        name!(last_error_time, i64),
+        name!(last_error_pid, i32),
+    ),
+> {
+    use bdr_core::lsn::format;
+    let snapshot = TASKS.share().tasks;
+    let rows: Vec<_> = snapshot
+        .iter()
+        .filter(|t| t.in_use)
+        .map(|t| {
+            let err = t.last_error.as_str();
+            (
+                t.role as i32,
+                t.role.name().to_string(),
+                pg_sys::Oid::from(t.dboid),
+                pg_sys::Oid::from(t.subid),
+                t.pid,
+                t.connected && t.pid != 0,
+                format(t.recv_lsn),
+                format(t.recv_commit_lsn),
+                format(t.flush_lsn),
+                format(t.replay_lsn),
+                t.replay_time,
+                t.ncommits,
+                (!err.is_empty()).then(|| err.to_string()),
+                t.last_error_time,
+                t.last_error_pid,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
 /// Lets every worker that is waiting out a backoff be launched at once.
 #[pg_extern(volatile)]
 fn worker_task_reset_backoff_all() {
@@ -90,4 +143,10 @@ fn worker_task_reset_backoff_all() {
         t.supervisor_proc
     };
     shmem::set_latch_of(proc_);
+}
+
+/// The name of the slot on a node (in database `db`) for peer `target`.
+#[pg_extern(immutable, parallel_safe)]
+fn _slot_name(db: &str, group: &str, target: &str) -> String {
+    bdr_core::naming::slot_name(db, group, target)
 }

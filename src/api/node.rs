@@ -17,7 +17,7 @@ fn my_database() -> u32 {
 /// After the transaction commits, the supervisor starts (or the manager
 /// re-reads) the worker of this database; before that they would not see the
 /// new catalog rows.
-fn wake_workers_at_commit() {
+pub(crate) fn wake_workers_at_commit() {
     let db = my_database();
     register_xact_callback(PgXactCallbackEvent::Commit, move || {
         shmem::wake_supervisor_for(db);

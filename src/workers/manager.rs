@@ -1,15 +1,41 @@
-//! The manager: one per database that has a local BDR node. For now it keeps
-//! watch over the catalogs and exits when the node or the extension goes; it
-//! is where receivers and writers will be started from.
+//! The manager: one per database that has a local BDR node. It keeps one
+//! subscription per active peer in `bdr.subscription` and one receiver
+//! running per subscription, relaunching failed receivers no sooner than the
+//! backoff allows. It exits when the node or the extension goes.
 
-use crate::catalog;
-use crate::shmem::{ExitKind, TASKS};
+use super::{launch, reap, record_failure, Running};
+use crate::catalog::{self, LocalNode, SubRow};
+use crate::shmem::{ExitKind, Role, TASKS};
+use bdr_core::backoff::Jitter;
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// How often the manager re-reads the catalogs when nothing wakes it.
 const POLL: Duration = Duration::from_secs(1);
+
+enum Seen {
+    Node(LocalNode, Vec<SubRow>),
+    NoNode,
+}
+
+fn read_catalogs() -> Result<Seen, String> {
+    BackgroundWorker::transaction(|| {
+        let inner = || -> crate::error::BdrResult<Seen> {
+            if catalog::database_has_local_node()?.is_none() {
+                return Ok(Seen::NoNode);
+            }
+            let Some(local) = catalog::local_node()? else {
+                return Ok(Seen::NoNode);
+            };
+            catalog::sync_subscriptions(&local)?;
+            let subs = catalog::local_subscriptions()?;
+            Ok(Seen::Node(local, subs))
+        };
+        inner().map_err(|e| e.to_string())
+    })
+}
 
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -21,22 +47,27 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
         tracing::warn!("manager started for a task slot that was reassigned; exiting");
         return;
     };
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(task.dboid)), None);
+    let dboid = task.dboid;
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
 
+    // SAFETY: MyProcPid is set; any seed will do for jitter.
+    let mut jitter = Jitter::new(unsafe { pg_sys::MyProcPid } as u64 ^ crate::shmem::now() as u64);
     let mut announced = false;
+    let mut receivers: HashMap<u32, Running> = HashMap::new();
     loop {
-        let node = BackgroundWorker::transaction(catalog::database_has_local_node);
-        match node {
-            Ok(Some(name)) => {
+        match read_catalogs() {
+            Ok(Seen::Node(local, subs)) => {
                 if !announced {
-                    tracing::info!("manager started for local node \"{name}\"");
+                    tracing::info!("manager started for local node \"{}\"", local.node_name);
                     announced = true;
                 }
+                tend_receivers(dboid, &subs, &mut receivers, &mut jitter);
             }
-            Ok(None) => {
+            Ok(Seen::NoNode) => {
                 if announced {
                     tracing::info!("no local BDR node in this database any more; manager exiting");
                 }
+                stop_all(&mut receivers);
                 let mut t = TASKS.exclusive();
                 let me = &mut t.tasks[idx];
                 if me.generation == generation {
@@ -45,16 +76,77 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                 return;
             }
             Err(e) => {
+                stop_all(&mut receivers);
+                crate::shmem::record_error(idx, generation, &e);
                 // An ERROR here exits the worker; the supervisor restarts it with backoff.
                 error!("bdr manager could not read the BDR catalogs: {e}");
             }
         }
         if !BackgroundWorker::wait_latch(Some(POLL)) {
+            stop_all(&mut receivers);
             return;
         }
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reading the config file is what SIGHUP asks of a backend.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
+    }
+}
+
+/// Reaps receivers that exited, stops those whose subscription went away or
+/// was disabled, and launches the missing ones the backoff allows.
+fn tend_receivers(
+    dboid: u32,
+    subs: &[SubRow],
+    receivers: &mut HashMap<u32, Running>,
+    jitter: &mut Jitter,
+) {
+    let exited: Vec<u32> = receivers
+        .iter()
+        .filter(|(_, r)| matches!(r.handle.pid(), Err(BackgroundWorkerStatus::Stopped)))
+        .map(|(s, _)| *s)
+        .collect();
+    for sub in exited {
+        let r = receivers.remove(&sub).expect("listed above");
+        if reap(r.idx) == ExitKind::Unknown {
+            tracing::warn!("receiver of subscription {sub} exited with an error; it will be restarted after a backoff");
+            record_failure(r.idx, jitter);
+        }
+    }
+    let wanted: Vec<&SubRow> = subs.iter().filter(|s| s.enabled).collect();
+    let unwanted: Vec<u32> = receivers
+        .keys()
+        .filter(|id| !wanted.iter().any(|s| s.sub_id == **id))
+        .copied()
+        .collect();
+    for sub in unwanted {
+        if let Some(r) = receivers.remove(&sub) {
+            let _ = r.handle.terminate();
+            forget_task(dboid, sub);
+        }
+    }
+    for s in wanted {
+        if receivers.contains_key(&s.sub_id) {
+            continue;
+        }
+        let name = format!("bdr receiver {}", s.sub_name);
+        if let Some(r) = launch(Role::Receiver, dboid, s.sub_id, &name, "bdr_receiver_main", jitter) {
+            receivers.insert(s.sub_id, r);
+        }
+    }
+}
+
+fn forget_task(dboid: u32, subid: u32) {
+    let mut t = TASKS.exclusive();
+    for role in [Role::Receiver, Role::Writer] {
+        if let Some(i) = t.find(role, dboid, subid, 0) {
+            t.tasks[i] = Default::default();
+        }
+    }
+}
+
+fn stop_all(receivers: &mut HashMap<u32, Running>) {
+    for (_, r) in receivers.drain() {
+        let _ = r.handle.terminate();
     }
 }

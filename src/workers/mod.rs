@@ -1,13 +1,161 @@
-//! Background workers: the supervisor (one per instance) and a manager per
-//! BDR database; receivers and writers per peer come with replication.
+//! Background workers: the supervisor (one per instance), a manager per
+//! BDR database, and per peer a receiver with its writer.
 
 pub mod manager;
+pub mod queue;
+pub mod receiver;
 pub mod supervisor;
+pub mod writer;
 
-use crate::shmem::{Task, TASKS};
+use crate::guc;
+use crate::shmem::{now, ExitKind, Role, Task, TASKS};
+use bdr_core::backoff::{self, Jitter};
 use pgrx::bgworkers::*;
 use pgrx::pg_sys;
 use std::time::Duration;
+
+/// A worker this process launched and watches.
+pub struct Running {
+    pub handle: DynamicBackgroundWorker,
+    pub idx: usize,
+}
+
+pub fn backoff_settings() -> (u64, u64) {
+    (
+        guc::get_int(guc::MIN_WORKER_BACKOFF_DELAY).max(0) as u64,
+        guc::get_int(guc::MAX_WORKER_BACKOFF_DELAY).max(0) as u64,
+    )
+}
+
+/// Launches the task (role, dboid, subid) unless its backoff forbids it yet.
+/// The worker gets its task slot as argument and the slot's generation as
+/// `bgw_extra`, and claims the slot with [`attach_task`].
+pub fn launch(
+    role: Role,
+    dboid: u32,
+    subid: u32,
+    name: &str,
+    function: &str,
+    jitter: &mut Jitter,
+) -> Option<Running> {
+    let ts = now();
+    let (idx, generation) = {
+        let mut t = TASKS.exclusive();
+        let idx = t.find_or_create(role, dboid, subid, 0)?;
+        // Waiting out a backoff is not a launch request.
+        if t.tasks[idx].next_launch_not_before > ts {
+            return None;
+        }
+        let generation = t.next_generation;
+        t.next_generation += 1;
+        let task = &mut t.tasks[idx];
+        // SAFETY: MyProcPid is set for every started backend.
+        task.last_request_pid = unsafe { pg_sys::MyProcPid };
+        task.last_request_time = ts;
+        task.nrequests += 1;
+        task.last_request_approved = true;
+        if task.pid != 0 || task.registered != 0 {
+            task.prev_pid = task.pid;
+            task.prev_registered = task.registered;
+            task.prev_launched = task.attached;
+            task.prev_exited = task.exited;
+        }
+        task.pid = 0;
+        task.attached = 0;
+        task.exited = 0;
+        task.exit_kind = ExitKind::Unknown;
+        task.generation = generation;
+        task.registered = ts;
+        task.nregistrations += 1;
+        task.connected = false;
+        if task.first_registered == 0 {
+            task.first_registered = ts;
+        }
+        (idx, generation)
+    };
+    // SAFETY: MyProcPid is set for every started backend.
+    let me = unsafe { pg_sys::MyProcPid };
+    let result = BackgroundWorkerBuilder::new(name)
+        .set_type(&format!("bdr {}", role.name()))
+        .set_library("bdr")
+        .set_function(function)
+        .enable_spi_access()
+        .set_argument(Some(pg_sys::Datum::from(idx)))
+        .set_extra(&generation.to_string())
+        .set_notify_pid(me)
+        .load_dynamic();
+    match result {
+        Ok(handle) => Some(Running { handle, idx }),
+        Err(_) => {
+            tracing::warn!(
+                "could not register a background worker for \"{name}\"; raise max_worker_processes"
+            );
+            record_failure(idx, jitter);
+            None
+        }
+    }
+}
+
+/// Pushes the next launch of a failed task out by the backoff delay.
+pub fn record_failure(idx: usize, jitter: &mut Jitter) {
+    let (min, max) = backoff_settings();
+    let ts = now();
+    let mut t = TASKS.exclusive();
+    let task = &mut t.tasks[idx];
+    // A worker that ran for longer than the longest backoff failed afresh, not again.
+    if task.attached != 0 && ts - task.attached > (max as i64) * 1000 {
+        task.failures = 0;
+    }
+    task.failures = task.failures.saturating_add(1);
+    let delay = backoff::delay_ms(task.failures, min, max, jitter.next_f64());
+    task.next_launch_not_before = ts + (delay as i64) * 1000;
+}
+
+/// Marks the task as exited and says how.
+pub fn reap(idx: usize) -> ExitKind {
+    let mut t = TASKS.exclusive();
+    let task = &mut t.tasks[idx];
+    task.exited = now();
+    task.pid = 0;
+    task.proc_ = 0;
+    task.connected = false;
+    if task.exit_kind != ExitKind::Unknown {
+        task.failures = 0;
+    }
+    task.exit_kind
+}
+
+// The handlers themselves, not pgrx's guarded wrappers: a signal handler
+// must be the plain C function.
+unsafe extern "C-unwind" {
+    #[link_name = "die"]
+    fn pg_die(sig: std::ffi::c_int);
+    #[link_name = "SignalHandlerForConfigReload"]
+    fn pg_reload(sig: std::ffi::c_int);
+}
+
+/// Signal handling of workers that run SPI or wait on sockets: SIGTERM ends
+/// them at the next CHECK_FOR_INTERRUPTS, wherever they are, as PostgreSQL's
+/// own apply workers do.
+pub fn attach_die_handlers() {
+    // SAFETY: installing PostgreSQL's standard handlers before unblocking signals.
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(pg_die));
+        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(pg_reload));
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
+}
+
+/// Re-reads the configuration if SIGHUP asked for it.
+pub fn reload_config_if_asked() {
+    // SAFETY: flag set by SignalHandlerForConfigReload; reloading is what it asks for.
+    unsafe {
+        if pg_sys::ConfigReloadPending != 0 {
+            pg_sys::ConfigReloadPending = 0;
+            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+        }
+    }
+}
 
 pub fn init() {
     BackgroundWorkerBuilder::new("bdr supervisor")
@@ -38,4 +186,57 @@ pub fn attach_task(idx: usize, generation: u64) -> Option<Task> {
     task.attached = crate::shmem::now();
     task.exit_kind = crate::shmem::ExitKind::Unknown;
     Some(*task)
+}
+
+/// Runs a worker's body; an ERROR that ends it is first recorded for
+/// `bdr.worker_errors`, then ends the worker as usual.
+pub fn recording_errors(idx: usize, generation: u64, what: &str, body: impl FnOnce()) {
+    let body = std::panic::AssertUnwindSafe(body);
+    pgrx::PgTryBuilder::new(move || {
+        let body = body;
+        (body.0)()
+    })
+        .catch_others(|e| {
+            let msg = match &e {
+                pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+                | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+                | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                    r.message().to_string()
+                }
+            };
+            crate::shmem::record_error(idx, generation, &format!("{what}: {msg}"));
+            e.rethrow()
+        })
+        .execute()
+}
+
+/// Sleeps until the latch is set, `fd` is readable (when given) or `ms` pass;
+/// exits the process if the postmaster died.
+pub fn wait(fd: Option<pg_sys::pgsocket>, ms: i64) {
+    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+    if fd.is_some() {
+        events |= pg_sys::WL_SOCKET_READABLE;
+    }
+    // SAFETY: waiting on our own latch (and a socket we own) as any backend does.
+    unsafe {
+        pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            events as i32,
+            fd.unwrap_or(-1),
+            ms.max(1) as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pgrx::check_for_interrupts!();
+}
+
+/// The generation of the manager of `dboid` now, 0 if none runs.
+pub fn manager_generation(dboid: u32) -> u64 {
+    let t = TASKS.share();
+    t.find(Role::Manager, dboid, 0, 0)
+        .map(|i| t.tasks[i])
+        .filter(|t| t.pid != 0)
+        .map(|t| t.generation)
+        .unwrap_or(0)
 }

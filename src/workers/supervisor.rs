@@ -3,9 +3,9 @@
 //! ones no sooner than the backoff allows (`bdr.min_worker_backoff_delay` ..
 //! `bdr.max_worker_backoff_delay`).
 
-use crate::guc;
+use super::{backoff_settings, launch, record_failure, Running};
 use crate::shmem::{now, ExitKind, Role, TASKS};
-use bdr_core::backoff::{self, Jitter};
+use bdr_core::backoff::Jitter;
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 use std::collections::{BTreeSet, HashMap};
@@ -14,11 +14,6 @@ use std::time::Duration;
 const TICK: Duration = Duration::from_millis(500);
 /// How often the list of databases is re-read to forget dropped ones.
 const RESCAN_US: i64 = 30_000_000;
-
-struct Running {
-    handle: DynamicBackgroundWorker,
-    idx: usize,
-}
 
 /// Connectable, non-template databases: the ones a manager could serve.
 fn scan_databases() -> BTreeSet<u32> {
@@ -47,86 +42,6 @@ fn scan_databases() -> BTreeSet<u32> {
         }
         out
     })
-}
-
-fn backoff_settings() -> (u64, u64) {
-    (
-        guc::get_int(guc::MIN_WORKER_BACKOFF_DELAY).max(0) as u64,
-        guc::get_int(guc::MAX_WORKER_BACKOFF_DELAY).max(0) as u64,
-    )
-}
-
-fn launch(dboid: u32, jitter: &mut Jitter) -> Option<Running> {
-    let ts = now();
-    let (idx, generation) = {
-        let mut t = TASKS.exclusive();
-        let idx = t.find_or_create(Role::Manager, dboid, 0, 0)?;
-        // Waiting out a backoff is not a launch request.
-        if t.tasks[idx].next_launch_not_before > ts {
-            return None;
-        }
-        let generation = t.next_generation;
-        t.next_generation += 1;
-        let task = &mut t.tasks[idx];
-        // SAFETY: MyProcPid is set for every started backend.
-        task.last_request_pid = unsafe { pg_sys::MyProcPid };
-        task.last_request_time = ts;
-        task.nrequests += 1;
-        task.last_request_approved = true;
-        if task.pid != 0 || task.registered != 0 {
-            task.prev_pid = task.pid;
-            task.prev_registered = task.registered;
-            task.prev_launched = task.attached;
-            task.prev_exited = task.exited;
-        }
-        task.pid = 0;
-        task.attached = 0;
-        task.exited = 0;
-        task.exit_kind = ExitKind::Unknown;
-        task.generation = generation;
-        task.registered = ts;
-        task.nregistrations += 1;
-        if task.first_registered == 0 {
-            task.first_registered = ts;
-        }
-        (idx, generation)
-    };
-    // SAFETY: MyProcPid is set for every started backend.
-    let me = unsafe { pg_sys::MyProcPid };
-    let result = BackgroundWorkerBuilder::new(&format!("bdr manager {dboid}"))
-        .set_type("bdr manager")
-        .set_library("bdr")
-        .set_function("bdr_manager_main")
-        .enable_spi_access()
-        .set_argument(Some(pg_sys::Datum::from(idx)))
-        .set_extra(&generation.to_string())
-        .set_notify_pid(me)
-        .load_dynamic();
-    match result {
-        Ok(handle) => Some(Running { handle, idx }),
-        Err(_) => {
-            tracing::warn!(
-                "could not register a background worker for the manager of database {dboid}; \
-                 raise max_worker_processes"
-            );
-            record_failure(idx, jitter);
-            None
-        }
-    }
-}
-
-fn record_failure(idx: usize, jitter: &mut Jitter) {
-    let (min, max) = backoff_settings();
-    let ts = now();
-    let mut t = TASKS.exclusive();
-    let task = &mut t.tasks[idx];
-    // A worker that ran for longer than the longest backoff failed afresh, not again.
-    if task.attached != 0 && ts - task.attached > (max as i64) * 1000 {
-        task.failures = 0;
-    }
-    task.failures = task.failures.saturating_add(1);
-    let delay = backoff::delay_ms(task.failures, min, max, jitter.next_f64());
-    task.next_launch_not_before = ts + (delay as i64) * 1000;
 }
 
 #[pg_guard]
@@ -200,17 +115,7 @@ pub extern "C-unwind" fn bdr_supervisor_main(_arg: pg_sys::Datum) {
         }
         for (db, idx) in exited {
             running.remove(&db);
-            let kind = {
-                let mut t = TASKS.exclusive();
-                let task = &mut t.tasks[idx];
-                task.exited = now();
-                task.pid = 0;
-                task.proc_ = 0;
-                if task.exit_kind == ExitKind::NothingToDo {
-                    task.failures = 0;
-                }
-                task.exit_kind
-            };
+            let kind = super::reap(idx);
             if kind == ExitKind::NothingToDo {
                 wanted.remove(&db);
             } else {
@@ -243,7 +148,7 @@ pub extern "C-unwind" fn bdr_supervisor_main(_arg: pg_sys::Datum) {
             .filter(|db| !running.contains_key(db))
             .collect::<Vec<_>>()
         {
-            if let Some(r) = launch(db, &mut jitter) {
+            if let Some(r) = launch(Role::Manager, db, 0, &format!("bdr manager {db}"), "bdr_manager_main", &mut jitter) {
                 running.insert(db, r);
             }
         }

@@ -294,7 +294,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 
 /// The full contents of a table, ordered by every column, as text rows.
 pub fn table_contents(client: &mut Client, table: &str) -> Vec<String> {
-    let q = format!("SELECT t::text FROM {table} t ORDER BY t::text");
+    let q = format!("SELECT bdr_row::text FROM {table} bdr_row ORDER BY 1");
     client
         .query(&q, &[])
         .unwrap_or_else(|e| panic!("{q}: {e}"))
@@ -338,5 +338,57 @@ pub fn expect_error(client: &mut Client, sql: &str) -> (String, String, Option<S
                 db.hint().map(str::to_string),
             )
         }
+    }
+}
+
+/// Makes database `db` on every instance a node of group `g`: `schema_sql`
+/// runs first on each (the tables must exist before joining), node1 creates
+/// the group, the others join through node1, and every node then waits until
+/// it receives from all the others.
+pub fn form_group(cluster: &Cluster, db: &str, schema_sql: &str) {
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        let mut c = n.connect("postgres");
+        c.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+        let mut c = n.connect(db);
+        c.batch_execute(schema_sql).unwrap();
+        c.batch_execute("CREATE EXTENSION bdr").unwrap();
+        c.execute(
+            "SELECT bdr.create_node($1, $2)",
+            &[&format!("node{}", i + 1), &n.dsn(db)],
+        )
+        .unwrap();
+    }
+    let first = cluster.node(0);
+    first
+        .connect(db)
+        .batch_execute("SELECT bdr.create_node_group('g')")
+        .unwrap();
+    for n in cluster.nodes.iter().skip(1) {
+        n.connect(db)
+            .execute(
+                "SELECT bdr.join_node_group($1, 'g')",
+                &[&first.dsn(db)],
+            )
+            .unwrap_or_else(|e| panic!("join of {} failed: {e:?}", n.name));
+    }
+    wait_for_mesh(cluster, db);
+}
+
+/// Waits until every node of `db` streams from every other.
+pub fn wait_for_mesh(cluster: &Cluster, db: &str) {
+    for n in &cluster.nodes {
+        let mut c = n.connect(db);
+        c.batch_execute("SET statement_timeout = '90s'; SELECT bdr.wait_for_join_completion()")
+            .unwrap_or_else(|e| panic!("{} did not complete its join: {e:?}", n.name));
+    }
+}
+
+/// Waits until every node has applied everything every other node wrote so
+/// far: each node waits for its peers to confirm its current WAL position.
+pub fn wait_for_replication(cluster: &Cluster, db: &str) {
+    for n in &cluster.nodes {
+        let mut c = n.connect(db);
+        c.batch_execute("SET statement_timeout = '120s'; SELECT bdr.wait_slot_confirm_lsn(NULL, NULL)")
+            .unwrap_or_else(|e| panic!("replication from {} did not catch up: {e:?}", n.name));
     }
 }

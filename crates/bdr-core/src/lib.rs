@@ -2,7 +2,9 @@
 //! tested with plain `cargo test`.
 
 pub mod backoff;
+pub mod conflict;
 pub mod dsn;
+pub mod lsn;
 pub mod naming;
 pub mod node;
 pub mod protocol;

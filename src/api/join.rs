@@ -1,0 +1,701 @@
+//! Joining a group: `bdr.join_node_group` and `bdr.wait_for_join_completion`.
+//!
+//! The joiner does the work itself, in the caller's transaction, in an order
+//! that loses nothing when the group is idle:
+//! 1. slots on the joiner for every member (before this transaction writes,
+//!    which logical slot creation requires), so every later local change
+//!    reaches them;
+//! 2. on every member but the join target: the joiner's node row and a slot
+//!    for the joiner;
+//! 3. on the join target: the node row, then a slot created with its snapshot
+//!    in use on a REPEATABLE READ transaction, under which every table is
+//!    copied here. The copy runs under the target's replication origin with
+//!    the slot's start as progress, so streaming from the target resumes
+//!    exactly after the copied state and the copied rows are not sent on;
+//! 4. the group's catalog rows here, then every member marks the joiner
+//!    active, and every manager (ours at commit) subscribes to the others.
+
+use crate::catalog;
+use crate::error::{BdrError, BdrResult, OrRaise};
+use crate::shmem::{self, Role, TASKS};
+use crate::walrcv::{ident, literal, Conn, Received};
+use crate::{prereq, workers};
+use bdr_core::lsn;
+use bdr_core::naming;
+use bdr_core::node::NodeState;
+use pgrx::callbacks::{register_xact_callback, PgXactCallbackEvent};
+use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::ffi::CString;
+
+#[derive(Debug, Clone)]
+struct Member {
+    id: u32,
+    name: String,
+    dsn: String,
+    dbname: String,
+    state: NodeState,
+}
+
+struct Table {
+    schema: String,
+    name: String,
+    columns: Vec<String>,
+}
+
+impl Table {
+    fn qualified(&self) -> String {
+        format!("{}.{}", ident(&self.schema), ident(&self.name))
+    }
+    fn column_list(&self) -> String {
+        self.columns.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ")
+    }
+}
+
+fn connect(what: &str, dsn: &str) -> BdrResult<Conn> {
+    Conn::connect(dsn, "bdr join").map_err(|msg| BdrError::PeerUnreachable {
+        what: what.to_string(),
+        dsn: dsn.to_string(),
+        msg,
+    })
+}
+
+fn remote<T>(node: &str, what: &str, r: Result<T, String>) -> BdrResult<T> {
+    r.map_err(|msg| BdrError::PeerCommand {
+        what: what.to_string(),
+        node: node.to_string(),
+        msg,
+    })
+}
+
+fn parse_oid(s: &Option<String>) -> u32 {
+    s.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn text(s: &Option<String>) -> String {
+    s.clone().unwrap_or_default()
+}
+
+fn my_database() -> String {
+    Spi::connect(|c| {
+        c.select("SELECT current_database()::text", None, &[])?
+            .first()
+            .get_one::<String>()
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_default()
+}
+
+/// Tables of the target that replicate: ordinary persistent tables outside
+/// the system schemas and bdr, with their replicated columns.
+fn target_tables(conn: &Conn, target: &str) -> BdrResult<Vec<Table>> {
+    let rows = remote(
+        target,
+        "listing tables",
+        conn.query(
+            "SELECT n.nspname::text, c.relname::text,
+                    array_to_string(array_agg(quote_ident(a.attname) ORDER BY a.attnum), ',')
+               FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+                    AND NOT a.attisdropped AND a.attgenerated = ''
+              WHERE c.relkind = 'r' AND c.relpersistence = 'p'
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bdr')
+                AND n.nspname NOT LIKE 'pg\\_%'
+              GROUP BY 1, 2 ORDER BY 1, 2",
+            3,
+        ),
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| Table {
+            schema: text(&r[0]),
+            name: text(&r[1]),
+            // quote_ident output, split back; names with commas are quoted.
+            columns: split_quoted(&text(&r[2])),
+        })
+        .collect())
+}
+
+/// Splits a comma-separated list of `quote_ident` results back into names.
+fn split_quoted(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    if !s.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn check_local_tables(tables: &[Table], synchronize_structure: &str) -> BdrResult<()> {
+    for t in tables {
+        let q = format!(
+            "SELECT pg_catalog.to_regclass({})::oid",
+            literal(&t.qualified())
+        );
+        let exists = Spi::connect(|c| c.select(&q, None, &[])?.first().get_one::<pg_sys::Oid>())?;
+        let Some(oid) = exists else {
+            return Err(if synchronize_structure == "all" {
+                BdrError::NotSupported(format!(
+                    "copying the schema to a joining node (table {} is missing here; synchronize_structure 'all')",
+                    t.qualified()
+                ))
+            } else {
+                BdrError::JoinRefused {
+                    msg: format!("table {} of the group does not exist on this node", t.qualified()),
+                    hint: "Create the group's tables on the joining node before joining.".into(),
+                }
+            });
+        };
+        let q = format!("SELECT EXISTS (SELECT 1 FROM ONLY {})", t.qualified());
+        let has_rows = Spi::connect(|c| c.select(&q, None, &[])?.first().get_one::<bool>())?;
+        if has_rows == Some(true) {
+            return Err(BdrError::JoinRefused {
+                msg: format!("table {} is not empty on the joining node", t.qualified()),
+                hint: "A joining node receives the group's rows; start from empty tables.".into(),
+            });
+        }
+        let _ = oid;
+    }
+    Ok(())
+}
+
+fn slot_exists_local(name: &str) -> BdrResult<bool> {
+    Ok(Spi::connect(|c| {
+        c.select(
+            "SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            None,
+            &[name.into()],
+        )
+        .map(|t| !t.is_empty())
+    })?)
+}
+
+fn slot_exists_remote(conn: &Conn, node: &str, name: &str) -> BdrResult<bool> {
+    let rows = remote(
+        node,
+        "looking up a slot",
+        conn.query(
+            &format!(
+                "SELECT slot_name::text FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+                literal(name)
+            ),
+            1,
+        ),
+    )?;
+    Ok(!rows.is_empty())
+}
+
+fn register_on(conn: &Conn, m: &Member, me: &Member, group_id: u32) -> BdrResult<()> {
+    remote(
+        &m.name,
+        "registering the joining node",
+        conn.query(
+            &format!(
+                "SELECT bdr._join_register({}, {}, {}, {}, {})::text",
+                me.id,
+                literal(&me.name),
+                literal(&me.dsn),
+                literal(&me.dbname),
+                group_id
+            ),
+            1,
+        ),
+    )
+    .map(|_| ())
+}
+
+thread_local! {
+    static COPY_SRC: RefCell<Option<CopySrc>> = const { RefCell::new(None) };
+}
+
+struct CopySrc {
+    conn: *mut Conn,
+    buf: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+/// Feeds COPY FROM with what the join target's COPY TO sends.
+#[pg_guard]
+unsafe extern "C-unwind" fn copy_read(
+    outbuf: *mut std::ffi::c_void,
+    minread: std::ffi::c_int,
+    maxread: std::ffi::c_int,
+) -> std::ffi::c_int {
+    COPY_SRC.with(|s| {
+        let mut s = s.borrow_mut();
+        let Some(src) = s.as_mut() else { return 0 };
+        let out = outbuf as *mut u8;
+        let mut n = 0usize;
+        while n < (minread.max(1) as usize) {
+            if src.pos < src.buf.len() {
+                let k = (maxread as usize - n).min(src.buf.len() - src.pos);
+                std::ptr::copy_nonoverlapping(src.buf.as_ptr().add(src.pos), out.add(n), k);
+                src.pos += k;
+                n += k;
+                continue;
+            }
+            if src.done {
+                break;
+            }
+            match (*src.conn).receive() {
+                Received::Data(d) => {
+                    src.buf = d.to_vec();
+                    src.pos = 0;
+                }
+                Received::WouldBlock(fd) => workers::wait(Some(fd), 1000),
+                Received::End => src.done = true,
+            }
+        }
+        n as std::ffi::c_int
+    })
+}
+
+/// Copies one table from the target's COPY stream into the local table.
+fn copy_table(conn: &mut Conn, target: &str, t: &Table) -> BdrResult<u64> {
+    remote(
+        target,
+        &format!("copying {}", t.qualified()),
+        conn.start_copy(&format!("COPY {} ({}) TO STDOUT", t.qualified(), t.column_list())),
+    )?;
+    let qualified = CString::new(t.qualified()).unwrap_or_default();
+    COPY_SRC.with(|s| {
+        *s.borrow_mut() = Some(CopySrc {
+            conn: conn as *mut Conn,
+            buf: Vec::new(),
+            pos: 0,
+            done: false,
+        })
+    });
+    // SAFETY: COPY FROM into a table opened here with the lock INSERT takes;
+    // the column list is built from palloc'd strings, as the parser would.
+    let n = unsafe {
+        let rv = pg_sys::makeRangeVarFromNameList(pg_sys::stringToQualifiedNameList(qualified.as_ptr()));
+        let relid = pg_sys::RangeVarGetRelidExtended(rv, pg_sys::RowExclusiveLock as i32, 0, None, std::ptr::null_mut());
+        let rel = pg_sys::table_open(relid, pg_sys::NoLock as i32);
+        let mut cols: *mut pg_sys::List = std::ptr::null_mut();
+        for c in &t.columns {
+            let cs = CString::new(c.as_str()).unwrap_or_default();
+            cols = pg_sys::lappend(cols, pg_sys::makeString(pg_sys::pstrdup(cs.as_ptr())).cast());
+        }
+        let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
+        pg_sys::addRangeTableEntryForRelation(pstate, rel, pg_sys::RowExclusiveLock as i32, std::ptr::null_mut(), false, false);
+        let cstate = pg_sys::BeginCopyFrom(
+            pstate,
+            rel,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            false,
+            Some(copy_read),
+            cols,
+            std::ptr::null_mut(),
+        );
+        let n = pg_sys::CopyFrom(cstate);
+        pg_sys::EndCopyFrom(cstate);
+        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+        n
+    };
+    // Drain what is left of the COPY (its end) so the connection is usable.
+    COPY_SRC.with(|s| {
+        if let Some(src) = s.borrow_mut().as_mut() {
+            while !src.done {
+                // SAFETY: the connection outlives this loop (borrowed above).
+                match unsafe { (*src.conn).receive() } {
+                    Received::Data(_) => {}
+                    Received::WouldBlock(fd) => workers::wait(Some(fd), 1000),
+                    Received::End => src.done = true,
+                }
+            }
+        }
+        *s.borrow_mut() = None;
+    });
+    Ok(n)
+}
+
+/// Until this transaction ends, everything it writes is tagged with the join
+/// target's origin (so the copy is not streamed to anyone) and its commit
+/// records `lsn` as that origin's progress.
+fn use_origin_until_end_of_transaction(origin_name: &str, lsn: u64) {
+    let name = CString::new(origin_name).unwrap_or_default();
+    // SAFETY: origin creation is transactional; the session setup is undone
+    // by the callbacks below whether the transaction commits or aborts.
+    unsafe {
+        let mut id = pg_sys::replorigin_by_name(name.as_ptr(), true);
+        if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+            id = pg_sys::replorigin_create(name.as_ptr());
+        }
+        pg_sys::replorigin_session_setup(id);
+        pg_sys::replorigin_session_origin = id;
+        pg_sys::replorigin_session_origin_lsn = lsn;
+        pg_sys::replorigin_session_origin_timestamp = pg_sys::GetCurrentTimestamp();
+    }
+    let reset = || {
+        // SAFETY: undoes the session setup above once the commit record (with
+        // the origin) is written, or the transaction is gone.
+        unsafe {
+            pg_sys::replorigin_session_reset();
+            pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
+            pg_sys::replorigin_session_origin_lsn = 0;
+            pg_sys::replorigin_session_origin_timestamp = 0;
+        }
+    };
+    register_xact_callback(PgXactCallbackEvent::Commit, reset);
+    register_xact_callback(PgXactCallbackEvent::Abort, reset);
+}
+
+fn join_impl(
+    join_target_dsn: &str,
+    node_group_name: Option<&str>,
+    pause_in_standby: bool,
+    synchronize_structure: &str,
+) -> BdrResult<()> {
+    prereq::check()?;
+    if pause_in_standby {
+        return Err(BdrError::NotSupported("joining as a standby (pause_in_standby)".into()));
+    }
+    let sync = synchronize_structure.to_ascii_lowercase();
+    if sync != "all" && sync != "none" {
+        return Err(BdrError::InvalidValue {
+            what: "synchronize_structure",
+            msg: format!("\"{synchronize_structure}\" is not one of 'all', 'none'"),
+        });
+    }
+    bdr_core::dsn::Dsn::parse(join_target_dsn).map_err(|err| BdrError::BadDsn {
+        dsn: join_target_dsn.to_string(),
+        err,
+    })?;
+    let local = catalog::local_node()?.ok_or(BdrError::NoLocalNode)?;
+    if let Some(g) = catalog::group_name(local.node_group_id)? {
+        return Err(BdrError::AlreadyInGroup { node: local.node_name, group: g });
+    }
+    let me_row = catalog::node_by_id(local.node_id)?.ok_or(BdrError::NoLocalNode)?;
+    let me = Member {
+        id: local.node_id,
+        name: local.node_name.clone(),
+        dsn: me_row.node_dsn.clone(),
+        dbname: my_database(),
+        state: NodeState::Active,
+    };
+
+    // The target and what it knows of its group.
+    let mut tconn = connect("the join target", join_target_dsn)?;
+    let rows = remote(
+        "join target",
+        "reading the group",
+        tconn.query(
+            "SELECT n.node_id::text, n.node_name::text, g.node_group_id::text, g.node_group_name::text,
+                    g.node_group_uuid::text, bdr.bdr_version_num()::text
+               FROM bdr.local_node l JOIN bdr.node n USING (node_id)
+               LEFT JOIN bdr.node_group g ON g.node_group_id = n.node_group_id",
+            6,
+        ),
+    )
+    .map_err(|e| match e {
+        BdrError::PeerCommand { msg, .. } if msg.contains("bdr.") => BdrError::JoinRefused {
+            msg: format!("the join target is not a BDR node: {msg}"),
+            hint: "Point join_target_dsn at a node of the group you want to join.".into(),
+        },
+        e => e,
+    })?;
+    let Some(t) = rows.first() else {
+        return Err(BdrError::JoinRefused {
+            msg: "the join target has no local BDR node".into(),
+            hint: "Create a node and a group on the join target first.".into(),
+        });
+    };
+    let target_name = text(&t[1]);
+    let group_id = parse_oid(&t[2]);
+    let group = text(&t[3]);
+    if group_id == 0 {
+        return Err(BdrError::JoinRefused {
+            msg: format!("the join target node \"{target_name}\" is not a member of a node group"),
+            hint: "Create the group on the join target with bdr.create_node_group().".into(),
+        });
+    }
+    if let Some(g) = node_group_name {
+        if g != group {
+            return Err(BdrError::JoinRefused {
+                msg: format!("the join target is a member of node group \"{group}\", not \"{g}\""),
+                hint: "Pass the join target's group name, or NULL.".into(),
+            });
+        }
+    }
+    let version: i32 = text(&t[5]).parse().unwrap_or(0);
+    if version / 10000 != bdr_core::version::VERSION_NUM / 10000 {
+        return Err(BdrError::JoinRefused {
+            msg: format!("the join target runs bdr version number {version}; this node runs {}", bdr_core::version::VERSION_NUM),
+            hint: "Join nodes of the same bdr major version.".into(),
+        });
+    }
+    let members: Vec<Member> = remote(
+        &target_name,
+        "reading the members",
+        tconn.query(
+            &format!(
+                "SELECT node_id::text, node_name::text, node_dsn, dbname::text, node_state::text
+                   FROM bdr.node WHERE node_group_id = {group_id} ORDER BY node_id"
+            ),
+            5,
+        ),
+    )?
+    .iter()
+    .map(|r| Member {
+        id: parse_oid(&r[0]),
+        name: text(&r[1]),
+        dsn: text(&r[2]),
+        dbname: text(&r[3]),
+        state: NodeState::from_oid(parse_oid(&r[4])).unwrap_or(NodeState::None),
+    })
+    .collect();
+    if let Some(m) = members.iter().find(|m| m.name == me.name || m.id == me.id) {
+        if m.state == NodeState::Active || m.id != me.id {
+            return Err(BdrError::NodeExists(m.name.clone()));
+        }
+    }
+    let peers: Vec<Member> = members
+        .iter()
+        .filter(|m| m.id != me.id && m.state == NodeState::Active)
+        .cloned()
+        .collect();
+    let tables = target_tables(&tconn, &target_name)?;
+    check_local_tables(&tables, &sync)?;
+
+    // 1. Slots here for every member: before this transaction writes anything.
+    for p in &peers {
+        let slot = naming::slot_name(&me.dbname, &group, &p.name);
+        if !slot_exists_local(&slot)? {
+            Spi::connect(|c| {
+                c.select(
+                    "SELECT pg_catalog.pg_create_logical_replication_slot($1, 'bdr')",
+                    None,
+                    &[slot.as_str().into()],
+                )
+                .map(|_| ())
+            })?;
+        }
+    }
+
+    // 2. Every member other than the target learns of us and keeps a slot for us.
+    for p in peers.iter().filter(|p| p.name != target_name) {
+        let conn = connect(&format!("node \"{}\"", p.name), &p.dsn)?;
+        register_on(&conn, p, &me, group_id)?;
+        let slot = naming::slot_name(&p.dbname, &group, &me.name);
+        if !slot_exists_remote(&conn, &p.name, &slot)? {
+            remote(
+                &p.name,
+                "creating a slot",
+                conn.query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL bdr (SNAPSHOT 'nothing')", ident(&slot)), 4),
+            )?;
+        }
+    }
+
+    // 3. The target: its slot for us, and its data as of that slot's start.
+    let target = peers
+        .iter()
+        .find(|p| p.name == target_name)
+        .cloned()
+        .ok_or_else(|| BdrError::JoinRefused {
+            msg: format!("the join target node \"{target_name}\" is not active in its group"),
+            hint: "Join through an active node of the group.".into(),
+        })?;
+    register_on(&tconn, &target, &me, group_id)?;
+    let slot = naming::slot_name(&target.dbname, &group, &me.name);
+    if slot_exists_remote(&tconn, &target.name, &slot)? {
+        // Left by an earlier attempt that did not finish; its start point is
+        // not the state we are about to copy.
+        remote(&target.name, "dropping an unfinished slot", tconn.command(&format!("DROP_REPLICATION_SLOT {}", ident(&slot))))?;
+    }
+    remote(
+        &target.name,
+        "starting the copy",
+        tconn.command("BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ"),
+    )?;
+    let created = remote(
+        &target.name,
+        "creating a slot",
+        tconn.query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL bdr (SNAPSHOT 'use')", ident(&slot)), 4),
+    )?;
+    let start = created
+        .first()
+        .and_then(|r| r[1].as_deref())
+        .and_then(lsn::parse)
+        .ok_or_else(|| BdrError::PeerCommand {
+            what: "creating a slot".into(),
+            node: target.name.clone(),
+            msg: "no consistent point returned".into(),
+        })?;
+
+    let target_origin = naming::origin_name(&me.dbname, &group, &target.name);
+    use_origin_until_end_of_transaction(&target_origin, start);
+    // Rows arrive in any order: foreign keys and triggers are the target's
+    // business, as for applied changes.
+    Spi::run("SELECT pg_catalog.set_config('session_replication_role', 'replica', true)")?;
+    let mut copied = 0u64;
+    for t in &tables {
+        copied += copy_table(&mut tconn, &target.name, t)?;
+    }
+    remote(&target.name, "finishing the copy", tconn.command("COMMIT"))?;
+    Spi::run("SELECT pg_catalog.set_config('session_replication_role', 'origin', true)")?;
+    pgrx::notice!(
+        "copied {copied} rows of {} tables from node \"{}\"",
+        tables.len(),
+        target.name
+    );
+
+    // 4. The group here, and us in it.
+    catalog::lock_nodes()?;
+    let uuid = text(&t[4]);
+    Spi::run_with_args(
+        "INSERT INTO bdr.node_group (node_group_id, node_group_name, node_group_uuid)
+         VALUES ($1, $2::name, $3::uuid) ON CONFLICT DO NOTHING",
+        &[pg_sys::Oid::from(group_id).into(), group.as_str().into(), uuid.as_str().into()],
+    )?;
+    for p in &peers {
+        upsert_node(p.id, &p.name, &p.dsn, &p.dbname, group_id, NodeState::Active)?;
+    }
+    catalog::set_node_group(me.id, group_id, NodeState::Active, members.len() as i32 + 1)?;
+
+    for p in &peers {
+        let conn = if p.name == target.name { None } else { Some(connect(&format!("node \"{}\"", p.name), &p.dsn)?) };
+        let c = conn.as_ref().unwrap_or(&tconn);
+        remote(&p.name, "activating the joining node", c.query(&format!("SELECT bdr._join_activate({})::text", me.id), 1))?;
+    }
+    super::node::wake_workers_at_commit();
+    Ok(())
+}
+
+fn upsert_node(id: u32, name: &str, dsn: &str, dbname: &str, group_id: u32, state: NodeState) -> BdrResult<()> {
+    let st = pg_sys::Oid::from(state.oid());
+    Spi::run_with_args(
+        "INSERT INTO bdr.node (node_id, node_name, node_group_id, source_node_id, node_state, target_state,
+                               seq_id, dbname, node_dsn, proto_version_ranges)
+         VALUES ($1, $2::name, $3, $1, $4, $4, 0, $5::name, $6, ARRAY[$7, $7])
+         ON CONFLICT (node_id) DO UPDATE SET node_group_id = EXCLUDED.node_group_id,
+                node_state = EXCLUDED.node_state, target_state = EXCLUDED.target_state,
+                dbname = EXCLUDED.dbname, node_dsn = EXCLUDED.node_dsn",
+        &[
+            pg_sys::Oid::from(id).into(),
+            name.into(),
+            pg_sys::Oid::from(group_id).into(),
+            st.into(),
+            dbname.into(),
+            dsn.into(),
+            bdr_core::version::PROTOCOL_VERSION.into(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Joins the local node to the group of the node at `join_target_dsn`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn join_node_group(
+    join_target_dsn: &str,
+    node_group_name: default!(Option<&str>, "NULL"),
+    pause_in_standby: default!(bool, false),
+    wait_for_completion: default!(bool, true),
+    synchronize_structure: default!(&str, "'all'"),
+) {
+    // The join is complete when this returns; the connections to the peers
+    // start when the transaction commits (see bdr.wait_for_join_completion).
+    let _ = wait_for_completion;
+    join_impl(join_target_dsn, node_group_name, pause_in_standby, synchronize_structure).or_raise()
+}
+
+fn register_impl(node_id: u32, name: &str, dsn: &str, dbname: &str, group_id: u32) -> BdrResult<()> {
+    catalog::lock_nodes()?;
+    let local = catalog::local_node()?.ok_or(BdrError::NoLocalNode)?;
+    if local.node_group_id != group_id {
+        return Err(BdrError::JoinRefused {
+            msg: format!("node \"{}\" is not a member of the group being joined", local.node_name),
+            hint: "Join through a node of the group.".into(),
+        });
+    }
+    if let Some(other) = catalog::node_by_name(name)? {
+        if other.node_id != node_id {
+            return Err(BdrError::NodeExists(name.to_string()));
+        }
+        if other.node_state == NodeState::Active {
+            return Ok(());
+        }
+    }
+    upsert_node(node_id, name, dsn, dbname, group_id, NodeState::Joining)
+}
+
+/// Called by a joining node on each member: records the joiner.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _join_register(node_id: i64, node_name: &str, node_dsn: &str, dbname: &str, node_group_id: i64) {
+    register_impl(node_id as u32, node_name, node_dsn, dbname, node_group_id as u32).or_raise()
+}
+
+/// Called by a joining node on each member once it holds the group's data:
+/// the member's manager then subscribes to it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _join_activate(node_id: i64) {
+    let r: BdrResult<()> = (|| {
+        catalog::lock_nodes()?;
+        Spi::run_with_args(
+            "UPDATE bdr.node SET node_state = $2, target_state = $2 WHERE node_id = $1",
+            &[pg_sys::Oid::from(node_id as u32).into(), pg_sys::Oid::from(NodeState::Active.oid()).into()],
+        )?;
+        super::node::wake_workers_at_commit();
+        Ok(())
+    })();
+    r.or_raise()
+}
+
+/// Waits until the local node is an active member and a receiver streams
+/// from every peer.
+#[pg_extern(volatile, parallel_unsafe)]
+fn wait_for_join_completion(verbose_progress: default!(bool, false)) {
+    let local = catalog::local_node().or_raise().ok_or(BdrError::NoLocalNode).or_raise();
+    if local.node_group_id == 0 {
+        BdrError::JoinRefused {
+            msg: format!("node \"{}\" is not joining a group", local.node_name),
+            hint: "Call bdr.join_node_group() first.".into(),
+        }
+        .raise();
+    }
+    // SAFETY: MyDatabaseId is set for the life of a connected backend.
+    let db = unsafe { pg_sys::MyDatabaseId.to_u32() };
+    let mut last = String::new();
+    loop {
+        let peers = catalog::group_peers(&local).or_raise();
+        let active: Vec<_> = peers.iter().filter(|p| p.node_state == NodeState::Active).collect();
+        let subs = catalog::local_subscriptions().or_raise();
+        let mut waiting = Vec::new();
+        for p in &active {
+            let connected = subs.iter().find(|s| s.origin_node_id == p.node_id).is_some_and(|s| {
+                let t = TASKS.share();
+                t.find(Role::Receiver, db, s.sub_id, 0).is_some_and(|i| t.tasks[i].connected)
+            });
+            if !connected {
+                waiting.push(p.node_name.clone());
+            }
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        let now = format!("waiting for replication from: {}", waiting.join(", "));
+        if verbose_progress && now != last {
+            pgrx::notice!("{now}");
+            last = now;
+        }
+        shmem::wake_manager(db);
+        workers::wait(None, 200);
+    }
+}

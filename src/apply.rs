@@ -1,0 +1,638 @@
+//! Applying a peer's transactions: each remote transaction becomes one local
+//! transaction, run under the peer's replication origin so that the origin's
+//! progress commits atomically with the data and the local commit timestamp
+//! equals the remote one. Rows are found by replica identity and changed with
+//! SPI plans prepared once per relation and column set, and kept.
+//!
+//! A change that meets a local row written elsewhere is resolved by
+//! `bdr_core::conflict::remote_wins` (last update wins, ties to the higher
+//! node id), so every node keeps the same row.
+
+use bdr_core::conflict::{remote_wins, Writer};
+use bdr_core::protocol::{Message, Relation, Value};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+
+struct LocalCol {
+    name: String,
+    typid: pg_sys::Oid,
+    typmod: i32,
+    input: pg_sys::Oid,
+    input_param: pg_sys::Oid,
+    recv: pg_sys::Oid,
+    recv_param: pg_sys::Oid,
+}
+
+#[derive(Hash, PartialEq, Eq, Clone)]
+enum PlanKey {
+    /// Find the row by these remote columns (`=`, or IS NOT DISTINCT FROM for
+    /// REPLICA IDENTITY FULL).
+    Find(Vec<usize>, bool),
+    Insert(Vec<usize>),
+    Update(Vec<usize>),
+    Delete,
+}
+
+struct RelMap {
+    remote: Relation,
+    qualified: String,
+    /// For each remote column, the local column it maps to.
+    map: Vec<Option<usize>>,
+    local: Vec<LocalCol>,
+    /// Remote column indexes of the replica identity key.
+    key: Vec<usize>,
+    plans: HashMap<PlanKey, pg_sys::SPIPlanPtr>,
+}
+
+impl Drop for RelMap {
+    fn drop(&mut self) {
+        for (_, p) in self.plans.drain() {
+            // SAFETY: plans were kept with SPI_keepplan and are freed once.
+            unsafe { pg_sys::SPI_freeplan(p) };
+        }
+    }
+}
+
+/// The local row an incoming change meets.
+struct Found {
+    ctid: pg_sys::ItemPointerData,
+    writer: Option<Writer>,
+}
+
+pub struct Applier {
+    local_node_id: u32,
+    remote_node_id: u32,
+    rels: HashMap<u32, RelMap>,
+    origin_nodes: HashMap<u16, u32>,
+    /// The remote commit already applied (origin progress at start).
+    applied_up_to: u64,
+    in_txn: bool,
+    skip_txn: bool,
+    commit_ts: i64,
+    row_cxt: pg_sys::MemoryContext,
+    pub ncommits: i64,
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn spi_check(rc: i32, what: &str) {
+    if rc < 0 {
+        error!("bdr writer: SPI failed ({rc}) while {what}");
+    }
+}
+
+impl Applier {
+    pub fn new(local_node_id: u32, remote_node_id: u32, applied_up_to: u64) -> Applier {
+        // SAFETY: a memory context for per-row values, reset after each change.
+        let row_cxt = unsafe {
+            pg_sys::AllocSetContextCreateExtended(
+                pg_sys::TopMemoryContext,
+                c"bdr apply row".as_ptr(),
+                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            )
+        };
+        Applier {
+            local_node_id,
+            remote_node_id,
+            rels: HashMap::new(),
+            origin_nodes: HashMap::new(),
+            applied_up_to,
+            in_txn: false,
+            skip_txn: false,
+            commit_ts: 0,
+            row_cxt,
+            ncommits: 0,
+        }
+    }
+
+    /// Applies one message; returns `(remote end LSN, local commit end LSN)`
+    /// at each COMMIT, for the receiver's flush feedback.
+    pub fn handle(&mut self, m: Message) -> Option<(u64, u64)> {
+        match m {
+            Message::Begin { final_lsn, commit_time, .. } => {
+                self.commit_ts = commit_time;
+                // Streaming resumes at the origin's progress, so this only
+                // catches a peer that sends again what we already have.
+                self.skip_txn = final_lsn != 0 && final_lsn < self.applied_up_to;
+                if !self.skip_txn {
+                    self.begin();
+                }
+                None
+            }
+            Message::Commit { end_lsn, commit_time, .. } => {
+                if self.skip_txn || !self.in_txn {
+                    self.skip_txn = false;
+                    return Some((end_lsn, 0));
+                }
+                let local_end = self.commit(end_lsn, commit_time);
+                self.applied_up_to = self.applied_up_to.max(end_lsn);
+                Some((end_lsn, local_end))
+            }
+            Message::Relation(r) => {
+                // A new description (after DDL on the peer) replaces the old one.
+                self.rels.remove(&r.id);
+                let map = self.map_relation(r);
+                self.rels.insert(map.remote.id, map);
+                None
+            }
+            Message::Origin { .. } | Message::Message { .. } => None,
+            _ if self.skip_txn => None,
+            Message::Insert { relid, new } => {
+                self.row(|a| a.insert(relid, &new));
+                None
+            }
+            Message::Update { relid, old, new } => {
+                self.row(|a| a.update(relid, old.as_deref(), &new));
+                None
+            }
+            Message::Delete { relid, old } => {
+                self.row(|a| a.delete(relid, &old));
+                None
+            }
+            Message::Truncate { relids, cascade, restart_identity } => {
+                self.row(|a| a.truncate(&relids, cascade, restart_identity));
+                None
+            }
+        }
+    }
+
+    fn begin(&mut self) {
+        // SAFETY: starts the local transaction the remote one is applied in.
+        unsafe {
+            pg_sys::SetCurrentStatementStartTimestamp();
+            pg_sys::StartTransactionCommand();
+            spi_check(pg_sys::SPI_connect(), "connecting to SPI");
+        }
+        self.in_txn = true;
+    }
+
+    fn commit(&mut self, end_lsn: u64, commit_time: i64) -> u64 {
+        // SAFETY: ends the transaction begun in `begin`. Setting the origin's
+        // LSN and timestamp first makes the commit record carry them, which
+        // advances the origin atomically and gives the rows the remote time.
+        unsafe {
+            pg_sys::SPI_finish();
+            pg_sys::replorigin_session_origin_lsn = end_lsn;
+            pg_sys::replorigin_session_origin_timestamp = commit_time;
+            pg_sys::CommitTransactionCommand();
+            pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null());
+        }
+        self.in_txn = false;
+        self.ncommits += 1;
+        // SAFETY: set by the commit just made (0 if it wrote no WAL).
+        unsafe { pg_sys::XactLastCommitEnd }
+    }
+
+    /// Runs one row change with a fresh snapshot and per-row memory.
+    fn row(&mut self, f: impl FnOnce(&mut Self)) {
+        if !self.in_txn {
+            error!("bdr writer: change outside a transaction from the peer");
+        }
+        // SAFETY: each change sees the effects of the previous ones (new
+        // snapshot, command counter), and its values live in row_cxt.
+        unsafe {
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            let old = pg_sys::MemoryContextSwitchTo(self.row_cxt);
+            f(self);
+            pg_sys::MemoryContextSwitchTo(old);
+            pg_sys::MemoryContextReset(self.row_cxt);
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommandCounterIncrement();
+        }
+    }
+
+    fn map_relation(&mut self, r: Relation) -> RelMap {
+        let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.name));
+        let mut local = Vec::new();
+        let q = CString::new(format!(
+            "SELECT a.attname::text, a.atttypid, a.atttypmod FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid = pg_catalog.to_regclass({})
+                AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+              ORDER BY a.attnum",
+            crate::walrcv::literal(&qualified)
+        ))
+        .unwrap_or_default();
+        // SAFETY: a read-only catalog query in the current transaction (or a
+        // short one of its own); results are copied out before SPI_finish.
+        unsafe {
+            let own_txn = !pg_sys::IsTransactionState();
+            if own_txn {
+                pg_sys::StartTransactionCommand();
+            }
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            spi_check(pg_sys::SPI_connect(), "connecting to SPI");
+            spi_check(pg_sys::SPI_execute(q.as_ptr(), true, 0), "reading a table's columns");
+            let tt = pg_sys::SPI_tuptable;
+            for i in 0..pg_sys::SPI_processed as usize {
+                let tup = *(*tt).vals.add(i);
+                let desc = (*tt).tupdesc;
+                let mut isnull = false;
+                let name = pg_sys::SPI_getvalue(tup, desc, 1);
+                let typid = pg_sys::SPI_getbinval(tup, desc, 2, &mut isnull);
+                let typmod = pg_sys::SPI_getbinval(tup, desc, 3, &mut isnull);
+                let typid = pg_sys::Oid::from(typid.value() as u32);
+                let (mut input, mut input_param, mut recv, mut recv_param) =
+                    (pg_sys::InvalidOid, pg_sys::InvalidOid, pg_sys::InvalidOid, pg_sys::InvalidOid);
+                pg_sys::getTypeInputInfo(typid, &mut input, &mut input_param);
+                pg_sys::getTypeBinaryInputInfo(typid, &mut recv, &mut recv_param);
+                local.push(LocalCol {
+                    name: CStr::from_ptr(name).to_string_lossy().into_owned(),
+                    typid,
+                    typmod: typmod.value() as i32,
+                    input,
+                    input_param,
+                    recv,
+                    recv_param,
+                });
+            }
+            pg_sys::SPI_finish();
+            pg_sys::PopActiveSnapshot();
+            if own_txn {
+                pg_sys::CommitTransactionCommand();
+            }
+        }
+        if local.is_empty() {
+            error!(
+                "table {qualified} replicated from node {} does not exist on this node",
+                self.remote_node_id
+            );
+        }
+        let map: Vec<Option<usize>> = r
+            .columns
+            .iter()
+            .map(|c| local.iter().position(|l| l.name == c.name))
+            .collect();
+        let key: Vec<usize> = r
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_key)
+            .map(|(i, _)| i)
+            .collect();
+        RelMap {
+            remote: r,
+            qualified,
+            map,
+            local,
+            key,
+            plans: HashMap::new(),
+        }
+    }
+
+    fn rel(&mut self, relid: u32) -> &mut RelMap {
+        match self.rels.get_mut(&relid) {
+            Some(r) => r,
+            None => error!("bdr writer: change for relation {relid} before its description"),
+        }
+    }
+
+    /// The node that made the local row's last write, from its origin.
+    fn node_of_origin(&mut self, roident: u16) -> u32 {
+        if roident == 0 || roident as u32 == pg_sys::DoNotReplicateId {
+            return self.local_node_id;
+        }
+        if let Some(n) = self.origin_nodes.get(&roident) {
+            return *n;
+        }
+        let q = CString::new(format!(
+            "SELECT s.origin_node_id FROM pg_catalog.pg_replication_origin o
+               JOIN bdr.subscription s ON s.origin_name = o.roname WHERE o.roident = {roident}"
+        ))
+        .unwrap_or_default();
+        // SAFETY: read-only query inside the apply transaction's SPI connection.
+        let node = unsafe {
+            spi_check(pg_sys::SPI_execute(q.as_ptr(), true, 1), "looking up an origin");
+            if pg_sys::SPI_processed == 0 {
+                0
+            } else {
+                let mut isnull = false;
+                let d = pg_sys::SPI_getbinval(*(*pg_sys::SPI_tuptable).vals, (*pg_sys::SPI_tuptable).tupdesc, 1, &mut isnull);
+                if isnull { 0 } else { d.value() as u32 }
+            }
+        };
+        self.origin_nodes.insert(roident, node);
+        node
+    }
+
+    fn remote_writer(&self) -> Writer {
+        Writer {
+            commit_ts: self.commit_ts,
+            node_id: self.remote_node_id,
+        }
+    }
+
+    fn insert(&mut self, relid: u32, new: &[Value]) {
+        let key = self.rel(relid).key.clone();
+        let found = if key.is_empty() { None } else { self.find(relid, &key, new, false) };
+        match found {
+            None => self.exec_insert(relid, new),
+            Some(f) => {
+                // insert_exists: the newer write wins.
+                if remote_wins(self.remote_writer(), f.writer) {
+                    self.exec_update(relid, f.ctid, new);
+                }
+            }
+        }
+    }
+
+    fn update(&mut self, relid: u32, old: Option<&[Value]>, new: &[Value]) {
+        let (key, full) = {
+            let r = self.rel(relid);
+            if r.key.is_empty() && r.remote.replica_identity == b'f' {
+                // Match on every column the old row carries.
+                let src = old.unwrap_or(new);
+                ((0..src.len()).filter(|i| src[*i] != Value::UnchangedToast).collect(), true)
+            } else {
+                (r.key.clone(), false)
+            }
+        };
+        if key.is_empty() {
+            error!(
+                "table {} has no replica identity; UPDATE cannot be applied",
+                self.rel(relid).qualified
+            );
+        }
+        let lookup = old.unwrap_or(new);
+        match self.find(relid, &key, lookup, full) {
+            Some(f) => {
+                if remote_wins(self.remote_writer(), f.writer) {
+                    self.exec_update(relid, f.ctid, new);
+                }
+            }
+            None => {
+                // update_missing: the row was not here (yet). Insert it when
+                // the change carries the whole row, so that an update that
+                // overtook its insert (from a third node) is not lost; the
+                // older insert then loses against it.
+                if !new.iter().any(|v| *v == Value::UnchangedToast) {
+                    self.exec_insert(relid, new);
+                }
+            }
+        }
+    }
+
+    fn delete(&mut self, relid: u32, old: &[Value]) {
+        let (key, full) = {
+            let r = self.rel(relid);
+            if r.key.is_empty() && r.remote.replica_identity == b'f' {
+                ((0..old.len()).collect(), true)
+            } else {
+                (r.key.clone(), false)
+            }
+        };
+        if key.is_empty() {
+            error!(
+                "table {} has no replica identity; DELETE cannot be applied",
+                self.rel(relid).qualified
+            );
+        }
+        if let Some(f) = self.find(relid, &key, old, full) {
+            // A row updated here after the delete was made stays.
+            if remote_wins(self.remote_writer(), f.writer) {
+                self.exec_delete(relid, f.ctid);
+            }
+        }
+    }
+
+    fn truncate(&mut self, relids: &[u32], cascade: bool, restart_identity: bool) {
+        let names: Vec<String> = relids.iter().map(|r| self.rel(*r).qualified.clone()).collect();
+        let sql = format!(
+            "TRUNCATE {}{}{}",
+            names.join(", "),
+            if restart_identity { " RESTART IDENTITY" } else { "" },
+            if cascade { " CASCADE" } else { "" }
+        );
+        let c = CString::new(sql).unwrap_or_default();
+        // SAFETY: a utility statement inside the apply transaction.
+        unsafe { spi_check(pg_sys::SPI_execute(c.as_ptr(), false, 0), "truncating") };
+    }
+
+    /// Converts remote values to local datums for the given remote columns.
+    fn datums(&mut self, relid: u32, cols: &[usize], vals: &[Value]) -> (Vec<pg_sys::Datum>, Vec<std::ffi::c_char>) {
+        let r = self.rel(relid);
+        let mut datums = Vec::with_capacity(cols.len() + 1);
+        let mut nulls = Vec::with_capacity(cols.len() + 1);
+        for &i in cols {
+            let Some(li) = r.map[i] else {
+                datums.push(pg_sys::Datum::from(0));
+                nulls.push(b'n' as std::ffi::c_char);
+                continue;
+            };
+            let l = &r.local[li];
+            let v = vals.get(i).unwrap_or(&Value::Null);
+            // SAFETY: type input/receive functions of the local column's type,
+            // called with NUL-terminated text or a StringInfo over the bytes.
+            let d = unsafe {
+                match v {
+                    Value::Null | Value::UnchangedToast => None,
+                    Value::Text(s) => {
+                        let c = CString::new(s.as_str()).unwrap_or_default();
+                        Some(pg_sys::OidInputFunctionCall(l.input, c.as_ptr() as *mut _, l.input_param, l.typmod))
+                    }
+                    Value::Binary(b) => {
+                        if r.remote.columns[i].type_oid != l.typid.to_u32() {
+                            error!(
+                                "column \"{}\" of {} has type {} here but another type on the peer",
+                                l.name, r.qualified, l.typid.to_u32()
+                            );
+                        }
+                        let buf = pg_sys::makeStringInfo();
+                        pg_sys::appendBinaryStringInfo(buf, b.as_ptr() as *const _, b.len() as i32);
+                        Some(pg_sys::OidReceiveFunctionCall(l.recv, buf, l.recv_param, l.typmod))
+                    }
+                }
+            };
+            match d {
+                Some(d) => {
+                    datums.push(d);
+                    nulls.push(b' ' as std::ffi::c_char);
+                }
+                None => {
+                    datums.push(pg_sys::Datum::from(0));
+                    nulls.push(b'n' as std::ffi::c_char);
+                }
+            }
+        }
+        (datums, nulls)
+    }
+
+    fn plan(&mut self, relid: u32, key: PlanKey) -> pg_sys::SPIPlanPtr {
+        let r = self.rel(relid);
+        if let Some(p) = r.plans.get(&key) {
+            return *p;
+        }
+        let col = |i: usize| -> (&str, pg_sys::Oid) {
+            match r.map[i] {
+                Some(li) => (r.local[li].name.as_str(), r.local[li].typid),
+                None => error!(
+                    "column \"{}\" of {} exists on the peer but not on this node",
+                    r.remote.columns[i].name, r.qualified
+                ),
+            }
+        };
+        let mut types: Vec<pg_sys::Oid> = Vec::new();
+        let sql = match &key {
+            PlanKey::Find(cols, full) => {
+                let conds: Vec<String> = cols
+                    .iter()
+                    .enumerate()
+                    .map(|(n, &i)| {
+                        let (name, t) = col(i);
+                        types.push(t);
+                        let op = if *full { "IS NOT DISTINCT FROM" } else { "=" };
+                        format!("{} {op} ${}", quote_ident(name), n + 1)
+                    })
+                    .collect();
+                format!(
+                    "SELECT t.ctid, c.timestamp, c.roident FROM ONLY {} t
+                       LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(t.xmin) c ON true
+                      WHERE {} LIMIT 1 FOR UPDATE OF t",
+                    r.qualified,
+                    conds.join(" AND ")
+                )
+            }
+            PlanKey::Insert(cols) => {
+                let names: Vec<String> = cols
+                    .iter()
+                    .map(|&i| {
+                        let (name, t) = col(i);
+                        types.push(t);
+                        quote_ident(name)
+                    })
+                    .collect();
+                let params: Vec<String> = (1..=cols.len()).map(|n| format!("${n}")).collect();
+                format!(
+                    "INSERT INTO {} ({}) VALUES ({})",
+                    r.qualified,
+                    names.join(", "),
+                    params.join(", ")
+                )
+            }
+            PlanKey::Update(cols) => {
+                let sets: Vec<String> = cols
+                    .iter()
+                    .enumerate()
+                    .map(|(n, &i)| {
+                        let (name, t) = col(i);
+                        types.push(t);
+                        format!("{} = ${}", quote_ident(name), n + 1)
+                    })
+                    .collect();
+                types.push(pg_sys::TIDOID);
+                format!(
+                    "UPDATE ONLY {} SET {} WHERE ctid = ${}",
+                    r.qualified,
+                    sets.join(", "),
+                    cols.len() + 1
+                )
+            }
+            PlanKey::Delete => {
+                types.push(pg_sys::TIDOID);
+                format!("DELETE FROM ONLY {} WHERE ctid = $1", r.qualified)
+            }
+        };
+        let c = CString::new(sql).unwrap_or_default();
+        // SAFETY: prepared inside the apply transaction's SPI connection and
+        // kept, so it outlives the transaction; freed when the RelMap goes.
+        let plan = unsafe {
+            let p = pg_sys::SPI_prepare(c.as_ptr(), types.len() as i32, types.as_mut_ptr());
+            if p.is_null() {
+                error!("bdr writer: could not prepare a statement for {}", r.qualified);
+            }
+            pg_sys::SPI_keepplan(p);
+            p
+        };
+        r.plans.insert(key, plan);
+        plan
+    }
+
+    fn find(&mut self, relid: u32, key: &[usize], vals: &[Value], full: bool) -> Option<Found> {
+        let plan = self.plan(relid, PlanKey::Find(key.to_vec(), full));
+        let (mut datums, nulls) = self.datums(relid, key, vals);
+        // SAFETY: executes a kept plan with as many datums as it has
+        // parameters; reads the one result row before freeing it.
+        let found = unsafe {
+            spi_check(
+                pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 1),
+                "finding a row",
+            );
+            if pg_sys::SPI_processed == 0 {
+                None
+            } else {
+                let tt = pg_sys::SPI_tuptable;
+                let tup = *(*tt).vals;
+                let desc = (*tt).tupdesc;
+                let mut isnull = false;
+                let ctid_d = pg_sys::SPI_getbinval(tup, desc, 1, &mut isnull);
+                let ctid = *(ctid_d.cast_mut_ptr::<pg_sys::ItemPointerData>());
+                let ts = pg_sys::SPI_getbinval(tup, desc, 2, &mut isnull);
+                let ts_null = isnull;
+                let ro = pg_sys::SPI_getbinval(tup, desc, 3, &mut isnull);
+                let ro = if isnull { 0 } else { ro.value() as u32 as u16 };
+                pg_sys::SPI_freetuptable(tt);
+                Some((ctid, (!ts_null).then(|| ts.value() as i64), ro))
+            }
+        };
+        found.map(|(ctid, ts, ro)| Found {
+            ctid,
+            writer: ts.map(|commit_ts| Writer {
+                commit_ts,
+                node_id: self.node_of_origin(ro),
+            }),
+        })
+    }
+
+    fn present_cols(&mut self, relid: u32, vals: &[Value]) -> Vec<usize> {
+        let r = self.rel(relid);
+        (0..r.remote.columns.len())
+            .filter(|i| r.map[*i].is_some() && vals.get(*i) != Some(&Value::UnchangedToast))
+            .collect()
+    }
+
+    fn exec_insert(&mut self, relid: u32, new: &[Value]) {
+        let cols = self.present_cols(relid, new);
+        let plan = self.plan(relid, PlanKey::Insert(cols.clone()));
+        let (mut datums, nulls) = self.datums(relid, &cols, new);
+        // SAFETY: a kept plan with matching parameters.
+        unsafe {
+            spi_check(
+                pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 0),
+                "inserting a row",
+            )
+        };
+    }
+
+    fn exec_update(&mut self, relid: u32, mut ctid: pg_sys::ItemPointerData, new: &[Value]) {
+        let cols = self.present_cols(relid, new);
+        let plan = self.plan(relid, PlanKey::Update(cols.clone()));
+        let (mut datums, mut nulls) = self.datums(relid, &cols, new);
+        datums.push(pg_sys::Datum::from(&mut ctid as *mut pg_sys::ItemPointerData));
+        nulls.push(b' ' as std::ffi::c_char);
+        // SAFETY: a kept plan with matching parameters; `ctid` outlives the call.
+        unsafe {
+            spi_check(
+                pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 0),
+                "updating a row",
+            )
+        };
+    }
+
+    fn exec_delete(&mut self, relid: u32, mut ctid: pg_sys::ItemPointerData) {
+        let plan = self.plan(relid, PlanKey::Delete);
+        let mut datums = [pg_sys::Datum::from(&mut ctid as *mut pg_sys::ItemPointerData)];
+        let nulls = [b' ' as std::ffi::c_char];
+        // SAFETY: a kept plan with one tid parameter; `ctid` outlives the call.
+        unsafe {
+            spi_check(
+                pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 0),
+                "deleting a row",
+            )
+        };
+    }
+}

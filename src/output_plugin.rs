@@ -1,0 +1,432 @@
+//! The `bdr` logical decoding output plugin. A peer's receiver streams from a
+//! slot created with it; it turns each decoded change into a bdr protocol
+//! message (`bdr_core::protocol`), one per CopyData.
+//!
+//! Only changes made on this node are sent (`filter_by_origin_cb`): in a full
+//! mesh every node hears every other directly, so forwarding would apply
+//! changes twice.
+
+use bdr_core::protocol::{self, Column, Message, StartOptions, Value};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgMemoryContexts;
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::ffi::CStr;
+
+struct State {
+    opts: StartOptions,
+    /// Relations whose RELATION message this stream already carries.
+    sent_relations: HashSet<u32>,
+    begin_sent: bool,
+    /// Per-change allocations (type output results); reset after each change.
+    change_cxt: pg_sys::MemoryContext,
+}
+
+thread_local! {
+    /// Relations changed by DDL since they were last described; the relcache
+    /// callback cannot reach the decoding context, so it leaves notes here.
+    static INVALIDATED: RefCell<(bool, HashSet<u32>)> = RefCell::new((false, HashSet::new()));
+    static CALLBACK_REGISTERED: RefCell<bool> = const { RefCell::new(false) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_invalidated(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    INVALIDATED.with(|i| {
+        let mut i = i.borrow_mut();
+        if relid == pg_sys::InvalidOid {
+            i.0 = true;
+        } else {
+            i.1.insert(relid.to_u32());
+        }
+    });
+}
+
+fn take_invalidations(state: &mut State) {
+    INVALIDATED.with(|i| {
+        let mut i = i.borrow_mut();
+        if i.0 {
+            state.sent_relations.clear();
+        }
+        for r in i.1.drain() {
+            state.sent_relations.remove(&r);
+        }
+        i.0 = false;
+    });
+}
+
+/// The plugin's entry point, found by name when a slot uses plugin `bdr`.
+///
+/// # Safety
+/// Called by PostgreSQL with a valid callback table.
+#[unsafe(no_mangle)]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPluginCallbacks) {
+    *cb = pg_sys::OutputPluginCallbacks::default();
+    (*cb).startup_cb = Some(startup);
+    (*cb).begin_cb = Some(begin);
+    (*cb).change_cb = Some(change);
+    (*cb).truncate_cb = Some(truncate);
+    (*cb).commit_cb = Some(commit);
+    (*cb).filter_by_origin_cb = Some(filter_by_origin);
+    (*cb).shutdown_cb = Some(shutdown);
+}
+
+unsafe fn state<'a>(ctx: *mut pg_sys::LogicalDecodingContext) -> &'a mut State {
+    &mut *((*ctx).output_plugin_private as *mut State)
+}
+
+fn cstr(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: PostgreSQL strings are NUL-terminated.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn startup(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    opt: *mut pg_sys::OutputPluginOptions,
+    is_init: bool,
+) {
+    (*opt).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT;
+    (*opt).receive_rewrites = false;
+
+    let mut opts = StartOptions {
+        proto_version: protocol::PROTO_VERSION,
+        ..Default::default()
+    };
+    if !is_init {
+        let list = (*ctx).output_plugin_options;
+        let mut pairs = Vec::new();
+        if !list.is_null() {
+            for i in 0..(*list).length as usize {
+                let d = (*(*list).elements.add(i)).ptr_value as *mut pg_sys::DefElem;
+                let name = cstr((*d).defname);
+                let value = if (*d).arg.is_null() {
+                    String::new()
+                } else {
+                    cstr(pg_sys::defGetString(d))
+                };
+                pairs.push((name, value));
+            }
+        }
+        match protocol::parse_start_options(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+            Ok(o) => opts = o,
+            Err(msg) => {
+                pgrx::pg_sys::panic::ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    msg,
+                    "bdr output plugin",
+                )
+                .set_hint("Connect with a bdr receiver of the same protocol version.")
+                .report(PgLogLevel::ERROR);
+            }
+        }
+    }
+
+    CALLBACK_REGISTERED.with(|r| {
+        if !*r.borrow() {
+            pg_sys::CacheRegisterRelcacheCallback(Some(relcache_invalidated), pg_sys::Datum::from(0));
+            *r.borrow_mut() = true;
+        }
+    });
+
+    let change_cxt = pg_sys::AllocSetContextCreateExtended(
+        (*ctx).context,
+        c"bdr output change".as_ptr(),
+        pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+        pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+        pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+    );
+    // Freed with the decoding context, also when decoding ends in an ERROR.
+    let st = PgMemoryContexts::For((*ctx).context).leak_and_drop_on_delete(State {
+        opts,
+        sent_relations: HashSet::new(),
+        begin_sent: false,
+        change_cxt,
+    });
+    (*ctx).output_plugin_private = st as *mut std::ffi::c_void;
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shutdown(_ctx: *mut pg_sys::LogicalDecodingContext) {}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn filter_by_origin(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    origin_id: pg_sys::RepOriginId,
+) -> bool {
+    if origin_id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+        return false;
+    }
+    // Forwarding of other nodes' changes is only for join/part catch-up.
+    let st = state(ctx);
+    !st.opts.forward_origins.iter().any(|o| o == "all")
+}
+
+fn write(ctx: *mut pg_sys::LogicalDecodingContext, m: &Message) {
+    let bytes = protocol::encode(m);
+    // SAFETY: the decoding context is live during callbacks; `out` is its buffer.
+    unsafe {
+        pg_sys::OutputPluginPrepareWrite(ctx, true);
+        pg_sys::appendBinaryStringInfo((*ctx).out, bytes.as_ptr() as *const _, bytes.len() as i32);
+        pg_sys::OutputPluginWrite(ctx, true);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn begin(ctx: *mut pg_sys::LogicalDecodingContext, _txn: *mut pg_sys::ReorderBufferTXN) {
+    // BEGIN waits for the first change, so that transactions with nothing to
+    // send (filtered, or only bdr catalogs) cost the peer nothing.
+    state(ctx).begin_sent = false;
+}
+
+unsafe fn ensure_begin(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN) {
+    let st = state(ctx);
+    if st.begin_sent {
+        return;
+    }
+    st.begin_sent = true;
+    write(
+        ctx,
+        &Message::Begin {
+            xid: (*txn).xid.into_inner(),
+            final_lsn: (*txn).final_lsn,
+            commit_time: (*txn).xact_time.commit_time,
+        },
+    );
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn commit(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    commit_lsn: pg_sys::XLogRecPtr,
+) {
+    let st = state(ctx);
+    if !st.begin_sent {
+        // Lets the walsender confirm progress past skipped transactions.
+        pg_sys::OutputPluginUpdateProgress(ctx, true);
+        return;
+    }
+    st.begin_sent = false;
+    pg_sys::OutputPluginUpdateProgress(ctx, false);
+    write(
+        ctx,
+        &Message::Commit {
+            commit_lsn,
+            end_lsn: (*txn).end_lsn,
+            commit_time: (*txn).xact_time.commit_time,
+        },
+    );
+}
+
+unsafe fn attr(desc: pg_sys::TupleDesc, i: usize) -> &'static pg_sys::FormData_pg_attribute {
+    &*(*desc).attrs.as_ptr().add(i)
+}
+
+/// Columns that replicate: not dropped, not generated (the target computes those).
+unsafe fn replicated(a: &pg_sys::FormData_pg_attribute) -> bool {
+    !a.attisdropped && a.attgenerated == 0
+}
+
+/// Whether this relation's changes are sent at all.
+unsafe fn wanted(rel: pg_sys::Relation) -> bool {
+    let ns = (*(*rel).rd_rel).relnamespace;
+    // bdr's own catalogs are kept in step by the join protocol, not by the stream.
+    cstr(pg_sys::get_namespace_name(ns)) != "bdr"
+}
+
+unsafe fn ensure_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relation) -> u32 {
+    let st = state(ctx);
+    take_invalidations(st);
+    let relid = (*rel).rd_id.to_u32();
+    if st.sent_relations.contains(&relid) {
+        return relid;
+    }
+    let form = &*(*rel).rd_rel;
+    let desc = (*rel).rd_att;
+    let keys = pg_sys::RelationGetIdentityKeyBitmap(rel);
+    let mut columns = Vec::new();
+    for i in 0..(*desc).natts as usize {
+        let a = attr(desc, i);
+        if !replicated(a) {
+            continue;
+        }
+        let bit = a.attnum as i32 - pg_sys::FirstLowInvalidHeapAttributeNumber;
+        columns.push(Column {
+            name: cstr(a.attname.data.as_ptr()),
+            type_name: cstr(pg_sys::format_type_be(a.atttypid)),
+            type_oid: a.atttypid.to_u32(),
+            typmod: a.atttypmod,
+            is_key: !keys.is_null() && pg_sys::bms_is_member(bit, keys),
+        });
+    }
+    write(
+        ctx,
+        &Message::Relation(protocol::Relation {
+            id: relid,
+            schema: cstr(pg_sys::get_namespace_name(form.relnamespace)),
+            name: cstr(form.relname.data.as_ptr()),
+            replica_identity: form.relreplident as u8,
+            columns,
+        }),
+    );
+    st.sent_relations.insert(relid);
+    relid
+}
+
+unsafe fn is_unchanged_toast(d: pg_sys::Datum) -> bool {
+    let p = d.cast_mut_ptr::<pg_sys::varlena>();
+    pgrx::varlena::varatt_is_1b_e(p)
+        && pgrx::varlena::vartag_external(p) as u32 == pg_sys::vartag_external::VARTAG_ONDISK
+}
+
+/// The replicated columns of a decoded tuple, as protocol values.
+unsafe fn tuple_values(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    rel: pg_sys::Relation,
+    buf: *mut pg_sys::ReorderBufferTupleBuf,
+) -> Vec<Value> {
+    let st = state(ctx);
+    let desc = (*rel).rd_att;
+    let natts = (*desc).natts as usize;
+    let mut values = vec![pg_sys::Datum::from(0); natts];
+    let mut nulls = vec![false; natts];
+    pg_sys::heap_deform_tuple(&mut (*buf).tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+    let mut out = Vec::with_capacity(natts);
+    for i in 0..natts {
+        let a = attr(desc, i);
+        if !replicated(a) {
+            continue;
+        }
+        if nulls[i] {
+            out.push(Value::Null);
+            continue;
+        }
+        if a.attlen == -1 && is_unchanged_toast(values[i]) {
+            out.push(Value::UnchangedToast);
+            continue;
+        }
+        // Binary only for built-in types: their send format is the same on
+        // every node, while user types' OIDs (inside arrays, records) differ.
+        if st.opts.binary && a.atttypid.to_u32() < pg_sys::FirstGenbkiObjectId {
+            let mut send = pg_sys::InvalidOid;
+            let mut varlena = false;
+            pg_sys::getTypeBinaryOutputInfo(a.atttypid, &mut send, &mut varlena);
+            let b = pg_sys::OidSendFunctionCall(send, values[i]);
+            out.push(Value::Binary(pgrx::varlena::varlena_to_byte_slice(b).to_vec()));
+        } else {
+            let mut output = pg_sys::InvalidOid;
+            let mut varlena = false;
+            pg_sys::getTypeOutputInfo(a.atttypid, &mut output, &mut varlena);
+            out.push(Value::Text(cstr(pg_sys::OidOutputFunctionCall(output, values[i]))));
+        }
+    }
+    out
+}
+
+unsafe fn in_change_context<R>(ctx: *mut pg_sys::LogicalDecodingContext, f: impl FnOnce() -> R) -> R {
+    let cxt = state(ctx).change_cxt;
+    let old = pg_sys::MemoryContextSwitchTo(cxt);
+    let r = f();
+    pg_sys::MemoryContextSwitchTo(old);
+    pg_sys::MemoryContextReset(cxt);
+    r
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn change(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    rel: pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+) {
+    if !wanted(rel) {
+        return;
+    }
+    in_change_context(ctx, || {
+        use pg_sys::ReorderBufferChangeType::*;
+        let tp = (*change).data.tp;
+        let msg = match (*change).action {
+            REORDER_BUFFER_CHANGE_INSERT => {
+                if tp.newtuple.is_null() {
+                    return;
+                }
+                ensure_begin(ctx, txn);
+                let relid = ensure_relation(ctx, rel);
+                Message::Insert {
+                    relid,
+                    new: tuple_values(ctx, rel, tp.newtuple),
+                }
+            }
+            REORDER_BUFFER_CHANGE_UPDATE => {
+                if tp.newtuple.is_null() {
+                    return;
+                }
+                ensure_begin(ctx, txn);
+                let relid = ensure_relation(ctx, rel);
+                let old = (!tp.oldtuple.is_null()).then(|| tuple_values(ctx, rel, tp.oldtuple));
+                Message::Update {
+                    relid,
+                    old,
+                    new: tuple_values(ctx, rel, tp.newtuple),
+                }
+            }
+            REORDER_BUFFER_CHANGE_DELETE => {
+                if tp.oldtuple.is_null() {
+                    // No replica identity: the origin refuses such deletes, so
+                    // this is a table whose identity changed while in flight.
+                    pgrx::warning!(
+                        "bdr: DELETE on \"{}\" has no replica identity and is not replicated",
+                        cstr((*(*rel).rd_rel).relname.data.as_ptr())
+                    );
+                    return;
+                }
+                ensure_begin(ctx, txn);
+                let relid = ensure_relation(ctx, rel);
+                Message::Delete {
+                    relid,
+                    old: tuple_values(ctx, rel, tp.oldtuple),
+                }
+            }
+            _ => return,
+        };
+        write(ctx, &msg);
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn truncate(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    nrelations: std::ffi::c_int,
+    relations: *mut pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+) {
+    in_change_context(ctx, || {
+        let mut relids = Vec::new();
+        for i in 0..nrelations as usize {
+            let rel = *relations.add(i);
+            if !wanted(rel) {
+                continue;
+            }
+            ensure_begin(ctx, txn);
+            relids.push(ensure_relation(ctx, rel));
+        }
+        if relids.is_empty() {
+            return;
+        }
+        let t = (*change).data.truncate;
+        write(
+            ctx,
+            &Message::Truncate {
+                relids,
+                cascade: t.cascade,
+                restart_identity: t.restart_seqs,
+            },
+        );
+    });
+}

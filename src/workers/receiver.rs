@@ -1,0 +1,270 @@
+//! The receiver: one per subscription. It streams the peer's changes from
+//! its slot over a replication connection, passes each message to its writer
+//! through a shared-memory queue, and tells the peer how far it may release
+//! WAL: only as far as the writer's commits are durable here.
+
+use super::queue::{self, Queues, Recv, Sent};
+use super::{attach_die_handlers, launch, manager_generation, recording_errors, reload_config_if_asked, wait, Running};
+use crate::catalog::{self, SubRow};
+use crate::guc;
+use crate::shmem::{self, now, ExitKind, Role};
+use crate::walrcv::{ident, Conn, Received};
+use bdr_core::backoff::Jitter;
+use bdr_core::lsn::{self, FlushTracker};
+use bdr_core::protocol::{self, Frame, Message};
+use pgrx::bgworkers::*;
+use pgrx::prelude::*;
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn bdr_receiver_main(arg: pg_sys::Datum) {
+    attach_die_handlers();
+    let idx = arg.value();
+    let generation: u64 = BackgroundWorker::get_extra().parse().unwrap_or(0);
+    let Some(task) = super::attach_task(idx, generation) else {
+        return;
+    };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(task.dboid)), None);
+    recording_errors(idx, generation, "receiver", || run(idx, generation, task.dboid, task.subid));
+}
+
+/// Creates the subscription's replication origin if needed; returns where
+/// applying stopped, which is where streaming resumes.
+fn origin_progress(name: &str) -> u64 {
+    let cname = std::ffi::CString::new(name).unwrap_or_default();
+    BackgroundWorker::transaction(|| {
+        // SAFETY: origin lookup/creation inside a transaction, as worker.c does.
+        unsafe {
+            let mut id = pg_sys::replorigin_by_name(cname.as_ptr(), true);
+            if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+                id = pg_sys::replorigin_create(cname.as_ptr());
+            }
+            pg_sys::replorigin_get_progress(id, false)
+        }
+    })
+}
+
+struct Stream {
+    idx: usize,
+    generation: u64,
+    queues: Queues,
+    writer: Running,
+    tracker: FlushTracker,
+    commits_sent: u64,
+    commits_acked: u64,
+}
+
+impl Stream {
+    fn drain_acks(&mut self) {
+        loop {
+            match queue::receive(self.queues.from_writer, true) {
+                Recv::Msg(b) => {
+                    if let Some((remote, local)) = queue::decode_ack(b) {
+                        self.tracker.applied(remote, local);
+                        self.commits_acked += 1;
+                    }
+                }
+                Recv::WouldBlock => return,
+                Recv::Detached => error!("the writer of this subscription exited"),
+            }
+        }
+    }
+
+    fn check_writer(&self) {
+        if let Err(BackgroundWorkerStatus::Stopped) = self.writer.handle.pid() {
+            error!("the writer of this subscription exited");
+        }
+    }
+
+    fn to_writer(&mut self, data: &[u8]) {
+        loop {
+            match queue::send(self.queues.to_writer, data, true) {
+                Sent::Ok => return,
+                Sent::Detached => error!("the writer of this subscription exited"),
+                Sent::WouldBlock => {
+                    // The writer is behind: take its acknowledgements meanwhile,
+                    // so it never waits on us while we wait on it.
+                    self.drain_acks();
+                    self.check_writer();
+                    wait(None, 100);
+                    reload_config_if_asked();
+                }
+            }
+        }
+    }
+}
+
+fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
+    let manager = manager_generation(dboid);
+    let sub: Option<SubRow> = BackgroundWorker::transaction(|| catalog::subscription(subid))
+        .unwrap_or_else(|e| error!("could not read the subscription: {e}"));
+    let Some(sub) = sub else {
+        shmem::update_task(idx, generation, |t| t.exit_kind = ExitKind::Stopped);
+        return;
+    };
+    let start = origin_progress(&sub.origin_name);
+
+    let mut conn = Conn::connect(&sub.origin_dsn, &sub.sub_name).unwrap_or_else(|e| {
+        error!(
+            "could not connect to node \"{}\" for subscription \"{}\": {e}",
+            sub.origin_node_name, sub.sub_name
+        )
+    });
+
+    let (queues, dsm) = queue::create(
+        guc::get_int(guc::WRITER_INPUT_QUEUE_SIZE),
+        guc::get_int(guc::WRITER_OUTPUT_QUEUE_SIZE),
+    );
+    shmem::update_task(idx, generation, |t| t.dsm_handle = dsm);
+    // SAFETY: MyProcPid is set; any seed will do.
+    let mut jitter = Jitter::new(unsafe { pg_sys::MyProcPid } as u64);
+    // A writer that failed takes this receiver down with it, so the manager's
+    // backoff governs both; the writer's own slot never waits.
+    shmem::update_task_by(Role::Writer, dboid, subid, |t| t.next_launch_not_before = 0);
+    let Some(writer) = launch(
+        Role::Writer,
+        dboid,
+        subid,
+        &format!("bdr writer {}", sub.sub_name),
+        "bdr_writer_main",
+        &mut jitter,
+    ) else {
+        error!("could not start the writer of subscription \"{}\"", sub.sub_name);
+    };
+
+    let cmd = format!(
+        "START_REPLICATION SLOT {} LOGICAL {} (proto_version '{}', binary 'true')",
+        ident(&sub.slot_name),
+        lsn::format(start),
+        protocol::PROTO_VERSION
+    );
+    if let Err(e) = conn.start_copy(&cmd) {
+        error!(
+            "could not start replication from node \"{}\" (slot \"{}\"): {e}",
+            sub.origin_node_name, sub.slot_name
+        );
+    }
+    shmem::update_task(idx, generation, |t| {
+        t.connected = true;
+        t.recv_lsn = start;
+        t.flush_lsn = start;
+    });
+    tracing::info!(
+        "subscription \"{}\" streaming from node \"{}\" at {}",
+        sub.sub_name,
+        sub.origin_node_name,
+        lsn::format(start)
+    );
+
+    let mut s = Stream {
+        idx,
+        generation,
+        queues,
+        writer,
+        tracker: FlushTracker::default(),
+        commits_sent: 0,
+        commits_acked: 0,
+    };
+    s.tracker.idle_at(start);
+    let mut last_recv = start;
+    let mut recv_commit = 0u64;
+    let mut in_txn = false;
+    let mut last_msg = now();
+    let mut ping_sent = false;
+    let mut last_reported = (0u64, 0u64);
+    let mut last_report_time = 0i64;
+
+    loop {
+        pgrx::check_for_interrupts!();
+        reload_config_if_asked();
+        if manager_generation(dboid) != manager {
+            // Our manager is gone; its successor starts its own receivers.
+            shmem::update_task(idx, generation, |t| t.exit_kind = ExitKind::Stopped);
+            return;
+        }
+        s.drain_acks();
+        s.check_writer();
+
+        let fd;
+        let mut reply = false;
+        loop {
+            let payload = match conn.receive() {
+                Received::WouldBlock(f) => {
+                    fd = Some(f);
+                    break;
+                }
+                Received::End => error!("node \"{}\" ended the replication stream", sub.origin_node_name),
+                Received::Data(buf) => match protocol::parse_frame(buf) {
+                    Ok(Frame::XLogData { start_lsn, end_lsn, data, .. }) => {
+                        last_recv = last_recv.max(start_lsn).max(end_lsn);
+                        data.to_vec()
+                    }
+                    Ok(Frame::Keepalive { end_lsn, reply_requested, .. }) => {
+                        last_recv = last_recv.max(end_lsn);
+                        reply |= reply_requested;
+                        last_msg = now();
+                        ping_sent = false;
+                        continue;
+                    }
+                    Err(e) => error!("bad frame from node \"{}\": {e}", sub.origin_node_name),
+                },
+            };
+            last_msg = now();
+            ping_sent = false;
+            match protocol::decode(&payload) {
+                Ok(Message::Begin { .. }) => in_txn = true,
+                Ok(Message::Commit { end_lsn, .. }) => {
+                    in_txn = false;
+                    s.commits_sent += 1;
+                    recv_commit = end_lsn;
+                }
+                Ok(_) => {}
+                Err(e) => error!("bad message from node \"{}\": {e}", sub.origin_node_name),
+            }
+            s.to_writer(&payload);
+        }
+
+        // SAFETY: reads the local WAL flush position; no preconditions.
+        let local_flush = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
+        s.drain_acks();
+        if !in_txn && s.commits_acked == s.commits_sent {
+            s.tracker.idle_at(last_recv);
+        }
+        let flushed = s.tracker.flushed_up_to(local_flush);
+        // SAFETY: reading PostgreSQL's settings in the process that owns them.
+        let (status_ms, timeout_ms) = unsafe {
+            (
+                pg_sys::wal_receiver_status_interval as i64 * 1000,
+                pg_sys::wal_receiver_timeout as i64,
+            )
+        };
+        let ts = now();
+        let due = status_ms > 0 && ts - last_report_time >= status_ms * 1000;
+        if reply || due || (last_recv, flushed) != last_reported {
+            conn.send(&protocol::status_update(last_recv, flushed, flushed, ts, false));
+            last_reported = (last_recv, flushed);
+            last_report_time = ts;
+        }
+        shmem::update_task(s.idx, s.generation, |t| {
+            t.recv_lsn = last_recv;
+            t.flush_lsn = flushed;
+            if recv_commit != 0 {
+                t.recv_commit_lsn = recv_commit;
+            }
+        });
+        if timeout_ms > 0 {
+            let silent_ms = (ts - last_msg) / 1000;
+            if silent_ms > timeout_ms {
+                error!(
+                    "terminating the stream from node \"{}\": no message for {} ms (wal_receiver_timeout)",
+                    sub.origin_node_name, silent_ms
+                );
+            }
+            if silent_ms > timeout_ms / 2 && !ping_sent {
+                conn.send(&protocol::status_update(last_recv, flushed, flushed, ts, true));
+                ping_sent = true;
+            }
+        }
+        wait(fd, 1000);
+    }
+}

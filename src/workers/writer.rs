@@ -1,0 +1,96 @@
+//! The writer: applies what its receiver passes on, one remote transaction
+//! per local transaction (`crate::apply`), and reports each commit back so
+//! the receiver can confirm it to the peer once it is durable.
+
+use super::queue::{self, Recv, Sent};
+use super::{attach_die_handlers, recording_errors, reload_config_if_asked};
+use crate::apply::Applier;
+use crate::catalog;
+use crate::shmem::{self, ExitKind, Role, TASKS};
+use bdr_core::protocol;
+use pgrx::bgworkers::*;
+use pgrx::prelude::*;
+use std::ffi::CString;
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn bdr_writer_main(arg: pg_sys::Datum) {
+    attach_die_handlers();
+    let idx = arg.value();
+    let generation: u64 = BackgroundWorker::get_extra().parse().unwrap_or(0);
+    let Some(task) = super::attach_task(idx, generation) else {
+        return;
+    };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(task.dboid)), None);
+    recording_errors(idx, generation, "writer", || run(idx, generation, task.dboid, task.subid));
+}
+
+fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
+    let dsm = {
+        let t = TASKS.share();
+        t.find(Role::Receiver, dboid, subid, 0)
+            .map(|i| t.tasks[i].dsm_handle)
+            .unwrap_or(0)
+    };
+    let Some(queues) = queue::attach(dsm) else {
+        // The receiver is already gone; it starts a new writer when it returns.
+        shmem::update_task(idx, generation, |t| t.exit_kind = ExitKind::Stopped);
+        return;
+    };
+
+    let (sub, local) = BackgroundWorker::transaction(|| (catalog::subscription(subid), catalog::local_node()));
+    let sub = sub
+        .unwrap_or_else(|e| error!("could not read the subscription: {e}"))
+        .unwrap_or_else(|| error!("subscription {subid} no longer exists"));
+    let local = local
+        .unwrap_or_else(|e| error!("could not read the local node: {e}"))
+        .unwrap_or_else(|| error!("this database has no local BDR node any more"));
+
+    // SAFETY: process-wide settings of this worker, set once before applying:
+    // replica mode keeps ordinary triggers and FK checks from firing twice,
+    // and the origin session tags every applied transaction with the peer.
+    let progress = unsafe {
+        pg_sys::SetConfigOption(
+            c"session_replication_role".as_ptr(),
+            c"replica".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+        let name = CString::new(sub.origin_name.as_str()).unwrap_or_default();
+        let id = BackgroundWorker::transaction(|| pg_sys::replorigin_by_name(name.as_ptr(), false));
+        pg_sys::replorigin_session_setup(id);
+        pg_sys::replorigin_session_origin = id;
+        pg_sys::replorigin_session_get_progress(false)
+    };
+
+    let mut applier = Applier::new(local.node_id, sub.origin_node_id, progress);
+    loop {
+        let msg = match queue::receive(queues.to_writer, false) {
+            Recv::Msg(b) => protocol::decode(b)
+                .unwrap_or_else(|e| error!("bad message from node \"{}\": {e}", sub.origin_node_name)),
+            Recv::WouldBlock => continue,
+            Recv::Detached => {
+                shmem::update_task(idx, generation, |t| t.exit_kind = ExitKind::Stopped);
+                return;
+            }
+        };
+        let commit_time = match &msg {
+            protocol::Message::Commit { commit_time, .. } => Some(*commit_time),
+            _ => None,
+        };
+        if let Some((remote_end, local_end)) = applier.handle(msg) {
+            if queue::send(queues.from_writer, &queue::encode_ack(remote_end, local_end), false) == Sent::Detached {
+                shmem::update_task(idx, generation, |t| t.exit_kind = ExitKind::Stopped);
+                return;
+            }
+            let n = applier.ncommits;
+            shmem::update_task(idx, generation, |t| {
+                t.replay_lsn = remote_end;
+                t.replay_time = commit_time.unwrap_or(0);
+                t.ncommits = n;
+            });
+            reload_config_if_asked();
+        }
+        pgrx::check_for_interrupts!();
+    }
+}
