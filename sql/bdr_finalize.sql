@@ -217,6 +217,43 @@ END $$;
 -- It is never streamed from; bdr's own output plugin does that.
 CREATE PUBLICATION bdr_replica_identity_check FOR ALL TABLES WITH (publish = 'update, delete');
 
+-- Every replicated table gets the trigger that notes deleted keys: the ones
+-- that exist now, and new ones as they are created.
+CREATE FUNCTION bdr._add_tombstone_trigger(rel regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'bdr_tombstone') THEN
+        EXECUTE format('CREATE TRIGGER bdr_tombstone AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION bdr._tombstone_trigger()', rel);
+    END IF;
+END $$;
+
+CREATE FUNCTION bdr._replicated_table(rel oid) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+SELECT EXISTS (
+    SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = rel AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartition
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bdr') AND n.nspname NOT LIKE 'pg\_%')
+$$;
+
+CREATE FUNCTION bdr._on_create_table() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    obj record;
+BEGIN
+    FOR obj IN SELECT * FROM pg_catalog.pg_event_trigger_ddl_commands() WHERE object_type = 'table' LOOP
+        IF bdr._replicated_table(obj.objid) THEN
+            PERFORM bdr._add_tombstone_trigger(obj.objid::regclass);
+        END IF;
+    END LOOP;
+END $$;
+
+CREATE EVENT TRIGGER bdr_tombstone_on_create ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
+    EXECUTE FUNCTION bdr._on_create_table();
+
+SELECT bdr._add_tombstone_trigger(c.oid::regclass)
+  FROM pg_catalog.pg_class c WHERE bdr._replicated_table(c.oid);
+
 -- Functions BDR 4 users call that this version does not provide yet. They
 -- fail loudly instead of pretending to work.
 CREATE FUNCTION bdr._not_implemented(function_name text, hint text DEFAULT 'See docs/nodes.md.')

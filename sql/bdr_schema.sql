@@ -57,3 +57,12 @@ CREATE TABLE bdr.subscription (
     replication_sets text[],
     forward_origins text[]
 );
+
+-- Keys of recently deleted rows (see src/tombstone.rs). Local to each node;
+-- the row's xmin is the deleting transaction. Old entries are purged by the
+-- manager.
+CREATE TABLE bdr.tombstone (
+    relid oid NOT NULL,
+    key_hash text NOT NULL,
+    PRIMARY KEY (relid, key_hash)
+);

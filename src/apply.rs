@@ -17,6 +17,7 @@ use std::ffi::{CStr, CString};
 
 struct LocalCol {
     name: String,
+    attnum: i16,
     typid: pg_sys::Oid,
     typmod: i32,
     input: pg_sys::Oid,
@@ -37,6 +38,7 @@ enum PlanKey {
 
 struct RelMap {
     remote: Relation,
+    local_oid: pg_sys::Oid,
     qualified: String,
     /// For each remote column, the local column it maps to.
     map: Vec<Option<usize>>,
@@ -66,6 +68,8 @@ pub struct Applier {
     remote_node_id: u32,
     rels: HashMap<u32, RelMap>,
     origin_nodes: HashMap<u16, u32>,
+    tomb_find: pg_sys::SPIPlanPtr,
+    tomb_put: pg_sys::SPIPlanPtr,
     /// The remote commit already applied (origin progress at start).
     applied_up_to: u64,
     in_txn: bool,
@@ -77,6 +81,20 @@ pub struct Applier {
 
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Prepares and keeps a statement for the life of the writer.
+fn keep_plan(sql: &str, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
+    let c = CString::new(sql).unwrap_or_default();
+    // SAFETY: prepared inside the apply transaction's SPI connection and kept.
+    unsafe {
+        let p = pg_sys::SPI_prepare(c.as_ptr(), types.len() as i32, types.as_mut_ptr());
+        if p.is_null() {
+            error!("bdr writer: could not prepare: {sql}");
+        }
+        pg_sys::SPI_keepplan(p);
+        p
+    }
 }
 
 fn spi_check(rc: i32, what: &str) {
@@ -102,6 +120,8 @@ impl Applier {
             remote_node_id,
             rels: HashMap::new(),
             origin_nodes: HashMap::new(),
+            tomb_find: std::ptr::null_mut(),
+            tomb_put: std::ptr::null_mut(),
             applied_up_to,
             in_txn: false,
             skip_txn: false,
@@ -210,8 +230,9 @@ impl Applier {
     fn map_relation(&mut self, r: Relation) -> RelMap {
         let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.name));
         let mut local = Vec::new();
+        let mut local_oid = pg_sys::InvalidOid;
         let q = CString::new(format!(
-            "SELECT a.attname::text, a.atttypid, a.atttypmod FROM pg_catalog.pg_attribute a
+            "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attnum, a.attrelid FROM pg_catalog.pg_attribute a
               WHERE a.attrelid = pg_catalog.to_regclass({})
                 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
               ORDER BY a.attnum",
@@ -236,6 +257,8 @@ impl Applier {
                 let name = pg_sys::SPI_getvalue(tup, desc, 1);
                 let typid = pg_sys::SPI_getbinval(tup, desc, 2, &mut isnull);
                 let typmod = pg_sys::SPI_getbinval(tup, desc, 3, &mut isnull);
+                let attnum = pg_sys::SPI_getbinval(tup, desc, 4, &mut isnull).value() as i16;
+                local_oid = pg_sys::Oid::from(pg_sys::SPI_getbinval(tup, desc, 5, &mut isnull).value() as u32);
                 let typid = pg_sys::Oid::from(typid.value() as u32);
                 let (mut input, mut input_param, mut recv, mut recv_param) =
                     (pg_sys::InvalidOid, pg_sys::InvalidOid, pg_sys::InvalidOid, pg_sys::InvalidOid);
@@ -243,6 +266,7 @@ impl Applier {
                 pg_sys::getTypeBinaryInputInfo(typid, &mut recv, &mut recv_param);
                 local.push(LocalCol {
                     name: CStr::from_ptr(name).to_string_lossy().into_owned(),
+                    attnum,
                     typid,
                     typmod: typmod.value() as i32,
                     input,
@@ -277,6 +301,7 @@ impl Applier {
             .collect();
         RelMap {
             remote: r,
+            local_oid,
             qualified,
             map,
             local,
@@ -329,16 +354,29 @@ impl Applier {
 
     fn insert(&mut self, relid: u32, new: &[Value]) {
         let key = self.rel(relid).key.clone();
-        let found = if key.is_empty() { None } else { self.find(relid, &key, new, false) };
-        match found {
-            None => self.exec_insert(relid, new),
-            Some(f) => {
-                // insert_exists: the newer write wins.
-                if remote_wins(self.remote_writer(), f.writer) {
-                    self.exec_update(relid, f.ctid, new);
+        // A second round resolves against a row a local session inserted
+        // between our lookup and our insert.
+        for _ in 0..2 {
+            let found = if key.is_empty() { None } else { self.find(relid, &key, new, false) };
+            match found {
+                None => {
+                    if self.deleted_later(relid, &key, new) || self.exec_insert(relid, new) {
+                        return;
+                    }
+                }
+                Some(f) => {
+                    // insert_exists: the newer write wins.
+                    if remote_wins(self.remote_writer(), f.writer) {
+                        self.exec_update(relid, f.ctid, new);
+                    }
+                    return;
                 }
             }
         }
+        error!(
+            "a row replicated into {} conflicts with a local row on a unique constraint other than its replica identity",
+            self.rel(relid).qualified
+        );
     }
 
     fn update(&mut self, relid: u32, old: Option<&[Value]>, new: &[Value]) {
@@ -370,8 +408,12 @@ impl Applier {
                 // the change carries the whole row, so that an update that
                 // overtook its insert (from a third node) is not lost; the
                 // older insert then loses against it.
-                if !new.iter().any(|v| *v == Value::UnchangedToast) {
-                    self.exec_insert(relid, new);
+                if !new.iter().any(|v| *v == Value::UnchangedToast)
+                    && !(!full && self.deleted_later(relid, &key, lookup))
+                    && !self.exec_insert(relid, new)
+                {
+                    // The new key is taken here: resolve as an insert against it.
+                    self.insert(relid, new);
                 }
             }
         }
@@ -392,11 +434,113 @@ impl Applier {
                 self.rel(relid).qualified
             );
         }
-        if let Some(f) = self.find(relid, &key, old, full) {
-            // A row updated here after the delete was made stays.
-            if remote_wins(self.remote_writer(), f.writer) {
-                self.exec_delete(relid, f.ctid);
+        match self.find(relid, &key, old, full) {
+            Some(f) => {
+                // A row updated here after the delete was made stays.
+                if remote_wins(self.remote_writer(), f.writer) {
+                    self.exec_delete(relid, f.ctid);
+                    if !full {
+                        self.note_deleted(relid, &key, old);
+                    }
+                }
             }
+            None => {
+                // Gone already, or not here yet: note the delete, so that an
+                // older insert or update arriving later does not bring it back.
+                if !full && !self.deleted_later(relid, &key, old) {
+                    self.note_deleted(relid, &key, old);
+                }
+            }
+        }
+    }
+
+    /// The tombstone text of the key columns `key` (remote indexes) of `vals`.
+    fn key_text(&mut self, relid: u32, key: &[usize], vals: &[Value]) -> String {
+        let (datums, nulls) = self.datums(relid, key, vals);
+        let r = self.rel(relid);
+        let mut parts: Vec<(i16, Option<String>)> = key
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| {
+                let l = &r.local[r.map[i].expect("key columns exist locally")];
+                let text = (nulls[n] != b'n' as std::ffi::c_char)
+                    // SAFETY: the datum was made by this column type's input function.
+                    .then(|| unsafe { crate::tombstone::output_text(l.typid, datums[n]) });
+                (l.attnum, text)
+            })
+            .collect();
+        parts.sort_by_key(|p| p.0);
+        crate::tombstone::key_text(&parts.into_iter().map(|p| p.1).collect::<Vec<_>>())
+    }
+
+    /// Whether this row was deleted here by a write newer than the incoming one.
+    fn deleted_later(&mut self, relid: u32, key: &[usize], vals: &[Value]) -> bool {
+        if key.is_empty() {
+            return false;
+        }
+        let text = self.key_text(relid, key, vals);
+        let local_oid = self.rel(relid).local_oid;
+        if self.tomb_find.is_null() {
+            self.tomb_find = keep_plan(
+                "SELECT c.timestamp, c.roident FROM bdr.tombstone t
+                   LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(t.xmin) c ON true
+                  WHERE t.relid = $1 AND t.key_hash = md5($2)",
+                &mut [pg_sys::OIDOID, pg_sys::TEXTOID],
+            );
+        }
+        let ctext = CString::new(text).unwrap_or_default();
+        // SAFETY: a kept plan with an oid and a text parameter; the text datum
+        // is built in the per-row context.
+        let found = unsafe {
+            let mut args = [pg_sys::Datum::from(local_oid), pg_sys::Datum::from(pg_sys::cstring_to_text(ctext.as_ptr()))];
+            spi_check(
+                pg_sys::SPI_execute_plan(self.tomb_find, args.as_mut_ptr(), std::ptr::null(), true, 1),
+                "looking up a deleted row",
+            );
+            if pg_sys::SPI_processed == 0 {
+                None
+            } else {
+                let tt = pg_sys::SPI_tuptable;
+                let mut isnull = false;
+                let ts = pg_sys::SPI_getbinval(*(*tt).vals, (*tt).tupdesc, 1, &mut isnull);
+                let ts = (!isnull).then(|| ts.value() as i64);
+                let ro = pg_sys::SPI_getbinval(*(*tt).vals, (*tt).tupdesc, 2, &mut isnull);
+                let ro = if isnull { 0 } else { ro.value() as u32 as u16 };
+                pg_sys::SPI_freetuptable(tt);
+                Some((ts, ro))
+            }
+        };
+        match found {
+            None => false,
+            Some((None, _)) => false,
+            Some((Some(commit_ts), ro)) => {
+                let tomb = Writer { commit_ts, node_id: self.node_of_origin(ro) };
+                !remote_wins(self.remote_writer(), Some(tomb))
+            }
+        }
+    }
+
+    fn note_deleted(&mut self, relid: u32, key: &[usize], vals: &[Value]) {
+        if key.is_empty() {
+            return;
+        }
+        let text = self.key_text(relid, key, vals);
+        let local_oid = self.rel(relid).local_oid;
+        if self.tomb_put.is_null() {
+            self.tomb_put = keep_plan(
+                "INSERT INTO bdr.tombstone (relid, key_hash) VALUES ($1, md5($2))
+                 ON CONFLICT (relid, key_hash) DO UPDATE SET relid = EXCLUDED.relid",
+                &mut [pg_sys::OIDOID, pg_sys::TEXTOID],
+            );
+        }
+        let ctext = CString::new(text).unwrap_or_default();
+        // SAFETY: as in `deleted_later`.
+        unsafe {
+            let mut args = [pg_sys::Datum::from(local_oid), pg_sys::Datum::from(pg_sys::cstring_to_text(ctext.as_ptr()))];
+            spi_check(
+                pg_sys::SPI_execute_plan(self.tomb_put, args.as_mut_ptr(), std::ptr::null(), false, 0),
+                "noting a deleted row",
+            );
         }
     }
 
@@ -508,7 +652,7 @@ impl Applier {
                     .collect();
                 let params: Vec<String> = (1..=cols.len()).map(|n| format!("${n}")).collect();
                 format!(
-                    "INSERT INTO {} ({}) VALUES ({})",
+                    "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
                     r.qualified,
                     names.join(", "),
                     params.join(", ")
@@ -595,7 +739,8 @@ impl Applier {
             .collect()
     }
 
-    fn exec_insert(&mut self, relid: u32, new: &[Value]) {
+    /// Inserts the row; false if a unique constraint already holds its key.
+    fn exec_insert(&mut self, relid: u32, new: &[Value]) -> bool {
         let cols = self.present_cols(relid, new);
         let plan = self.plan(relid, PlanKey::Insert(cols.clone()));
         let (mut datums, nulls) = self.datums(relid, &cols, new);
@@ -604,8 +749,9 @@ impl Applier {
             spi_check(
                 pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 0),
                 "inserting a row",
-            )
-        };
+            );
+            pg_sys::SPI_processed == 1
+        }
     }
 
     fn exec_update(&mut self, relid: u32, mut ctid: pg_sys::ItemPointerData, new: &[Value]) {

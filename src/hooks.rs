@@ -35,6 +35,18 @@ unsafe extern "C-unwind" fn utility_hook(
             && (*stmt).type_ == pg_sys::NodeTag::T_VariableSetStmt
             && (*(stmt as *mut pg_sys::VariableSetStmt)).is_local
     };
+    // SAFETY: as above.
+    if unsafe { drops_bdr_extension((*pstmt).utilityStmt) } {
+        // The tombstone triggers on user tables depend on bdr's trigger
+        // function but are not part of the extension; they go first.
+        Spi::run(
+            "DO $$ DECLARE r record; BEGIN
+               FOR r IN SELECT tgrelid::regclass AS rel FROM pg_catalog.pg_trigger WHERE tgname = 'bdr_tombstone' LOOP
+                 EXECUTE format('DROP TRIGGER bdr_tombstone ON %s', r.rel);
+               END LOOP; END $$",
+        )
+        .unwrap_or_else(|e| error!("could not remove bdr's triggers: {e}"));
+    }
     // SAFETY: single-threaded backend; restored below even on error.
     let saved = unsafe { guc::IN_SET_LOCAL };
     unsafe { guc::IN_SET_LOCAL = is_set_local };
@@ -67,4 +79,26 @@ unsafe extern "C-unwind" fn utility_hook(
     })
     .finally(|| unsafe { guc::IN_SET_LOCAL = saved })
     .execute();
+}
+
+/// Whether the statement is `DROP EXTENSION ... bdr ...` in a database that has it.
+unsafe fn drops_bdr_extension(stmt: *mut pg_sys::Node) -> bool {
+    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
+        return false;
+    }
+    let drop = stmt as *mut pg_sys::DropStmt;
+    if (*drop).removeType != pg_sys::ObjectType::OBJECT_EXTENSION {
+        return false;
+    }
+    let objects = (*drop).objects;
+    if objects.is_null() {
+        return false;
+    }
+    let named_bdr = (0..(*objects).length as usize).any(|i| {
+        let node = (*(*objects).elements.add(i)).ptr_value as *mut pg_sys::Node;
+        !node.is_null()
+            && (*node).type_ == pg_sys::NodeTag::T_String
+            && std::ffi::CStr::from_ptr((*(node as *mut pg_sys::String)).sval).to_bytes() == b"bdr"
+    });
+    named_bdr && pg_sys::get_extension_oid(c"bdr".as_ptr(), true) != pg_sys::InvalidOid
 }

@@ -15,6 +15,7 @@ pub mod log;
 pub mod output_plugin;
 pub mod prereq;
 pub mod shmem;
+pub mod tombstone;
 pub mod walrcv;
 pub mod workers;
 

@@ -133,6 +133,46 @@ impl Instance {
         self.running = false;
     }
 
+    /// kill -9 of the postmaster and every process of the instance at once,
+    /// as a power cut would (their sessions end mid-transaction). Takes
+    /// `&self` so that a test can crash a node while other threads use the
+    /// cluster; call `start` afterwards.
+    pub fn crash(&self) {
+        let pidfile = fs::read_to_string(self.datadir.join("postmaster.pid")).unwrap_or_default();
+        let Some(pm) = pidfile.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else {
+            return;
+        };
+        let mut pids = vec![pm];
+        for e in fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // The parent pid is the 2nd field after the parenthesised command.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(pm) {
+                pids.push(pid);
+            }
+        }
+        for pid in &pids {
+            // SAFETY: sending a signal to processes this harness started.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        for pid in pids {
+            wait_for(&format!("process {pid} to exit"), Duration::from_secs(30), || {
+                // Gone, or a zombie nobody has reaped yet: either way dead.
+                let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+                matches!(state, None | Some("Z") | Some("X")).then_some(())
+            });
+        }
+        // A killed postmaster may linger as a zombie if nothing reaps it,
+        // which PostgreSQL would take for a running server; after a real
+        // crash its pid would simply not exist.
+        let _ = fs::remove_file(self.datadir.join("postmaster.pid"));
+    }
+
     /// Appends to postgresql.conf; takes effect on reload or restart.
     pub fn append_conf(&self, text: &str) {
         let path = self.datadir.join("postgresql.conf");

@@ -5,6 +5,7 @@
 
 use bdr_tests::postgres::Client;
 use bdr_tests::*;
+use std::time::Duration;
 
 const DB: &str = "app";
 
@@ -141,4 +142,185 @@ fn every_kind_of_change_replicates_to_every_node() {
     n1.batch_execute("DELETE FROM kv WHERE id = -1").unwrap();
     wait_for_replication(&c, DB);
     assert_converged(&c, DB, TABLES);
+}
+
+/// A small deterministic generator, so a failure can be replayed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One node's share of a concurrent workload on shared rows: small
+/// transactions of inserts, updates and deletes of ids all nodes touch, each
+/// also appending a (node, seq) row to `xlog`, which has no key, so that a
+/// transaction applied twice anywhere would show as a duplicate.
+fn workload(node: &Instance, name: &str, seed: u64, txns: usize) -> Vec<i32> {
+    let mut c = node.connect(DB);
+    let mut rng = Rng(seed);
+    let mut committed = Vec::new();
+    for seq in 0..txns as i32 {
+        let mut sql = String::from("BEGIN;");
+        for _ in 0..(1 + rng.below(4)) {
+            let id = rng.below(300) as i32;
+            match rng.below(10) {
+                0..=3 => sql.push_str(&format!(
+                    "INSERT INTO kv VALUES ({id}, '{name} {seq}', {seq}) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v, n = kv.n + 1;"
+                )),
+                4..=7 => sql.push_str(&format!("UPDATE kv SET v = '{name} upd {seq}', n = n + 1 WHERE id = {id};")),
+                _ => sql.push_str(&format!("DELETE FROM kv WHERE id = {id};")),
+            }
+        }
+        sql.push_str(&format!("INSERT INTO xlog VALUES ('{name}', {seq}); COMMIT;"));
+        match c.batch_execute(&sql) {
+            Ok(()) => committed.push(seq),
+            Err(e) => {
+                if c.is_closed() {
+                    return committed;
+                }
+                panic!("{name}: {e:?}");
+            }
+        }
+    }
+    committed
+}
+
+fn assert_xlog(cluster: &Cluster, expect: &[(&str, Vec<i32>)]) {
+    for n in 0..3 {
+        let mut c = cluster.node(n).connect(DB);
+        let dups: i64 = c
+            .query_one("SELECT count(*) FROM (SELECT node, seq FROM xlog GROUP BY 1, 2 HAVING count(*) > 1) d", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(dups, 0, "a transaction was applied twice on node{}", n + 1);
+        for (name, seqs) in expect {
+            let got: Vec<i32> = c
+                .query("SELECT seq FROM xlog WHERE node = $1 ORDER BY seq", &[name])
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            for s in seqs {
+                assert!(got.binary_search(s).is_ok(), "node{} lacks committed transaction {name}/{s}", n + 1);
+            }
+        }
+    }
+}
+
+#[test]
+fn concurrent_writes_on_three_nodes_converge_without_echo_or_duplicates() {
+    let c = group(3);
+    c.node(0)
+        .connect(DB)
+        .batch_execute("INSERT INTO kv SELECT g, 'seed' FROM generate_series(0, 299) g")
+        .unwrap();
+    wait_for_replication(&c, DB);
+    let txns = 1500;
+    let results: Vec<(String, Vec<i32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|i| {
+                let node = c.node(i);
+                s.spawn(move || {
+                    let name = format!("node{}", i + 1);
+                    let done = workload(node, &name, 0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1), txns);
+                    (name, done)
+                })
+            })
+            .collect();
+        // Meanwhile, TRUNCATE replicates too: node1 refills and empties a table.
+        let mut n1 = c.node(0).connect(DB);
+        for round in 0..20 {
+            n1.batch_execute(&format!(
+                "INSERT INTO parent SELECT g FROM generate_series({0}, {0} + 49) g;
+                 INSERT INTO child SELECT g, g FROM generate_series({0}, {0} + 49) g;",
+                round * 100
+            ))
+            .unwrap();
+            if round % 3 == 2 {
+                n1.batch_execute("TRUNCATE parent, child").unwrap();
+            }
+        }
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    wait_for_replication(&c, DB);
+    assert_converged(&c, DB, TABLES);
+    let expect: Vec<(&str, Vec<i32>)> = results.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
+    for (_, s) in &expect {
+        assert_eq!(s.len(), txns);
+    }
+    assert_xlog(&c, &expect);
+    // Every node applied exactly the other two nodes' transactions.
+    for i in 0..3 {
+        let mut n = c.node(i).connect(DB);
+        assert_eq!(one(&mut n, "SELECT count(*) FROM xlog"), (3 * txns).to_string());
+    }
+}
+
+#[test]
+fn a_node_killed_during_writes_loses_and_duplicates_nothing() {
+    let mut c = group(3);
+    let txns = 600;
+    let results: Vec<(String, Vec<i32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|i| {
+                let node = c.node(i);
+                s.spawn(move || {
+                    let name = format!("node{}", i + 1);
+                    let done = workload(node, &name, 77 + i as u64, txns);
+                    (name, done)
+                })
+            })
+            .collect();
+        // Let the stream get going, then kill node2's postmaster and all its
+        // processes without warning.
+        let mut n1 = c.node(0).connect(DB);
+        wait_for("node1 to receive from node2", Duration::from_secs(60), || {
+            (one(&mut n1, "SELECT count(*) FROM xlog WHERE node = 'node2'").parse::<i64>().unwrap() > 100).then_some(())
+        });
+        c.node(1).crash();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    c.node_mut(1).start();
+    wait_for_mesh(&c, DB);
+    wait_for_replication(&c, DB);
+    assert_converged(&c, DB, TABLES);
+    let expect: Vec<(&str, Vec<i32>)> = results.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
+    assert!(expect[1].1.len() < txns, "node2 was killed before it finished");
+    assert_xlog(&c, &expect);
+}
+
+#[test]
+fn a_stopped_peer_catches_up_and_the_group_converges() {
+    let mut c = group(3);
+    c.node_mut(2).stop("fast");
+    let mut n1 = c.node(0).connect(DB);
+    let mut n2 = c.node(1).connect(DB);
+    n1.batch_execute("INSERT INTO kv SELECT g, 'while node3 was down' FROM generate_series(1, 2000) g")
+        .unwrap();
+    wait_for("node2 to receive node1's rows", Duration::from_secs(60), || {
+        (one(&mut n2, "SELECT count(*) FROM kv") == "2000").then_some(())
+    });
+    n2.batch_execute("UPDATE kv SET n = 7 WHERE id % 2 = 0; DELETE FROM kv WHERE id % 5 = 0")
+        .unwrap();
+    // node1 sees that node3 is down: its receiver from node3 fails, backs
+    // off, and says why.
+    wait_for("node1 to notice node3 is down", Duration::from_secs(60), || {
+        let status = one(&mut n1, "SELECT subscription_status FROM bdr.subscription_summary WHERE origin_name = 'node3'");
+        let failures = one(&mut n1, "SELECT max(task_consecutive_failures) FROM bdr.worker_tasks WHERE task_key_worker_role_name = 'receiver'");
+        let err = one(&mut n1, "SELECT error_message FROM bdr.worker_errors WHERE origin_name = 'node3'");
+        (status == "down" && failures.parse::<i64>().unwrap_or(0) >= 1 && err.contains("node3")).then_some(())
+    });
+    c.node_mut(2).start();
+    wait_for_mesh(&c, DB);
+    wait_for_replication(&c, DB);
+    assert_converged(&c, DB, TABLES);
+    let mut n3 = c.node(2).connect(DB);
+    assert_eq!(one(&mut n3, "SELECT count(*) FROM kv"), "1600");
 }
