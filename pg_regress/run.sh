@@ -12,6 +12,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 cleanup() {
     as_pg "$bin/pg_ctl" -D "$tmp/data" -m immediate stop >/dev/null 2>&1 || true
     if [ "${status:-1}" != 0 ]; then echo "--- server log ---"; cat "$tmp/server.log" 2>/dev/null || true; fi
+    if [ -n "${BDR_REGRESS_LOG:-}" ]; then cp "$tmp/server.log" "$BDR_REGRESS_LOG"; fi
     rm -rf "$tmp"
 }
 trap cleanup EXIT

@@ -192,7 +192,7 @@ SELECT g.node_group_name,
 CREATE FUNCTION bdr.wait_slot_confirm_lsn(slot_name text DEFAULT NULL, target_lsn pg_lsn DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    target pg_lsn := COALESCE(target_lsn, pg_catalog.pg_current_wal_insert_lsn());
+    target pg_lsn := COALESCE(target_lsn, bdr._wal_insert_end_lsn()::pg_lsn);
     behind int;
 BEGIN
     IF slot_name IS NOT NULL AND NOT EXISTS (

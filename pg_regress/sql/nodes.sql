@@ -36,8 +36,9 @@ END $$;
 CREATE EXTENSION bdr;
 SELECT bdr.create_node('node2', 'host=127.0.0.1 dbname=regression_node2') IS NOT NULL AS created;
 SELECT node_name, node_group_name, peer_state_name FROM bdr.local_node_summary;
--- Joining is not there yet: it says so.
-SELECT bdr.join_node_group('host=127.0.0.1 dbname=regression', 'regress_group');
+-- Joining checks its target: a wrong group name, an unreachable node.
+SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=regression', 'other_group');
+SELECT bdr.join_node_group('host=127.0.0.1 port=1 dbname=regression', 'regress_group');
 
 -- Both databases get a manager.
 SELECT pg_temp.wait_until($$SELECT count(*) = 2 FROM bdr.worker_tasks

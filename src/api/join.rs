@@ -674,9 +674,15 @@ fn wait_for_join_completion(verbose_progress: default!(bool, false)) {
     let db = unsafe { pg_sys::MyDatabaseId.to_u32() };
     let mut last = String::new();
     loop {
+        // Each round reads the catalogs afresh: the manager adds the
+        // subscriptions after this statement began.
+        // SAFETY: a new snapshot pushed and popped around the reads below.
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
         let peers = catalog::group_peers(&local).or_raise();
         let active: Vec<_> = peers.iter().filter(|p| p.node_state == NodeState::Active).collect();
         let subs = catalog::local_subscriptions().or_raise();
+        // SAFETY: pops the snapshot pushed above.
+        unsafe { pg_sys::PopActiveSnapshot() };
         let mut waiting = Vec::new();
         for p in &active {
             let connected = subs.iter().find(|s| s.origin_node_id == p.node_id).is_some_and(|s| {

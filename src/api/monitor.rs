@@ -150,3 +150,12 @@ fn worker_task_reset_backoff_all() {
 fn _slot_name(db: &str, group: &str, target: &str) -> String {
     bdr_core::naming::slot_name(db, group, target)
 }
+
+/// Where the last WAL record written so far ends. Unlike
+/// pg_current_wal_insert_lsn(), which may point past a page header no
+/// record has reached yet, peers can confirm exactly this position.
+#[pg_extern(volatile, parallel_safe)]
+fn _wal_insert_end_lsn() -> String {
+    // SAFETY: reads a WAL position; no preconditions.
+    bdr_core::lsn::format(unsafe { pg_sys::GetXLogInsertEndRecPtr() })
+}

@@ -1,0 +1,79 @@
+-- Three databases of one instance as a three-node group: join, replicate
+-- every kind of change from every node, converge.
+CREATE DATABASE repl_a;
+CREATE DATABASE repl_b;
+CREATE DATABASE repl_c;
+
+\c repl_a
+SET client_min_messages = warning;
+CREATE TABLE t (id int PRIMARY KEY, v text, tags text[]);
+CREATE TABLE nokey (a int, b text);
+CREATE EXTENSION bdr;
+SELECT bdr.create_node('a', 'host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_a') IS NOT NULL AS created;
+SELECT bdr.create_node_group('rg') IS NOT NULL AS created;
+-- Rows that exist before the others join are copied to them.
+INSERT INTO t SELECT g, 'before ' || g, ARRAY['x', g::text] FROM generate_series(1, 5) g;
+
+\c repl_b
+SET client_min_messages = warning;
+CREATE TABLE t (id int PRIMARY KEY, v text, tags text[]);
+CREATE TABLE nokey (a int, b text);
+CREATE EXTENSION bdr;
+SELECT bdr.create_node('b', 'host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_b') IS NOT NULL AS created;
+SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_a', 'rg');
+
+\c repl_c
+SET client_min_messages = warning;
+CREATE TABLE t (id int PRIMARY KEY, v text, tags text[]);
+-- A table the group has is missing here: the join says what to do.
+CREATE EXTENSION bdr;
+SELECT bdr.create_node('c', 'host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_c') IS NOT NULL AS created;
+SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_b', 'rg', synchronize_structure := 'none');
+SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_b', 'rg');
+CREATE TABLE nokey (a int, b text);
+-- Any member can be the join target.
+SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_b', 'rg');
+SET statement_timeout = '60s';
+SELECT bdr.wait_for_join_completion();
+SELECT node_name, peer_state_name FROM bdr.node_summary ORDER BY 1;
+SELECT origin_name, target_name, subscription_status FROM bdr.subscription_summary ORDER BY 1;
+SELECT target_name, plugin, state FROM bdr.node_slots ORDER BY 1;
+
+\c repl_a
+SET statement_timeout = '60s';
+SELECT bdr.wait_for_join_completion();
+UPDATE t SET v = 'updated on a' WHERE id = 1;
+INSERT INTO nokey VALUES (1, 'no key, inserts replicate');
+UPDATE nokey SET b = 'refused';
+\c repl_b
+SET statement_timeout = '60s';
+SELECT bdr.wait_for_join_completion();
+DELETE FROM t WHERE id = 2;
+INSERT INTO t VALUES (100, 'from b', '{}');
+\c repl_c
+SET statement_timeout = '60s';
+INSERT INTO t VALUES (200, 'from c', NULL);
+BEGIN;
+SET LOCAL bdr.xact_replication = off;
+INSERT INTO t VALUES (300, 'only on c', NULL);
+COMMIT;
+
+-- Wait until every node's changes are confirmed by the others, then look.
+\c repl_a
+SET statement_timeout = '60s';
+SELECT bdr.wait_slot_confirm_lsn(NULL, NULL);
+\c repl_b
+SET statement_timeout = '60s';
+SELECT bdr.wait_slot_confirm_lsn(NULL, NULL);
+\c repl_c
+SET statement_timeout = '60s';
+SELECT bdr.wait_slot_confirm_lsn(NULL, NULL);
+SELECT * FROM t ORDER BY id;
+SELECT * FROM nokey;
+\c repl_b
+SELECT * FROM t ORDER BY id;
+SELECT * FROM nokey;
+\c repl_a
+SELECT * FROM t ORDER BY id;
+SELECT * FROM nokey;
+SELECT count(*) AS worker_errors FROM bdr.worker_errors;
