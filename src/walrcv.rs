@@ -195,12 +195,4 @@ impl Drop for Conn {
     }
 }
 
-/// Quotes a string as an SQL literal for commands sent to a peer.
-pub fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-/// Quotes an identifier for commands sent to a peer.
-pub fn ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
+pub use bdr_core::quote::{ident, literal};

@@ -18,7 +18,8 @@
 use crate::catalog;
 use crate::error::{BdrError, BdrResult, OrRaise};
 use crate::shmem::{self, Role, TASKS};
-use crate::walrcv::{ident, literal, Conn, Received};
+use crate::walrcv::{Conn, Received};
+use bdr_core::quote::{self, ident, literal};
 use crate::{prereq, workers};
 use bdr_core::lsn;
 use bdr_core::naming;
@@ -113,32 +114,9 @@ fn target_tables(conn: &Conn, target: &str) -> BdrResult<Vec<Table>> {
             schema: text(&r[0]),
             name: text(&r[1]),
             // quote_ident output, split back; names with commas are quoted.
-            columns: split_quoted(&text(&r[2])),
+            columns: quote::split_ident_list(&text(&r[2])),
         })
         .collect())
-}
-
-/// Splits a comma-separated list of `quote_ident` results back into names.
-fn split_quoted(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if quoted && chars.peek() == Some(&'"') => {
-                cur.push('"');
-                chars.next();
-            }
-            '"' => quoted = !quoted,
-            ',' if !quoted => out.push(std::mem::take(&mut cur)),
-            c => cur.push(c),
-        }
-    }
-    if !s.is_empty() {
-        out.push(cur);
-    }
-    out
 }
 
 fn check_local_tables(tables: &[Table], synchronize_structure: &str) -> BdrResult<()> {

@@ -14,6 +14,50 @@ use std::time::Duration;
 
 /// How often the manager re-reads the catalogs when nothing wakes it.
 const POLL: Duration = Duration::from_secs(1);
+/// How often old tombstones are purged, and how old they must be.
+const PURGE_EVERY_US: i64 = 300_000_000;
+const TOMBSTONE_RETENTION: &str = "1 hour";
+
+/// Forgets deleted keys that no change still in flight can refer to: older
+/// than the retention, and only while every peer is streaming to us (a peer
+/// that was away may still send changes older than the delete).
+fn purge_tombstones(dboid: u32, subs: &[SubRow]) {
+    let all_connected = {
+        let t = TASKS.share();
+        subs.iter().all(|s| {
+            t.find(Role::Receiver, dboid, s.sub_id, 0)
+                .is_some_and(|i| t.tasks[i].connected)
+        })
+    };
+    if !all_connected {
+        return;
+    }
+    let r = BackgroundWorker::transaction(|| {
+        let old = Spi::connect(|c| {
+            c.select(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM bdr.tombstone
+                      WHERE COALESCE(pg_catalog.pg_xact_commit_timestamp(xmin), '-infinity') < now() - interval '{TOMBSTONE_RETENTION}')"
+                ),
+                None,
+                &[],
+            )?
+            .first()
+            .get_one::<bool>()
+        })?;
+        // Only write (and use a transaction id) when there is something to purge.
+        if old == Some(true) {
+            Spi::run(&format!(
+                "DELETE FROM bdr.tombstone
+                  WHERE COALESCE(pg_catalog.pg_xact_commit_timestamp(xmin), '-infinity') < now() - interval '{TOMBSTONE_RETENTION}'"
+            ))?;
+        }
+        Ok::<(), pgrx::spi::Error>(())
+    });
+    if let Err(e) = r {
+        tracing::warn!("could not purge old tombstones: {e}");
+    }
+}
 
 enum Seen {
     Node(LocalNode, Vec<SubRow>),
@@ -54,6 +98,7 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
     let mut jitter = Jitter::new(unsafe { pg_sys::MyProcPid } as u64 ^ crate::shmem::now() as u64);
     let mut announced = false;
     let mut receivers: HashMap<u32, Running> = HashMap::new();
+    let mut last_purge = crate::shmem::now();
     loop {
         match read_catalogs() {
             Ok(Seen::Node(local, subs)) => {
@@ -62,6 +107,10 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                     announced = true;
                 }
                 tend_receivers(dboid, &subs, &mut receivers, &mut jitter);
+                if crate::shmem::now() - last_purge > PURGE_EVERY_US {
+                    last_purge = crate::shmem::now();
+                    purge_tombstones(dboid, &subs);
+                }
             }
             Ok(Seen::NoNode) => {
                 if announced {

@@ -8,5 +8,6 @@ pub mod lsn;
 pub mod naming;
 pub mod node;
 pub mod protocol;
+pub mod quote;
 pub mod settings;
 pub mod version;
