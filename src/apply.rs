@@ -135,7 +135,11 @@ impl Applier {
     /// at each COMMIT, for the receiver's flush feedback.
     pub fn handle(&mut self, m: Message) -> Option<(u64, u64)> {
         match m {
-            Message::Begin { final_lsn, commit_time, .. } => {
+            Message::Begin {
+                final_lsn,
+                commit_time,
+                ..
+            } => {
                 self.commit_ts = commit_time;
                 // Streaming resumes at the origin's progress, so this only
                 // catches a peer that sends again what we already have.
@@ -145,7 +149,11 @@ impl Applier {
                 }
                 None
             }
-            Message::Commit { end_lsn, commit_time, .. } => {
+            Message::Commit {
+                end_lsn,
+                commit_time,
+                ..
+            } => {
                 if self.skip_txn || !self.in_txn {
                     self.skip_txn = false;
                     return Some((end_lsn, 0));
@@ -175,7 +183,11 @@ impl Applier {
                 self.row(|a| a.delete(relid, &old));
                 None
             }
-            Message::Truncate { relids, cascade, restart_identity } => {
+            Message::Truncate {
+                relids,
+                cascade,
+                restart_identity,
+            } => {
                 self.row(|a| a.truncate(&relids, cascade, restart_identity));
                 None
             }
@@ -248,7 +260,10 @@ impl Applier {
             }
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
             spi_check(pg_sys::SPI_connect(), "connecting to SPI");
-            spi_check(pg_sys::SPI_execute(q.as_ptr(), true, 0), "reading a table's columns");
+            spi_check(
+                pg_sys::SPI_execute(q.as_ptr(), true, 0),
+                "reading a table's columns",
+            );
             let tt = pg_sys::SPI_tuptable;
             for i in 0..pg_sys::SPI_processed as usize {
                 let tup = *(*tt).vals.add(i);
@@ -258,10 +273,16 @@ impl Applier {
                 let typid = pg_sys::SPI_getbinval(tup, desc, 2, &mut isnull);
                 let typmod = pg_sys::SPI_getbinval(tup, desc, 3, &mut isnull);
                 let attnum = pg_sys::SPI_getbinval(tup, desc, 4, &mut isnull).value() as i16;
-                local_oid = pg_sys::Oid::from(pg_sys::SPI_getbinval(tup, desc, 5, &mut isnull).value() as u32);
+                local_oid = pg_sys::Oid::from(
+                    pg_sys::SPI_getbinval(tup, desc, 5, &mut isnull).value() as u32,
+                );
                 let typid = pg_sys::Oid::from(typid.value() as u32);
-                let (mut input, mut input_param, mut recv, mut recv_param) =
-                    (pg_sys::InvalidOid, pg_sys::InvalidOid, pg_sys::InvalidOid, pg_sys::InvalidOid);
+                let (mut input, mut input_param, mut recv, mut recv_param) = (
+                    pg_sys::InvalidOid,
+                    pg_sys::InvalidOid,
+                    pg_sys::InvalidOid,
+                    pg_sys::InvalidOid,
+                );
                 pg_sys::getTypeInputInfo(typid, &mut input, &mut input_param);
                 pg_sys::getTypeBinaryInputInfo(typid, &mut recv, &mut recv_param);
                 local.push(LocalCol {
@@ -332,13 +353,25 @@ impl Applier {
         .unwrap_or_default();
         // SAFETY: read-only query inside the apply transaction's SPI connection.
         let node = unsafe {
-            spi_check(pg_sys::SPI_execute(q.as_ptr(), true, 1), "looking up an origin");
+            spi_check(
+                pg_sys::SPI_execute(q.as_ptr(), true, 1),
+                "looking up an origin",
+            );
             if pg_sys::SPI_processed == 0 {
                 0
             } else {
                 let mut isnull = false;
-                let d = pg_sys::SPI_getbinval(*(*pg_sys::SPI_tuptable).vals, (*pg_sys::SPI_tuptable).tupdesc, 1, &mut isnull);
-                if isnull { 0 } else { d.value() as u32 }
+                let d = pg_sys::SPI_getbinval(
+                    *(*pg_sys::SPI_tuptable).vals,
+                    (*pg_sys::SPI_tuptable).tupdesc,
+                    1,
+                    &mut isnull,
+                );
+                if isnull {
+                    0
+                } else {
+                    d.value() as u32
+                }
             }
         };
         self.origin_nodes.insert(roident, node);
@@ -357,7 +390,11 @@ impl Applier {
         // A second round resolves against a row a local session inserted
         // between our lookup and our insert.
         for _ in 0..2 {
-            let found = if key.is_empty() { None } else { self.find(relid, &key, new, false) };
+            let found = if key.is_empty() {
+                None
+            } else {
+                self.find(relid, &key, new, false)
+            };
             match found {
                 None => {
                     if self.deleted_later(relid, &key, new) || self.exec_insert(relid, new) {
@@ -385,7 +422,12 @@ impl Applier {
             if r.key.is_empty() && r.remote.replica_identity == b'f' {
                 // Match on every column the old row carries.
                 let src = old.unwrap_or(new);
-                ((0..src.len()).filter(|i| src[*i] != Value::UnchangedToast).collect(), true)
+                (
+                    (0..src.len())
+                        .filter(|i| src[*i] != Value::UnchangedToast)
+                        .collect(),
+                    true,
+                )
             } else {
                 (r.key.clone(), false)
             }
@@ -408,8 +450,8 @@ impl Applier {
                 // the change carries the whole row, so that an update that
                 // overtook its insert (from a third node) is not lost; the
                 // older insert then loses against it.
-                if !new.iter().any(|v| *v == Value::UnchangedToast)
-                    && !(!full && self.deleted_later(relid, &key, lookup))
+                if !new.contains(&Value::UnchangedToast)
+                    && (full || !self.deleted_later(relid, &key, lookup))
                     && !self.exec_insert(relid, new)
                 {
                     // The new key is taken here: resolve as an insert against it.
@@ -492,9 +534,18 @@ impl Applier {
         // SAFETY: a kept plan with an oid and a text parameter; the text datum
         // is built in the per-row context.
         let found = unsafe {
-            let mut args = [pg_sys::Datum::from(local_oid), pg_sys::Datum::from(pg_sys::cstring_to_text(ctext.as_ptr()))];
+            let mut args = [
+                pg_sys::Datum::from(local_oid),
+                pg_sys::Datum::from(pg_sys::cstring_to_text(ctext.as_ptr())),
+            ];
             spi_check(
-                pg_sys::SPI_execute_plan(self.tomb_find, args.as_mut_ptr(), std::ptr::null(), true, 1),
+                pg_sys::SPI_execute_plan(
+                    self.tomb_find,
+                    args.as_mut_ptr(),
+                    std::ptr::null(),
+                    true,
+                    1,
+                ),
                 "looking up a deleted row",
             );
             if pg_sys::SPI_processed == 0 {
@@ -514,7 +565,10 @@ impl Applier {
             None => false,
             Some((None, _)) => false,
             Some((Some(commit_ts), ro)) => {
-                let tomb = Writer { commit_ts, node_id: self.node_of_origin(ro) };
+                let tomb = Writer {
+                    commit_ts,
+                    node_id: self.node_of_origin(ro),
+                };
                 !remote_wins(self.remote_writer(), Some(tomb))
             }
         }
@@ -536,20 +590,36 @@ impl Applier {
         let ctext = CString::new(text).unwrap_or_default();
         // SAFETY: as in `deleted_later`.
         unsafe {
-            let mut args = [pg_sys::Datum::from(local_oid), pg_sys::Datum::from(pg_sys::cstring_to_text(ctext.as_ptr()))];
+            let mut args = [
+                pg_sys::Datum::from(local_oid),
+                pg_sys::Datum::from(pg_sys::cstring_to_text(ctext.as_ptr())),
+            ];
             spi_check(
-                pg_sys::SPI_execute_plan(self.tomb_put, args.as_mut_ptr(), std::ptr::null(), false, 0),
+                pg_sys::SPI_execute_plan(
+                    self.tomb_put,
+                    args.as_mut_ptr(),
+                    std::ptr::null(),
+                    false,
+                    0,
+                ),
                 "noting a deleted row",
             );
         }
     }
 
     fn truncate(&mut self, relids: &[u32], cascade: bool, restart_identity: bool) {
-        let names: Vec<String> = relids.iter().map(|r| self.rel(*r).qualified.clone()).collect();
+        let names: Vec<String> = relids
+            .iter()
+            .map(|r| self.rel(*r).qualified.clone())
+            .collect();
         let sql = format!(
             "TRUNCATE {}{}{}",
             names.join(", "),
-            if restart_identity { " RESTART IDENTITY" } else { "" },
+            if restart_identity {
+                " RESTART IDENTITY"
+            } else {
+                ""
+            },
             if cascade { " CASCADE" } else { "" }
         );
         let c = CString::new(sql).unwrap_or_default();
@@ -558,7 +628,12 @@ impl Applier {
     }
 
     /// Converts remote values to local datums for the given remote columns.
-    fn datums(&mut self, relid: u32, cols: &[usize], vals: &[Value]) -> (Vec<pg_sys::Datum>, Vec<std::ffi::c_char>) {
+    fn datums(
+        &mut self,
+        relid: u32,
+        cols: &[usize],
+        vals: &[Value],
+    ) -> (Vec<pg_sys::Datum>, Vec<std::ffi::c_char>) {
         let r = self.rel(relid);
         let mut datums = Vec::with_capacity(cols.len() + 1);
         let mut nulls = Vec::with_capacity(cols.len() + 1);
@@ -577,18 +652,30 @@ impl Applier {
                     Value::Null | Value::UnchangedToast => None,
                     Value::Text(s) => {
                         let c = CString::new(s.as_str()).unwrap_or_default();
-                        Some(pg_sys::OidInputFunctionCall(l.input, c.as_ptr() as *mut _, l.input_param, l.typmod))
+                        Some(pg_sys::OidInputFunctionCall(
+                            l.input,
+                            c.as_ptr() as *mut _,
+                            l.input_param,
+                            l.typmod,
+                        ))
                     }
                     Value::Binary(b) => {
                         if r.remote.columns[i].type_oid != l.typid.to_u32() {
                             error!(
                                 "column \"{}\" of {} has type {} here but another type on the peer",
-                                l.name, r.qualified, l.typid.to_u32()
+                                l.name,
+                                r.qualified,
+                                l.typid.to_u32()
                             );
                         }
                         let buf = pg_sys::makeStringInfo();
                         pg_sys::appendBinaryStringInfo(buf, b.as_ptr() as *const _, b.len() as i32);
-                        Some(pg_sys::OidReceiveFunctionCall(l.recv, buf, l.recv_param, l.typmod))
+                        Some(pg_sys::OidReceiveFunctionCall(
+                            l.recv,
+                            buf,
+                            l.recv_param,
+                            l.typmod,
+                        ))
                     }
                 }
             };
@@ -687,7 +774,10 @@ impl Applier {
         let plan = unsafe {
             let p = pg_sys::SPI_prepare(c.as_ptr(), types.len() as i32, types.as_mut_ptr());
             if p.is_null() {
-                error!("bdr writer: could not prepare a statement for {}", r.qualified);
+                error!(
+                    "bdr writer: could not prepare a statement for {}",
+                    r.qualified
+                );
             }
             pg_sys::SPI_keepplan(p);
             p
@@ -758,7 +848,9 @@ impl Applier {
         let cols = self.present_cols(relid, new);
         let plan = self.plan(relid, PlanKey::Update(cols.clone()));
         let (mut datums, mut nulls) = self.datums(relid, &cols, new);
-        datums.push(pg_sys::Datum::from(&mut ctid as *mut pg_sys::ItemPointerData));
+        datums.push(pg_sys::Datum::from(
+            &mut ctid as *mut pg_sys::ItemPointerData,
+        ));
         nulls.push(b' ' as std::ffi::c_char);
         // SAFETY: a kept plan with matching parameters; `ctid` outlives the call.
         unsafe {
@@ -771,7 +863,9 @@ impl Applier {
 
     fn exec_delete(&mut self, relid: u32, mut ctid: pg_sys::ItemPointerData) {
         let plan = self.plan(relid, PlanKey::Delete);
-        let mut datums = [pg_sys::Datum::from(&mut ctid as *mut pg_sys::ItemPointerData)];
+        let mut datums = [pg_sys::Datum::from(
+            &mut ctid as *mut pg_sys::ItemPointerData,
+        )];
         let nulls = [b' ' as std::ffi::c_char];
         // SAFETY: a kept plan with one tid parameter; `ctid` outlives the call.
         unsafe {

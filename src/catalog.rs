@@ -209,7 +209,8 @@ pub struct SubRow {
     pub enabled: bool,
 }
 
-const SUB_QUERY: &str = "SELECT s.sub_id, s.sub_name::text, s.origin_node_id, n.node_name::text, n.node_dsn,
+const SUB_QUERY: &str =
+    "SELECT s.sub_id, s.sub_name::text, s.origin_node_id, n.node_name::text, n.node_dsn,
         s.slot_name::text, s.origin_name::text, s.sub_enabled
    FROM bdr.subscription s JOIN bdr.node n ON n.node_id = s.origin_node_id
    JOIN bdr.local_node l ON l.node_id = s.target_node_id";
@@ -233,7 +234,11 @@ pub fn local_subscriptions() -> BdrResult<Vec<SubRow>> {
 }
 
 pub fn subscription(sub_id: u32) -> BdrResult<Option<SubRow>> {
-    select_first(&format!("{SUB_QUERY} WHERE s.sub_id = $1"), &[oid(sub_id).into()], sub_row)
+    select_first(
+        &format!("{SUB_QUERY} WHERE s.sub_id = $1"),
+        &[oid(sub_id).into()],
+        sub_row,
+    )
 }
 
 /// The other members of the local node's group, every state.
@@ -281,7 +286,10 @@ pub fn sync_subscriptions(local: &LocalNode) -> BdrResult<bool> {
     }
     for s in &existing {
         if !peers.iter().any(|p| p.node_id == s.origin_node_id) {
-            Spi::run_with_args("DELETE FROM bdr.subscription WHERE sub_id = $1", &[oid(s.sub_id).into()])?;
+            Spi::run_with_args(
+                "DELETE FROM bdr.subscription WHERE sub_id = $1",
+                &[oid(s.sub_id).into()],
+            )?;
             changed = true;
         }
     }

@@ -44,9 +44,17 @@ pub enum BdrError {
     #[error("invalid value for {what}: {msg}")]
     InvalidValue { what: &'static str, msg: String },
     #[error("could not connect to {what} (\"{dsn}\"): {msg}")]
-    PeerUnreachable { what: String, dsn: String, msg: String },
+    PeerUnreachable {
+        what: String,
+        dsn: String,
+        msg: String,
+    },
     #[error("{what} failed on node \"{node}\": {msg}")]
-    PeerCommand { what: String, node: String, msg: String },
+    PeerCommand {
+        what: String,
+        node: String,
+        msg: String,
+    },
     #[error("{msg}")]
     JoinRefused { msg: String, hint: String },
     #[error("{0}")]

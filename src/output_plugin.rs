@@ -128,7 +128,10 @@ unsafe extern "C-unwind" fn startup(
 
     CALLBACK_REGISTERED.with(|r| {
         if !*r.borrow() {
-            pg_sys::CacheRegisterRelcacheCallback(Some(relcache_invalidated), pg_sys::Datum::from(0));
+            pg_sys::CacheRegisterRelcacheCallback(
+                Some(relcache_invalidated),
+                pg_sys::Datum::from(0),
+            );
             *r.borrow_mut() = true;
         }
     });
@@ -177,13 +180,19 @@ fn write(ctx: *mut pg_sys::LogicalDecodingContext, m: &Message) {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn begin(ctx: *mut pg_sys::LogicalDecodingContext, _txn: *mut pg_sys::ReorderBufferTXN) {
+unsafe extern "C-unwind" fn begin(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    _txn: *mut pg_sys::ReorderBufferTXN,
+) {
     // BEGIN waits for the first change, so that transactions with nothing to
     // send (filtered, or only bdr catalogs) cost the peer nothing.
     state(ctx).begin_sent = false;
 }
 
-unsafe fn ensure_begin(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN) {
+unsafe fn ensure_begin(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+) {
     let st = state(ctx);
     if st.begin_sent {
         return;
@@ -295,7 +304,12 @@ unsafe fn tuple_values(
     let natts = (*desc).natts as usize;
     let mut values = vec![pg_sys::Datum::from(0); natts];
     let mut nulls = vec![false; natts];
-    pg_sys::heap_deform_tuple(&mut (*buf).tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+    pg_sys::heap_deform_tuple(
+        &mut (*buf).tuple,
+        desc,
+        values.as_mut_ptr(),
+        nulls.as_mut_ptr(),
+    );
     let mut out = Vec::with_capacity(natts);
     for i in 0..natts {
         let a = attr(desc, i);
@@ -317,18 +331,25 @@ unsafe fn tuple_values(
             let mut varlena = false;
             pg_sys::getTypeBinaryOutputInfo(a.atttypid, &mut send, &mut varlena);
             let b = pg_sys::OidSendFunctionCall(send, values[i]);
-            out.push(Value::Binary(pgrx::varlena::varlena_to_byte_slice(b).to_vec()));
+            out.push(Value::Binary(
+                pgrx::varlena::varlena_to_byte_slice(b).to_vec(),
+            ));
         } else {
             let mut output = pg_sys::InvalidOid;
             let mut varlena = false;
             pg_sys::getTypeOutputInfo(a.atttypid, &mut output, &mut varlena);
-            out.push(Value::Text(cstr(pg_sys::OidOutputFunctionCall(output, values[i]))));
+            out.push(Value::Text(cstr(pg_sys::OidOutputFunctionCall(
+                output, values[i],
+            ))));
         }
     }
     out
 }
 
-unsafe fn in_change_context<R>(ctx: *mut pg_sys::LogicalDecodingContext, f: impl FnOnce() -> R) -> R {
+unsafe fn in_change_context<R>(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    f: impl FnOnce() -> R,
+) -> R {
     let cxt = state(ctx).change_cxt;
     let old = pg_sys::MemoryContextSwitchTo(cxt);
     let r = f();

@@ -125,7 +125,11 @@ impl ErrorText {
         self.0[..n].copy_from_slice(&s.as_bytes()[..n]);
     }
     pub fn as_str(&self) -> &str {
-        let end = self.0.iter().position(|b| *b == 0).unwrap_or(ERROR_TEXT_LEN);
+        let end = self
+            .0
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(ERROR_TEXT_LEN);
         std::str::from_utf8(&self.0[..end]).unwrap_or("")
     }
 }

@@ -58,7 +58,10 @@ impl Conn {
                 "could not connect".to_string()
             } else {
                 // SAFETY: libpq's error message is a NUL-terminated palloc'd string.
-                unsafe { CStr::from_ptr(err) }.to_string_lossy().trim().to_string()
+                unsafe { CStr::from_ptr(err) }
+                    .to_string_lossy()
+                    .trim()
+                    .to_string()
             };
             return Err(msg);
         }
@@ -87,9 +90,11 @@ impl Conn {
                     if natts != ncols {
                         Err(format!("expected {ncols} columns, got {natts} from: {sql}"))
                     } else {
-                        let slot = pg_sys::MakeSingleTupleTableSlot(desc, &pg_sys::TTSOpsMinimalTuple);
+                        let slot =
+                            pg_sys::MakeSingleTupleTableSlot(desc, &pg_sys::TTSOpsMinimalTuple);
                         let mut rows = Vec::new();
-                        while pg_sys::tuplestore_gettupleslot((*res).tuplestore, true, false, slot) {
+                        while pg_sys::tuplestore_gettupleslot((*res).tuplestore, true, false, slot)
+                        {
                             pg_sys::slot_getallattrs(slot);
                             let mut row = Vec::with_capacity(natts);
                             for i in 0..natts {
@@ -98,7 +103,9 @@ impl Conn {
                                 } else {
                                     let d = *(*slot).tts_values.add(i);
                                     let s = pg_sys::text_to_cstring(d.cast_mut_ptr());
-                                    row.push(Some(CStr::from_ptr(s).to_string_lossy().into_owned()));
+                                    row.push(Some(
+                                        CStr::from_ptr(s).to_string_lossy().into_owned(),
+                                    ));
                                     pg_sys::pfree(s.cast());
                                 }
                             }
@@ -180,7 +187,10 @@ fn err_text(res: *mut pg_sys::WalRcvExecResult) -> String {
         if (*res).err.is_null() {
             "the remote command failed".to_string()
         } else {
-            CStr::from_ptr((*res).err).to_string_lossy().trim().to_string()
+            CStr::from_ptr((*res).err)
+                .to_string_lossy()
+                .trim()
+                .to_string()
         }
     }
 }

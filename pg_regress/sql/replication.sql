@@ -77,3 +77,30 @@ SELECT * FROM nokey;
 SELECT * FROM t ORDER BY id;
 SELECT * FROM nokey;
 SELECT count(*) AS worker_errors FROM bdr.worker_errors;
+
+-- The output plugin speaks one protocol version and refuses what it does
+-- not understand.
+-- (A temporary slot would go with the first error; this one is dropped below.)
+SELECT 'init' AS slot FROM pg_create_logical_replication_slot('regress_plugin', 'bdr');
+INSERT INTO t VALUES (400, 'decoded', NULL);
+SELECT count(*) > 0 AS has_changes FROM pg_logical_slot_peek_binary_changes('regress_plugin', NULL, NULL, 'proto_version', '1');
+SELECT count(*) FROM pg_logical_slot_peek_binary_changes('regress_plugin', NULL, NULL, 'proto_version', '2');
+SELECT count(*) FROM pg_logical_slot_peek_binary_changes('regress_plugin', NULL, NULL, 'proto_version', '1', 'colour', 'blue');
+SELECT count(*) FROM pg_logical_slot_peek_binary_changes('regress_plugin', NULL, NULL);
+SELECT pg_drop_replication_slot('regress_plugin');
+
+-- A joining node must start empty.
+CREATE DATABASE repl_d;
+\c repl_d
+SET client_min_messages = warning;
+CREATE TABLE t (id int PRIMARY KEY, v text, tags text[]);
+CREATE TABLE nokey (a int, b text);
+INSERT INTO t VALUES (1, 'already here', NULL);
+CREATE EXTENSION bdr;
+SELECT bdr.create_node('d', 'host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_d') IS NOT NULL AS created;
+SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_a', 'rg');
+-- So must a node's name be new to the group.
+DELETE FROM t;
+SELECT bdr.drop_node('d');
+SELECT bdr.create_node('b', 'host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_d') IS NOT NULL AS created;
+SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_a', 'rg');

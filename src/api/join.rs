@@ -19,11 +19,11 @@ use crate::catalog;
 use crate::error::{BdrError, BdrResult, OrRaise};
 use crate::shmem::{self, Role, TASKS};
 use crate::walrcv::{Conn, Received};
-use bdr_core::quote::{self, ident, literal};
 use crate::{prereq, workers};
 use bdr_core::lsn;
 use bdr_core::naming;
 use bdr_core::node::NodeState;
+use bdr_core::quote::{self, ident, literal};
 use pgrx::callbacks::{register_xact_callback, PgXactCallbackEvent};
 use pgrx::prelude::*;
 use std::cell::RefCell;
@@ -49,7 +49,11 @@ impl Table {
         format!("{}.{}", ident(&self.schema), ident(&self.name))
     }
     fn column_list(&self) -> String {
-        self.columns.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ")
+        self.columns
+            .iter()
+            .map(|c| ident(c))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -134,7 +138,10 @@ fn check_local_tables(tables: &[Table], synchronize_structure: &str) -> BdrResul
                 ))
             } else {
                 BdrError::JoinRefused {
-                    msg: format!("table {} of the group does not exist on this node", t.qualified()),
+                    msg: format!(
+                        "table {} of the group does not exist on this node",
+                        t.qualified()
+                    ),
                     hint: "Create the group's tables on the joining node before joining.".into(),
                 }
             });
@@ -249,7 +256,11 @@ fn copy_table(conn: &mut Conn, target: &str, t: &Table) -> BdrResult<u64> {
     remote(
         target,
         &format!("copying {}", t.qualified()),
-        conn.start_copy(&format!("COPY {} ({}) TO STDOUT", t.qualified(), t.column_list())),
+        conn.start_copy(&format!(
+            "COPY {} ({}) TO STDOUT",
+            t.qualified(),
+            t.column_list()
+        )),
     )?;
     let qualified = CString::new(t.qualified()).unwrap_or_default();
     COPY_SRC.with(|s| {
@@ -263,16 +274,33 @@ fn copy_table(conn: &mut Conn, target: &str, t: &Table) -> BdrResult<u64> {
     // SAFETY: COPY FROM into a table opened here with the lock INSERT takes;
     // the column list is built from palloc'd strings, as the parser would.
     let n = unsafe {
-        let rv = pg_sys::makeRangeVarFromNameList(pg_sys::stringToQualifiedNameList(qualified.as_ptr()));
-        let relid = pg_sys::RangeVarGetRelidExtended(rv, pg_sys::RowExclusiveLock as i32, 0, None, std::ptr::null_mut());
+        let rv =
+            pg_sys::makeRangeVarFromNameList(pg_sys::stringToQualifiedNameList(qualified.as_ptr()));
+        let relid = pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::RowExclusiveLock as i32,
+            0,
+            None,
+            std::ptr::null_mut(),
+        );
         let rel = pg_sys::table_open(relid, pg_sys::NoLock as i32);
         let mut cols: *mut pg_sys::List = std::ptr::null_mut();
         for c in &t.columns {
             let cs = CString::new(c.as_str()).unwrap_or_default();
-            cols = pg_sys::lappend(cols, pg_sys::makeString(pg_sys::pstrdup(cs.as_ptr())).cast());
+            cols = pg_sys::lappend(
+                cols,
+                pg_sys::makeString(pg_sys::pstrdup(cs.as_ptr())).cast(),
+            );
         }
         let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
-        pg_sys::addRangeTableEntryForRelation(pstate, rel, pg_sys::RowExclusiveLock as i32, std::ptr::null_mut(), false, false);
+        pg_sys::addRangeTableEntryForRelation(
+            pstate,
+            rel,
+            pg_sys::RowExclusiveLock as i32,
+            std::ptr::null_mut(),
+            false,
+            false,
+        );
         let cstate = pg_sys::BeginCopyFrom(
             pstate,
             rel,
@@ -344,7 +372,9 @@ fn join_impl(
 ) -> BdrResult<()> {
     prereq::check()?;
     if pause_in_standby {
-        return Err(BdrError::NotSupported("joining as a standby (pause_in_standby)".into()));
+        return Err(BdrError::NotSupported(
+            "joining as a standby (pause_in_standby)".into(),
+        ));
     }
     let sync = synchronize_structure.to_ascii_lowercase();
     if sync != "all" && sync != "none" {
@@ -359,7 +389,10 @@ fn join_impl(
     })?;
     let local = catalog::local_node()?.ok_or(BdrError::NoLocalNode)?;
     if let Some(g) = catalog::group_name(local.node_group_id)? {
-        return Err(BdrError::AlreadyInGroup { node: local.node_name, group: g });
+        return Err(BdrError::AlreadyInGroup {
+            node: local.node_name,
+            group: g,
+        });
     }
     let me_row = catalog::node_by_id(local.node_id)?.ok_or(BdrError::NoLocalNode)?;
     let me = Member {
@@ -416,7 +449,10 @@ fn join_impl(
     let version: i32 = text(&t[5]).parse().unwrap_or(0);
     if version / 10000 != bdr_core::version::VERSION_NUM / 10000 {
         return Err(BdrError::JoinRefused {
-            msg: format!("the join target runs bdr version number {version}; this node runs {}", bdr_core::version::VERSION_NUM),
+            msg: format!(
+                "the join target runs bdr version number {version}; this node runs {}",
+                bdr_core::version::VERSION_NUM
+            ),
             hint: "Join nodes of the same bdr major version.".into(),
         });
     }
@@ -477,7 +513,13 @@ fn join_impl(
             remote(
                 &p.name,
                 "creating a slot",
-                conn.query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL bdr (SNAPSHOT 'nothing')", ident(&slot)), 4),
+                conn.query(
+                    &format!(
+                        "CREATE_REPLICATION_SLOT {} LOGICAL bdr (SNAPSHOT 'nothing')",
+                        ident(&slot)
+                    ),
+                    4,
+                ),
             )?;
         }
     }
@@ -496,7 +538,11 @@ fn join_impl(
     if slot_exists_remote(&tconn, &target.name, &slot)? {
         // Left by an earlier attempt that did not finish; its start point is
         // not the state we are about to copy.
-        remote(&target.name, "dropping an unfinished slot", tconn.command(&format!("DROP_REPLICATION_SLOT {}", ident(&slot))))?;
+        remote(
+            &target.name,
+            "dropping an unfinished slot",
+            tconn.command(&format!("DROP_REPLICATION_SLOT {}", ident(&slot))),
+        )?;
     }
     remote(
         &target.name,
@@ -506,7 +552,13 @@ fn join_impl(
     let created = remote(
         &target.name,
         "creating a slot",
-        tconn.query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL bdr (SNAPSHOT 'use')", ident(&slot)), 4),
+        tconn.query(
+            &format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL bdr (SNAPSHOT 'use')",
+                ident(&slot)
+            ),
+            4,
+        ),
     )?;
     let start = created
         .first()
@@ -541,23 +593,49 @@ fn join_impl(
     Spi::run_with_args(
         "INSERT INTO bdr.node_group (node_group_id, node_group_name, node_group_uuid)
          VALUES ($1, $2::name, $3::uuid) ON CONFLICT DO NOTHING",
-        &[pg_sys::Oid::from(group_id).into(), group.as_str().into(), uuid.as_str().into()],
+        &[
+            pg_sys::Oid::from(group_id).into(),
+            group.as_str().into(),
+            uuid.as_str().into(),
+        ],
     )?;
     for p in &peers {
-        upsert_node(p.id, &p.name, &p.dsn, &p.dbname, group_id, NodeState::Active)?;
+        upsert_node(
+            p.id,
+            &p.name,
+            &p.dsn,
+            &p.dbname,
+            group_id,
+            NodeState::Active,
+        )?;
     }
     catalog::set_node_group(me.id, group_id, NodeState::Active, members.len() as i32 + 1)?;
 
     for p in &peers {
-        let conn = if p.name == target.name { None } else { Some(connect(&format!("node \"{}\"", p.name), &p.dsn)?) };
+        let conn = if p.name == target.name {
+            None
+        } else {
+            Some(connect(&format!("node \"{}\"", p.name), &p.dsn)?)
+        };
         let c = conn.as_ref().unwrap_or(&tconn);
-        remote(&p.name, "activating the joining node", c.query(&format!("SELECT bdr._join_activate({})::text", me.id), 1))?;
+        remote(
+            &p.name,
+            "activating the joining node",
+            c.query(&format!("SELECT bdr._join_activate({})::text", me.id), 1),
+        )?;
     }
     super::node::wake_workers_at_commit();
     Ok(())
 }
 
-fn upsert_node(id: u32, name: &str, dsn: &str, dbname: &str, group_id: u32, state: NodeState) -> BdrResult<()> {
+fn upsert_node(
+    id: u32,
+    name: &str,
+    dsn: &str,
+    dbname: &str,
+    group_id: u32,
+    state: NodeState,
+) -> BdrResult<()> {
     let st = pg_sys::Oid::from(state.oid());
     Spi::run_with_args(
         "INSERT INTO bdr.node (node_id, node_name, node_group_id, source_node_id, node_state, target_state,
@@ -591,15 +669,30 @@ fn join_node_group(
     // The join is complete when this returns; the connections to the peers
     // start when the transaction commits (see bdr.wait_for_join_completion).
     let _ = wait_for_completion;
-    join_impl(join_target_dsn, node_group_name, pause_in_standby, synchronize_structure).or_raise()
+    join_impl(
+        join_target_dsn,
+        node_group_name,
+        pause_in_standby,
+        synchronize_structure,
+    )
+    .or_raise()
 }
 
-fn register_impl(node_id: u32, name: &str, dsn: &str, dbname: &str, group_id: u32) -> BdrResult<()> {
+fn register_impl(
+    node_id: u32,
+    name: &str,
+    dsn: &str,
+    dbname: &str,
+    group_id: u32,
+) -> BdrResult<()> {
     catalog::lock_nodes()?;
     let local = catalog::local_node()?.ok_or(BdrError::NoLocalNode)?;
     if local.node_group_id != group_id {
         return Err(BdrError::JoinRefused {
-            msg: format!("node \"{}\" is not a member of the group being joined", local.node_name),
+            msg: format!(
+                "node \"{}\" is not a member of the group being joined",
+                local.node_name
+            ),
             hint: "Join through a node of the group.".into(),
         });
     }
@@ -617,7 +710,14 @@ fn register_impl(node_id: u32, name: &str, dsn: &str, dbname: &str, group_id: u3
 /// Called by a joining node on each member: records the joiner.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _join_register(node_id: i64, node_name: &str, node_dsn: &str, dbname: &str, node_group_id: i64) {
-    register_impl(node_id as u32, node_name, node_dsn, dbname, node_group_id as u32).or_raise()
+    register_impl(
+        node_id as u32,
+        node_name,
+        node_dsn,
+        dbname,
+        node_group_id as u32,
+    )
+    .or_raise()
 }
 
 /// Called by a joining node on each member once it holds the group's data:
@@ -628,7 +728,10 @@ fn _join_activate(node_id: i64) {
         catalog::lock_nodes()?;
         Spi::run_with_args(
             "UPDATE bdr.node SET node_state = $2, target_state = $2 WHERE node_id = $1",
-            &[pg_sys::Oid::from(node_id as u32).into(), pg_sys::Oid::from(NodeState::Active.oid()).into()],
+            &[
+                pg_sys::Oid::from(node_id as u32).into(),
+                pg_sys::Oid::from(NodeState::Active.oid()).into(),
+            ],
         )?;
         super::node::wake_workers_at_commit();
         Ok(())
@@ -640,7 +743,10 @@ fn _join_activate(node_id: i64) {
 /// from every peer.
 #[pg_extern(volatile, parallel_unsafe)]
 fn wait_for_join_completion(verbose_progress: default!(bool, false)) {
-    let local = catalog::local_node().or_raise().ok_or(BdrError::NoLocalNode).or_raise();
+    let local = catalog::local_node()
+        .or_raise()
+        .ok_or(BdrError::NoLocalNode)
+        .or_raise();
     if local.node_group_id == 0 {
         BdrError::JoinRefused {
             msg: format!("node \"{}\" is not joining a group", local.node_name),
@@ -657,16 +763,23 @@ fn wait_for_join_completion(verbose_progress: default!(bool, false)) {
         // SAFETY: a new snapshot pushed and popped around the reads below.
         unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
         let peers = catalog::group_peers(&local).or_raise();
-        let active: Vec<_> = peers.iter().filter(|p| p.node_state == NodeState::Active).collect();
+        let active: Vec<_> = peers
+            .iter()
+            .filter(|p| p.node_state == NodeState::Active)
+            .collect();
         let subs = catalog::local_subscriptions().or_raise();
         // SAFETY: pops the snapshot pushed above.
         unsafe { pg_sys::PopActiveSnapshot() };
         let mut waiting = Vec::new();
         for p in &active {
-            let connected = subs.iter().find(|s| s.origin_node_id == p.node_id).is_some_and(|s| {
-                let t = TASKS.share();
-                t.find(Role::Receiver, db, s.sub_id, 0).is_some_and(|i| t.tasks[i].connected)
-            });
+            let connected = subs
+                .iter()
+                .find(|s| s.origin_node_id == p.node_id)
+                .is_some_and(|s| {
+                    let t = TASKS.share();
+                    t.find(Role::Receiver, db, s.sub_id, 0)
+                        .is_some_and(|i| t.tasks[i].connected)
+                });
             if !connected {
                 waiting.push(p.node_name.clone());
             }

@@ -179,7 +179,14 @@ fn tend_receivers(
             continue;
         }
         let name = format!("bdr receiver {}", s.sub_name);
-        if let Some(r) = launch(Role::Receiver, dboid, s.sub_id, &name, "bdr_receiver_main", jitter) {
+        if let Some(r) = launch(
+            Role::Receiver,
+            dboid,
+            s.sub_id,
+            &name,
+            "bdr_receiver_main",
+            jitter,
+        ) {
             receivers.insert(s.sub_id, r);
         }
     }

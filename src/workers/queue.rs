@@ -7,9 +7,13 @@ use pgrx::pg_sys;
 
 const HEADER: usize = 64;
 
+/// One attached end of a queue.
+#[derive(Clone, Copy)]
+pub struct Mq(*mut pg_sys::shm_mq_handle);
+
 pub struct Queues {
-    pub to_writer: *mut pg_sys::shm_mq_handle,
-    pub from_writer: *mut pg_sys::shm_mq_handle,
+    pub to_writer: Mq,
+    pub from_writer: Mq,
 }
 
 pub enum Recv<'a> {
@@ -46,8 +50,8 @@ pub fn create(in_kb: i32, out_kb: i32) -> (Queues, u32) {
         pg_sys::shm_mq_set_receiver(outq, pg_sys::MyProc);
         let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
         let q = Queues {
-            to_writer: pg_sys::shm_mq_attach(inq, seg, std::ptr::null_mut()),
-            from_writer: pg_sys::shm_mq_attach(outq, seg, std::ptr::null_mut()),
+            to_writer: Mq(pg_sys::shm_mq_attach(inq, seg, std::ptr::null_mut())),
+            from_writer: Mq(pg_sys::shm_mq_attach(outq, seg, std::ptr::null_mut())),
         };
         pg_sys::MemoryContextSwitchTo(old);
         (q, pg_sys::dsm_segment_handle(seg))
@@ -72,38 +76,41 @@ pub fn attach(handle: u32) -> Option<Queues> {
         pg_sys::shm_mq_set_sender(outq, pg_sys::MyProc);
         let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
         let q = Queues {
-            to_writer: pg_sys::shm_mq_attach(inq, seg, std::ptr::null_mut()),
-            from_writer: pg_sys::shm_mq_attach(outq, seg, std::ptr::null_mut()),
+            to_writer: Mq(pg_sys::shm_mq_attach(inq, seg, std::ptr::null_mut())),
+            from_writer: Mq(pg_sys::shm_mq_attach(outq, seg, std::ptr::null_mut())),
         };
         pg_sys::MemoryContextSwitchTo(old);
         Some(q)
     }
 }
 
-pub fn send(mqh: *mut pg_sys::shm_mq_handle, data: &[u8], nowait: bool) -> Sent {
-    // SAFETY: a handle from `create`/`attach`; `data` outlives the call. A
-    // WOULD_BLOCK send is retried with the same data, as shm_mq requires.
-    let r = unsafe { pg_sys::shm_mq_send(mqh, data.len(), data.as_ptr().cast(), nowait, true) };
-    match r {
-        pg_sys::shm_mq_result::SHM_MQ_SUCCESS => Sent::Ok,
-        pg_sys::shm_mq_result::SHM_MQ_WOULD_BLOCK => Sent::WouldBlock,
-        _ => Sent::Detached,
-    }
-}
-
-/// The message stays valid until the next receive on this handle.
-pub fn receive<'a>(mqh: *mut pg_sys::shm_mq_handle, nowait: bool) -> Recv<'a> {
-    let mut n: usize = 0;
-    let mut data: *mut std::ffi::c_void = std::ptr::null_mut();
-    // SAFETY: a handle from `create`/`attach`; shm_mq owns the returned bytes.
-    let r = unsafe { pg_sys::shm_mq_receive(mqh, &mut n, &mut data, nowait) };
-    match r {
-        pg_sys::shm_mq_result::SHM_MQ_SUCCESS => {
-            // SAFETY: shm_mq returned `n` readable bytes at `data`.
-            Recv::Msg(unsafe { std::slice::from_raw_parts(data as *const u8, n) })
+impl Mq {
+    pub fn send(self, data: &[u8], nowait: bool) -> Sent {
+        // SAFETY: a handle from `create`/`attach`; `data` outlives the call. A
+        // WOULD_BLOCK send is retried with the same data, as shm_mq requires.
+        let r =
+            unsafe { pg_sys::shm_mq_send(self.0, data.len(), data.as_ptr().cast(), nowait, true) };
+        match r {
+            pg_sys::shm_mq_result::SHM_MQ_SUCCESS => Sent::Ok,
+            pg_sys::shm_mq_result::SHM_MQ_WOULD_BLOCK => Sent::WouldBlock,
+            _ => Sent::Detached,
         }
-        pg_sys::shm_mq_result::SHM_MQ_WOULD_BLOCK => Recv::WouldBlock,
-        _ => Recv::Detached,
+    }
+
+    /// The message stays valid until the next receive on this handle.
+    pub fn receive<'a>(self, nowait: bool) -> Recv<'a> {
+        let mut n: usize = 0;
+        let mut data: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: a handle from `create`/`attach`; shm_mq owns the returned bytes.
+        let r = unsafe { pg_sys::shm_mq_receive(self.0, &mut n, &mut data, nowait) };
+        match r {
+            pg_sys::shm_mq_result::SHM_MQ_SUCCESS => {
+                // SAFETY: shm_mq returned `n` readable bytes at `data`.
+                Recv::Msg(unsafe { std::slice::from_raw_parts(data as *const u8, n) })
+            }
+            pg_sys::shm_mq_result::SHM_MQ_WOULD_BLOCK => Recv::WouldBlock,
+            _ => Recv::Detached,
+        }
     }
 }
 

@@ -4,7 +4,10 @@
 //! WAL: only as far as the writer's commits are durable here.
 
 use super::queue::{self, Queues, Recv, Sent};
-use super::{attach_die_handlers, launch, manager_generation, recording_errors, reload_config_if_asked, wait, Running};
+use super::{
+    attach_die_handlers, launch, manager_generation, recording_errors, reload_config_if_asked,
+    wait, Running,
+};
 use crate::catalog::{self, SubRow};
 use crate::guc;
 use crate::shmem::{self, now, ExitKind, Role};
@@ -25,7 +28,9 @@ pub extern "C-unwind" fn bdr_receiver_main(arg: pg_sys::Datum) {
         return;
     };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(task.dboid)), None);
-    recording_errors(idx, generation, "receiver", || run(idx, generation, task.dboid, task.subid));
+    recording_errors(idx, generation, "receiver", || {
+        run(idx, generation, task.dboid, task.subid)
+    });
 }
 
 /// Creates the subscription's replication origin if needed; returns where
@@ -57,7 +62,7 @@ struct Stream {
 impl Stream {
     fn drain_acks(&mut self) {
         loop {
-            match queue::receive(self.queues.from_writer, true) {
+            match self.queues.from_writer.receive(true) {
                 Recv::Msg(b) => {
                     if let Some((remote, local)) = queue::decode_ack(b) {
                         self.tracker.applied(remote, local);
@@ -76,9 +81,9 @@ impl Stream {
         }
     }
 
-    fn to_writer(&mut self, data: &[u8]) {
+    fn forward(&mut self, data: &[u8]) {
         loop {
-            match queue::send(self.queues.to_writer, data, true) {
+            match self.queues.to_writer.send(data, true) {
                 Sent::Ok => return,
                 Sent::Detached => error!("the writer of this subscription exited"),
                 Sent::WouldBlock => {
@@ -129,7 +134,10 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
         "bdr_writer_main",
         &mut jitter,
     ) else {
-        error!("could not start the writer of subscription \"{}\"", sub.sub_name);
+        error!(
+            "could not start the writer of subscription \"{}\"",
+            sub.sub_name
+        );
     };
 
     let cmd = format!(
@@ -193,13 +201,25 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
                     fd = Some(f);
                     break;
                 }
-                Received::End => error!("node \"{}\" ended the replication stream", sub.origin_node_name),
+                Received::End => error!(
+                    "node \"{}\" ended the replication stream",
+                    sub.origin_node_name
+                ),
                 Received::Data(buf) => match protocol::parse_frame(buf) {
-                    Ok(Frame::XLogData { start_lsn, end_lsn, data, .. }) => {
+                    Ok(Frame::XLogData {
+                        start_lsn,
+                        end_lsn,
+                        data,
+                        ..
+                    }) => {
                         last_recv = last_recv.max(start_lsn).max(end_lsn);
                         data.to_vec()
                     }
-                    Ok(Frame::Keepalive { end_lsn, reply_requested, .. }) => {
+                    Ok(Frame::Keepalive {
+                        end_lsn,
+                        reply_requested,
+                        ..
+                    }) => {
                         last_recv = last_recv.max(end_lsn);
                         reply |= reply_requested;
                         last_msg = now();
@@ -221,7 +241,7 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
                 Ok(_) => {}
                 Err(e) => error!("bad message from node \"{}\": {e}", sub.origin_node_name),
             }
-            s.to_writer(&payload);
+            s.forward(&payload);
         }
 
         // SAFETY: reads the local WAL flush position; no preconditions.
@@ -241,7 +261,9 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
         let ts = now();
         let due = status_ms > 0 && ts - last_report_time >= status_ms * 1000;
         if reply || due || (last_recv, flushed) != last_reported {
-            conn.send(&protocol::status_update(last_recv, flushed, flushed, ts, false));
+            conn.send(&protocol::status_update(
+                last_recv, flushed, flushed, ts, false,
+            ));
             last_reported = (last_recv, flushed);
             last_report_time = ts;
         }
@@ -261,7 +283,9 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
                 );
             }
             if silent_ms > timeout_ms / 2 && !ping_sent {
-                conn.send(&protocol::status_update(last_recv, flushed, flushed, ts, true));
+                conn.send(&protocol::status_update(
+                    last_recv, flushed, flushed, ts, true,
+                ));
                 ping_sent = true;
             }
         }

@@ -148,7 +148,14 @@ pub extern "C-unwind" fn bdr_supervisor_main(_arg: pg_sys::Datum) {
             .filter(|db| !running.contains_key(db))
             .collect::<Vec<_>>()
         {
-            if let Some(r) = launch(Role::Manager, db, 0, &format!("bdr manager {db}"), "bdr_manager_main", &mut jitter) {
+            if let Some(r) = launch(
+                Role::Manager,
+                db,
+                0,
+                &format!("bdr manager {db}"),
+                "bdr_manager_main",
+                &mut jitter,
+            ) {
                 running.insert(db, r);
             }
         }

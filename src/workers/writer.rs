@@ -22,7 +22,9 @@ pub extern "C-unwind" fn bdr_writer_main(arg: pg_sys::Datum) {
         return;
     };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(task.dboid)), None);
-    recording_errors(idx, generation, "writer", || run(idx, generation, task.dboid, task.subid));
+    recording_errors(idx, generation, "writer", || {
+        run(idx, generation, task.dboid, task.subid)
+    });
 }
 
 fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
@@ -38,7 +40,8 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
         return;
     };
 
-    let (sub, local) = BackgroundWorker::transaction(|| (catalog::subscription(subid), catalog::local_node()));
+    let (sub, local) =
+        BackgroundWorker::transaction(|| (catalog::subscription(subid), catalog::local_node()));
     let sub = sub
         .unwrap_or_else(|e| error!("could not read the subscription: {e}"))
         .unwrap_or_else(|| error!("subscription {subid} no longer exists"));
@@ -65,9 +68,10 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
 
     let mut applier = Applier::new(local.node_id, sub.origin_node_id, progress);
     loop {
-        let msg = match queue::receive(queues.to_writer, false) {
-            Recv::Msg(b) => protocol::decode(b)
-                .unwrap_or_else(|e| error!("bad message from node \"{}\": {e}", sub.origin_node_name)),
+        let msg = match queues.to_writer.receive(false) {
+            Recv::Msg(b) => protocol::decode(b).unwrap_or_else(|e| {
+                error!("bad message from node \"{}\": {e}", sub.origin_node_name)
+            }),
             Recv::WouldBlock => continue,
             Recv::Detached => {
                 shmem::update_task(idx, generation, |t| t.exit_kind = ExitKind::Stopped);
@@ -79,7 +83,11 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
             _ => None,
         };
         if let Some((remote_end, local_end)) = applier.handle(msg) {
-            if queue::send(queues.from_writer, &queue::encode_ack(remote_end, local_end), false) == Sent::Detached {
+            if queues
+                .from_writer
+                .send(&queue::encode_ack(remote_end, local_end), false)
+                == Sent::Detached
+            {
                 shmem::update_task(idx, generation, |t| t.exit_kind = ExitKind::Stopped);
                 return;
             }

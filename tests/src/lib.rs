@@ -139,12 +139,18 @@ impl Instance {
     /// cluster; call `start` afterwards.
     pub fn crash(&self) {
         let pidfile = fs::read_to_string(self.datadir.join("postmaster.pid")).unwrap_or_default();
-        let Some(pm) = pidfile.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else {
+        let Some(pm) = pidfile
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        else {
             return;
         };
         let mut pids = vec![pm];
         for e in fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
             let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
             // The parent pid is the 2nd field after the parenthesised command.
             let ppid = stat
@@ -160,12 +166,18 @@ impl Instance {
             unsafe { libc::kill(*pid, libc::SIGKILL) };
         }
         for pid in pids {
-            wait_for(&format!("process {pid} to exit"), Duration::from_secs(30), || {
-                // Gone, or a zombie nobody has reaped yet: either way dead.
-                let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
-                matches!(state, None | Some("Z") | Some("X")).then_some(())
-            });
+            wait_for(
+                &format!("process {pid} to exit"),
+                Duration::from_secs(30),
+                || {
+                    // Gone, or a zombie nobody has reaped yet: either way dead.
+                    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    let state = stat
+                        .rsplit_once(')')
+                        .and_then(|(_, r)| r.split_whitespace().next());
+                    matches!(state, None | Some("Z") | Some("X")).then_some(())
+                },
+            );
         }
         // A killed postmaster may linger as a zombie if nothing reaps it,
         // which PostgreSQL would take for a running server; after a real
@@ -405,10 +417,7 @@ pub fn form_group(cluster: &Cluster, db: &str, schema_sql: &str) {
         .unwrap();
     for n in cluster.nodes.iter().skip(1) {
         n.connect(db)
-            .execute(
-                "SELECT bdr.join_node_group($1, 'g')",
-                &[&first.dsn(db)],
-            )
+            .execute("SELECT bdr.join_node_group($1, 'g')", &[&first.dsn(db)])
             .unwrap_or_else(|e| panic!("join of {} failed: {e:?}", n.name));
     }
     wait_for_mesh(cluster, db);
@@ -428,7 +437,9 @@ pub fn wait_for_mesh(cluster: &Cluster, db: &str) {
 pub fn wait_for_replication(cluster: &Cluster, db: &str) {
     for n in &cluster.nodes {
         let mut c = n.connect(db);
-        c.batch_execute("SET statement_timeout = '120s'; SELECT bdr.wait_slot_confirm_lsn(NULL, NULL)")
-            .unwrap_or_else(|e| panic!("replication from {} did not catch up: {e:?}", n.name));
+        c.batch_execute(
+            "SET statement_timeout = '120s'; SELECT bdr.wait_slot_confirm_lsn(NULL, NULL)",
+        )
+        .unwrap_or_else(|e| panic!("replication from {} did not catch up: {e:?}", n.name));
     }
 }

@@ -407,7 +407,10 @@ fn node_api_and_errors() {
     let (code, _, _) = expect_error(&mut c, "SELECT bdr.part_node('node-a')");
     assert_eq!(code, "0A000", "unimplemented functions say so");
     let (code, msg, _) = expect_error(&mut c, "SELECT bdr.join_node_group('host=x dbname=y', 'g')");
-    assert_eq!(code, "55000", "a node already in a group cannot join another: {msg}");
+    assert_eq!(
+        code, "55000",
+        "a node already in a group cannot join another: {msg}"
+    );
 
     c.batch_execute("SELECT bdr.drop_node('node-a')").unwrap();
     let n: i64 = c

@@ -27,7 +27,9 @@ CREATE TABLE xlog (node text NOT NULL, seq int NOT NULL);
 CREATE TABLE nopk (a int, b text);
 ";
 
-const TABLES: &[&str] = &["kv", "types_t", "parent", "child", "serial_t", "xlog", "nopk"];
+const TABLES: &[&str] = &[
+    "kv", "types_t", "parent", "child", "serial_t", "xlog", "nopk",
+];
 
 fn group(n: usize) -> Cluster {
     let c = Cluster::start(n, "");
@@ -53,11 +55,17 @@ fn every_kind_of_change_replicates_to_every_node() {
     for n in [&mut n1, &mut n2, &mut n3] {
         assert_eq!(one(n, "SELECT count(*) FROM bdr.node_slots"), "2");
         assert_eq!(
-            one(n, "SELECT string_agg(subscription_status, ',') FROM bdr.subscription_summary"),
+            one(
+                n,
+                "SELECT string_agg(subscription_status, ',') FROM bdr.subscription_summary"
+            ),
             "replicating,replicating"
         );
         assert_eq!(
-            one(n, "SELECT string_agg(peer_state_name, ',') FROM bdr.node_summary"),
+            one(
+                n,
+                "SELECT string_agg(peer_state_name, ',') FROM bdr.node_summary"
+            ),
             "ACTIVE,ACTIVE,ACTIVE"
         );
     }
@@ -86,7 +94,10 @@ fn every_kind_of_change_replicates_to_every_node() {
     wait_for_replication(&c, DB);
     assert_converged(&c, DB, TABLES);
     assert_eq!(one(&mut n3, "SELECT count(*) FROM kv"), "700");
-    assert_eq!(one(&mut n3, "SELECT length(big) FROM types_t WHERE id = 1"), "1200000");
+    assert_eq!(
+        one(&mut n3, "SELECT length(big) FROM types_t WHERE id = 1"),
+        "1200000"
+    );
 
     // UPDATE (also of the key), an update that leaves the TOASTed value
     // unchanged, DELETE, each from a different node.
@@ -97,12 +108,20 @@ fn every_kind_of_change_replicates_to_every_node() {
          UPDATE types_t SET t = 'now set', arr = '{}' WHERE id = 2;",
     )
     .unwrap();
-    n3.batch_execute("DELETE FROM kv WHERE id > 400 AND id <= 500; DELETE FROM child WHERE id = 20;")
-        .unwrap();
+    n3.batch_execute(
+        "DELETE FROM kv WHERE id > 400 AND id <= 500; DELETE FROM child WHERE id = 20;",
+    )
+    .unwrap();
     wait_for_replication(&c, DB);
     assert_converged(&c, DB, TABLES);
-    assert_eq!(one(&mut n1, "SELECT count(*) FROM kv WHERE id > 10000"), "10");
-    assert_eq!(one(&mut n1, "SELECT length(big) FROM types_t WHERE id = 1"), "1200000");
+    assert_eq!(
+        one(&mut n1, "SELECT count(*) FROM kv WHERE id > 10000"),
+        "10"
+    );
+    assert_eq!(
+        one(&mut n1, "SELECT length(big) FROM types_t WHERE id = 1"),
+        "1200000"
+    );
     assert_eq!(one(&mut n1, "SELECT i2 FROM types_t WHERE id = 1"), "99");
 
     // TRUNCATE with CASCADE and RESTART IDENTITY, as on the origin.
@@ -110,13 +129,18 @@ fn every_kind_of_change_replicates_to_every_node() {
         .unwrap();
     wait_for_replication(&c, DB);
     assert_eq!(one(&mut n1, "SELECT count(*) FROM child"), "0");
-    n1.batch_execute("INSERT INTO serial_t (v) VALUES ('after')").unwrap();
+    n1.batch_execute("INSERT INTO serial_t (v) VALUES ('after')")
+        .unwrap();
     wait_for_replication(&c, DB);
-    assert_eq!(one(&mut n2, "SELECT id FROM serial_t WHERE v = 'after'"), "1");
+    assert_eq!(
+        one(&mut n2, "SELECT id FROM serial_t WHERE v = 'after'"),
+        "1"
+    );
 
     // A table without a primary key: INSERT replicates, UPDATE and DELETE
     // are refused where they are made, saying why and how to fix it.
-    n1.batch_execute("INSERT INTO nopk VALUES (1, 'one')").unwrap();
+    n1.batch_execute("INSERT INTO nopk VALUES (1, 'one')")
+        .unwrap();
     let (code, msg, hint) = expect_error(&mut n1, "UPDATE nopk SET b = 'x'");
     assert_eq!(code, "55000", "{msg}");
     assert!(msg.contains("replica identity"), "{msg}");
@@ -125,9 +149,11 @@ fn every_kind_of_change_replicates_to_every_node() {
     assert_eq!(code, "55000");
     // With REPLICA IDENTITY FULL they replicate.
     for n in [&mut n1, &mut n2, &mut n3] {
-        n.batch_execute("ALTER TABLE nopk REPLICA IDENTITY FULL").unwrap();
+        n.batch_execute("ALTER TABLE nopk REPLICA IDENTITY FULL")
+            .unwrap();
     }
-    n2.batch_execute("UPDATE nopk SET b = 'uno' WHERE a = 1").unwrap();
+    n2.batch_execute("UPDATE nopk SET b = 'uno' WHERE a = 1")
+        .unwrap();
     wait_for_replication(&c, DB);
     assert_eq!(one(&mut n3, "SELECT b FROM nopk"), "uno");
 
@@ -138,9 +164,27 @@ fn every_kind_of_change_replicates_to_every_node() {
     )
     .unwrap();
     wait_for_replication(&c, DB);
-    assert_eq!(one(&mut n2, "SELECT string_agg(id::text, ',') FROM kv WHERE id < 0"), "-2");
+    assert_eq!(
+        one(
+            &mut n2,
+            "SELECT string_agg(id::text, ',') FROM kv WHERE id < 0"
+        ),
+        "-2"
+    );
     n1.batch_execute("DELETE FROM kv WHERE id = -1").unwrap();
     wait_for_replication(&c, DB);
+    assert_converged(&c, DB, TABLES);
+
+    // A table that changes shape (the same way on every node, until DDL
+    // replicates) is described again to the peers and keeps replicating.
+    for n in [&mut n1, &mut n2, &mut n3] {
+        n.batch_execute("ALTER TABLE kv ADD COLUMN extra text DEFAULT 'd'").unwrap();
+    }
+    n1.batch_execute("INSERT INTO kv (id, v, extra) VALUES (-3, 'with extra', 'x'); UPDATE kv SET extra = 'y' WHERE id = 1")
+        .unwrap();
+    wait_for_replication(&c, DB);
+    assert_eq!(one(&mut n3, "SELECT extra FROM kv WHERE id = -3"), "x");
+    assert_eq!(one(&mut n2, "SELECT extra FROM kv WHERE id = 1"), "y");
     assert_converged(&c, DB, TABLES);
 }
 
@@ -178,7 +222,9 @@ fn workload(node: &Instance, name: &str, seed: u64, txns: usize) -> Vec<i32> {
                 _ => sql.push_str(&format!("DELETE FROM kv WHERE id = {id};")),
             }
         }
-        sql.push_str(&format!("INSERT INTO xlog VALUES ('{name}', {seq}); COMMIT;"));
+        sql.push_str(&format!(
+            "INSERT INTO xlog VALUES ('{name}', {seq}); COMMIT;"
+        ));
         match c.batch_execute(&sql) {
             Ok(()) => committed.push(seq),
             Err(e) => {
@@ -208,7 +254,11 @@ fn assert_xlog(cluster: &Cluster, expect: &[(&str, Vec<i32>)]) {
                 .map(|r| r.get(0))
                 .collect();
             for s in seqs {
-                assert!(got.binary_search(s).is_ok(), "node{} lacks committed transaction {name}/{s}", n + 1);
+                assert!(
+                    got.binary_search(s).is_ok(),
+                    "node{} lacks committed transaction {name}/{s}",
+                    n + 1
+                );
             }
         }
     }
@@ -251,7 +301,10 @@ fn concurrent_writes_on_three_nodes_converge_without_echo_or_duplicates() {
     });
     wait_for_replication(&c, DB);
     assert_converged(&c, DB, TABLES);
-    let expect: Vec<(&str, Vec<i32>)> = results.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
+    let expect: Vec<(&str, Vec<i32>)> = results
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.clone()))
+        .collect();
     for (_, s) in &expect {
         assert_eq!(s.len(), txns);
     }
@@ -259,7 +312,10 @@ fn concurrent_writes_on_three_nodes_converge_without_echo_or_duplicates() {
     // Every node applied exactly the other two nodes' transactions.
     for i in 0..3 {
         let mut n = c.node(i).connect(DB);
-        assert_eq!(one(&mut n, "SELECT count(*) FROM xlog"), (3 * txns).to_string());
+        assert_eq!(
+            one(&mut n, "SELECT count(*) FROM xlog"),
+            (3 * txns).to_string()
+        );
     }
 }
 
@@ -281,9 +337,17 @@ fn a_node_killed_during_writes_loses_and_duplicates_nothing() {
         // Let the stream get going, then kill node2's postmaster and all its
         // processes without warning.
         let mut n1 = c.node(0).connect(DB);
-        wait_for("node1 to receive from node2", Duration::from_secs(60), || {
-            (one(&mut n1, "SELECT count(*) FROM xlog WHERE node = 'node2'").parse::<i64>().unwrap() > 100).then_some(())
-        });
+        wait_for(
+            "node1 to receive from node2",
+            Duration::from_secs(60),
+            || {
+                (one(&mut n1, "SELECT count(*) FROM xlog WHERE node = 'node2'")
+                    .parse::<i64>()
+                    .unwrap()
+                    > 100)
+                    .then_some(())
+            },
+        );
         c.node(1).crash();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
@@ -291,8 +355,14 @@ fn a_node_killed_during_writes_loses_and_duplicates_nothing() {
     wait_for_mesh(&c, DB);
     wait_for_replication(&c, DB);
     assert_converged(&c, DB, TABLES);
-    let expect: Vec<(&str, Vec<i32>)> = results.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
-    assert!(expect[1].1.len() < txns, "node2 was killed before it finished");
+    let expect: Vec<(&str, Vec<i32>)> = results
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.clone()))
+        .collect();
+    assert!(
+        expect[1].1.len() < txns,
+        "node2 was killed before it finished"
+    );
     assert_xlog(&c, &expect);
 }
 
@@ -302,21 +372,33 @@ fn a_stopped_peer_catches_up_and_the_group_converges() {
     c.node_mut(2).stop("fast");
     let mut n1 = c.node(0).connect(DB);
     let mut n2 = c.node(1).connect(DB);
-    n1.batch_execute("INSERT INTO kv SELECT g, 'while node3 was down' FROM generate_series(1, 2000) g")
-        .unwrap();
-    wait_for("node2 to receive node1's rows", Duration::from_secs(60), || {
-        (one(&mut n2, "SELECT count(*) FROM kv") == "2000").then_some(())
-    });
+    n1.batch_execute(
+        "INSERT INTO kv SELECT g, 'while node3 was down' FROM generate_series(1, 2000) g",
+    )
+    .unwrap();
+    wait_for(
+        "node2 to receive node1's rows",
+        Duration::from_secs(60),
+        || (one(&mut n2, "SELECT count(*) FROM kv") == "2000").then_some(()),
+    );
     n2.batch_execute("UPDATE kv SET n = 7 WHERE id % 2 = 0; DELETE FROM kv WHERE id % 5 = 0")
         .unwrap();
     // node1 sees that node3 is down: its receiver from node3 fails, backs
     // off, and says why.
-    wait_for("node1 to notice node3 is down", Duration::from_secs(60), || {
-        let status = one(&mut n1, "SELECT subscription_status FROM bdr.subscription_summary WHERE origin_name = 'node3'");
-        let failures = one(&mut n1, "SELECT max(task_consecutive_failures) FROM bdr.worker_tasks WHERE task_key_worker_role_name = 'receiver'");
-        let err = one(&mut n1, "SELECT error_message FROM bdr.worker_errors WHERE origin_name = 'node3'");
-        (status == "down" && failures.parse::<i64>().unwrap_or(0) >= 1 && err.contains("node3")).then_some(())
-    });
+    wait_for(
+        "node1 to notice node3 is down",
+        Duration::from_secs(60),
+        || {
+            let status = one(&mut n1, "SELECT subscription_status FROM bdr.subscription_summary WHERE origin_name = 'node3'");
+            let failures = one(&mut n1, "SELECT max(task_consecutive_failures) FROM bdr.worker_tasks WHERE task_key_worker_role_name = 'receiver'");
+            let err = one(
+                &mut n1,
+                "SELECT error_message FROM bdr.worker_errors WHERE origin_name = 'node3'",
+            );
+            (status == "down" && failures.parse::<i64>().unwrap_or(0) >= 1 && err.contains("node3"))
+                .then_some(())
+        },
+    );
     c.node_mut(2).start();
     wait_for_mesh(&c, DB);
     wait_for_replication(&c, DB);

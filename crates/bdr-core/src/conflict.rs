@@ -61,7 +61,14 @@ mod tests {
         // Three writers of one row; whatever order they arrive in, applying
         // only winners ends with the maximum.
         let writes = [w(5, 3), w(7, 1), w(7, 2)];
-        let orders = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+        let orders = [
+            [0, 1, 2],
+            [0, 2, 1],
+            [1, 0, 2],
+            [1, 2, 0],
+            [2, 0, 1],
+            [2, 1, 0],
+        ];
         for o in orders {
             let mut cur: Option<Writer> = None;
             for i in o {

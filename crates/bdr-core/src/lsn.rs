@@ -82,7 +82,11 @@ mod tests {
         assert_eq!(t.flushed_up_to(1500), 100);
         assert!(t.has_pending());
         t.idle_at(5000);
-        assert_eq!(t.flushed_up_to(1500), 100, "idle must not skip pending work");
+        assert_eq!(
+            t.flushed_up_to(1500),
+            100,
+            "idle must not skip pending work"
+        );
         assert_eq!(t.flushed_up_to(2000), 200);
         t.idle_at(300);
         assert_eq!(t.flushed_up_to(2000), 300);

@@ -47,7 +47,10 @@ mod tests {
 
     #[test]
     fn quoted_names_split_back() {
-        assert_eq!(split_ident_list("a,\"b,c\",\"d\"\"e\""), vec!["a", "b,c", "d\"e"]);
+        assert_eq!(
+            split_ident_list("a,\"b,c\",\"d\"\"e\""),
+            vec!["a", "b,c", "d\"e"]
+        );
         assert_eq!(split_ident_list("\"\"\"\""), vec!["\""]);
         assert!(split_ident_list("").is_empty());
     }
