@@ -141,6 +141,8 @@ fn every_kind_of_change_replicates_to_every_node() {
     // are refused where they are made, saying why and how to fix it.
     n1.batch_execute("INSERT INTO nopk VALUES (1, 'one')")
         .unwrap();
+    wait_for_replication(&c, DB);
+    assert_eq!(one(&mut n2, "SELECT b FROM nopk"), "one");
     let (code, msg, hint) = expect_error(&mut n1, "UPDATE nopk SET b = 'x'");
     assert_eq!(code, "55000", "{msg}");
     assert!(msg.contains("replica identity"), "{msg}");
@@ -152,8 +154,7 @@ fn every_kind_of_change_replicates_to_every_node() {
         n.batch_execute("ALTER TABLE nopk REPLICA IDENTITY FULL")
             .unwrap();
     }
-    n2.batch_execute("UPDATE nopk SET b = 'uno' WHERE a = 1")
-        .unwrap();
+    assert_eq!(n2.execute("UPDATE nopk SET b = 'uno' WHERE a = 1", &[]).unwrap(), 1);
     wait_for_replication(&c, DB);
     assert_eq!(one(&mut n3, "SELECT b FROM nopk"), "uno");
 
