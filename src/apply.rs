@@ -83,6 +83,21 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// When and where the transaction `xid` (an xmin datum) committed; no
+/// timestamp for frozen or too old transactions, or our own uncommitted one.
+fn commit_ts_of(xid: pg_sys::Datum) -> (Option<i64>, u16) {
+    let xid = pg_sys::TransactionId::from(xid.value() as u32);
+    let mut ts: pg_sys::TimestampTz = 0;
+    let mut origin: pg_sys::RepOriginId = 0;
+    // SAFETY: reads the commit timestamp SLRU; xmin of a visible row is valid.
+    let found = unsafe { pg_sys::TransactionIdGetCommitTsData(xid, &mut ts, &mut origin) };
+    if found && ts != 0 {
+        (Some(ts), origin)
+    } else {
+        (None, 0)
+    }
+}
+
 /// Prepares and keeps a statement for the life of the writer.
 fn keep_plan(sql: &str, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
     let c = CString::new(sql).unwrap_or_default();
@@ -523,10 +538,13 @@ impl Applier {
         let text = self.key_text(relid, key, vals);
         let local_oid = self.rel(relid).local_oid;
         if self.tomb_find.is_null() {
+            // Writers of different peers decide about the same missing row
+            // one after the other: the lock is held to the end of the
+            // transaction, and the lookup after it sees what the other
+            // committed.
             self.tomb_find = keep_plan(
-                "SELECT c.timestamp, c.roident FROM bdr.tombstone t
-                   LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(t.xmin) c ON true
-                  WHERE t.relid = $1 AND t.key_hash = md5($2)",
+                "SELECT t.xmin FROM (SELECT pg_catalog.pg_advisory_xact_lock($1::int4, pg_catalog.hashtext($2))) l,
+                        LATERAL (SELECT xmin FROM bdr.tombstone WHERE relid = $1 AND key_hash = md5($2)) t",
                 &mut [pg_sys::OIDOID, pg_sys::TEXTOID],
             );
         }
@@ -543,7 +561,7 @@ impl Applier {
                     self.tomb_find,
                     args.as_mut_ptr(),
                     std::ptr::null(),
-                    true,
+                    false,
                     1,
                 ),
                 "looking up a deleted row",
@@ -553,12 +571,9 @@ impl Applier {
             } else {
                 let tt = pg_sys::SPI_tuptable;
                 let mut isnull = false;
-                let ts = pg_sys::SPI_getbinval(*(*tt).vals, (*tt).tupdesc, 1, &mut isnull);
-                let ts = (!isnull).then(|| ts.value() as i64);
-                let ro = pg_sys::SPI_getbinval(*(*tt).vals, (*tt).tupdesc, 2, &mut isnull);
-                let ro = if isnull { 0 } else { ro.value() as u32 as u16 };
+                let xmin = pg_sys::SPI_getbinval(*(*tt).vals, (*tt).tupdesc, 1, &mut isnull);
                 pg_sys::SPI_freetuptable(tt);
-                Some((ts, ro))
+                Some(commit_ts_of(xmin))
             }
         };
         match found {
@@ -721,9 +736,11 @@ impl Applier {
                     })
                     .collect();
                 format!(
-                    "SELECT t.ctid, c.timestamp, c.roident FROM ONLY {} t
-                       LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(t.xmin) c ON true
-                      WHERE {} LIMIT 1 FOR UPDATE OF t",
+                    // The commit timestamp is looked up from the xmin of the row
+                    // version we locked: a join here would, after waiting for a
+                    // concurrent writer, pair the new version with the old
+                    // version's timestamp.
+                    "SELECT t.ctid, t.xmin FROM ONLY {} t WHERE {} LIMIT 1 FOR UPDATE",
                     r.qualified,
                     conds.join(" AND ")
                 )
@@ -805,12 +822,10 @@ impl Applier {
                 let mut isnull = false;
                 let ctid_d = pg_sys::SPI_getbinval(tup, desc, 1, &mut isnull);
                 let ctid = *(ctid_d.cast_mut_ptr::<pg_sys::ItemPointerData>());
-                let ts = pg_sys::SPI_getbinval(tup, desc, 2, &mut isnull);
-                let ts_null = isnull;
-                let ro = pg_sys::SPI_getbinval(tup, desc, 3, &mut isnull);
-                let ro = if isnull { 0 } else { ro.value() as u32 as u16 };
+                let xmin = pg_sys::SPI_getbinval(tup, desc, 2, &mut isnull);
                 pg_sys::SPI_freetuptable(tt);
-                Some((ctid, (!ts_null).then(|| ts.value() as i64), ro))
+                let (ts, ro) = commit_ts_of(xmin);
+                Some((ctid, ts, ro))
             }
         };
         found.map(|(ctid, ts, ro)| Found {

@@ -154,7 +154,11 @@ fn every_kind_of_change_replicates_to_every_node() {
         n.batch_execute("ALTER TABLE nopk REPLICA IDENTITY FULL")
             .unwrap();
     }
-    assert_eq!(n2.execute("UPDATE nopk SET b = 'uno' WHERE a = 1", &[]).unwrap(), 1);
+    assert_eq!(
+        n2.execute("UPDATE nopk SET b = 'uno' WHERE a = 1", &[])
+            .unwrap(),
+        1
+    );
     wait_for_replication(&c, DB);
     assert_eq!(one(&mut n3, "SELECT b FROM nopk"), "uno");
 
@@ -179,7 +183,8 @@ fn every_kind_of_change_replicates_to_every_node() {
     // A table that changes shape (the same way on every node, until DDL
     // replicates) is described again to the peers and keeps replicating.
     for n in [&mut n1, &mut n2, &mut n3] {
-        n.batch_execute("ALTER TABLE kv ADD COLUMN extra text DEFAULT 'd'").unwrap();
+        n.batch_execute("ALTER TABLE kv ADD COLUMN extra text DEFAULT 'd'")
+            .unwrap();
     }
     n1.batch_execute("INSERT INTO kv (id, v, extra) VALUES (-3, 'with extra', 'x'); UPDATE kv SET extra = 'y' WHERE id = 1")
         .unwrap();
@@ -406,4 +411,69 @@ fn a_stopped_peer_catches_up_and_the_group_converges() {
     assert_converged(&c, DB, TABLES);
     let mut n3 = c.node(2).connect(DB);
     assert_eq!(one(&mut n3, "SELECT count(*) FROM kv"), "1600");
+}
+
+#[test]
+fn an_older_update_waiting_behind_a_newer_one_loses() {
+    // On node2, the writer applying node3's newer update of row 1 holds that
+    // row while the writer applying node1's older update waits for it. Once
+    // the newer one commits, the older one must compare against it (not
+    // against the row as it was before) and lose, as it does everywhere.
+    // Local sessions on node2 hold rows 100 and 200 to order the writers.
+    let c = group(3);
+    let mut n2 = c.node(1).connect(DB);
+    n2.batch_execute("INSERT INTO kv VALUES (1, 'start'), (100, 'gate 1'), (200, 'gate 3')")
+        .unwrap();
+    wait_for_replication(&c, DB);
+    let mut gate1 = c.node(1).connect(DB);
+    let mut gate3 = c.node(1).connect(DB);
+    gate1
+        .batch_execute("BEGIN; SELECT * FROM kv WHERE id = 100 FOR UPDATE")
+        .unwrap();
+    gate3
+        .batch_execute("BEGIN; SELECT * FROM kv WHERE id = 200 FOR UPDATE")
+        .unwrap();
+    c.node(0)
+        .connect(DB)
+        .batch_execute("BEGIN; UPDATE kv SET n = n + 1 WHERE id = 100; UPDATE kv SET v = 'node1 (older)' WHERE id = 1; COMMIT")
+        .unwrap();
+    c.node(2)
+        .connect(DB)
+        .batch_execute("BEGIN; UPDATE kv SET v = 'node3 (newer)' WHERE id = 1; UPDATE kv SET n = n + 1 WHERE id = 200; COMMIT")
+        .unwrap();
+    let mut watcher = c.node(1).connect(DB);
+    let mut waiting = |watcher: &mut Client, n: &str| {
+        wait_for(
+            &format!("{n} writers on node2 to wait for a lock"),
+            Duration::from_secs(60),
+            || {
+                (one(watcher, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'bdr writer' AND wait_event_type = 'Lock'") == n)
+                .then_some(())
+            },
+        )
+    };
+    // node1's writer waits at row 100; node3's has updated row 1 and waits at row 200.
+    waiting(&mut watcher, "2");
+    gate1.batch_execute("COMMIT").unwrap();
+    // node1's writer moves on to row 1 and waits for node3's writer.
+    wait_for(
+        "node1's writer on node2 to wait for node3's",
+        Duration::from_secs(60),
+        || {
+            (one(
+            &mut watcher,
+            "SELECT count(*) FROM pg_stat_activity a WHERE a.backend_type = 'bdr writer'
+                AND EXISTS (SELECT 1 FROM pg_stat_activity b
+                             WHERE b.pid = ANY (pg_blocking_pids(a.pid)) AND b.backend_type = 'bdr writer')",
+        ) == "1")
+            .then_some(())
+        },
+    );
+    gate3.batch_execute("COMMIT").unwrap();
+    wait_for_replication(&c, DB);
+    assert_converged(&c, DB, TABLES);
+    assert_eq!(
+        one(&mut n2, "SELECT v FROM kv WHERE id = 1"),
+        "node3 (newer)"
+    );
 }
