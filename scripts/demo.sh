@@ -94,8 +94,8 @@ show_all "SELECT * FROM accounts ORDER BY id"
 echo
 echo "==> a conflict: node1 and node3 update account 3 at the same time, before"
 echo "    either sees the other's change. The later commit wins on every node."
-psql_on "${ports[0]}" -d bdrdemo -c "UPDATE accounts SET note = 'node1 was first' WHERE id = 3" &
-psql_on "${ports[2]}" -d bdrdemo -c "UPDATE accounts SET note = 'node3 was second' WHERE id = 3" &
+psql_on "${ports[0]}" -d bdrdemo -c "UPDATE accounts SET note = 'written on node1' WHERE id = 3" &
+psql_on "${ports[2]}" -d bdrdemo -c "UPDATE accounts SET note = 'written on node3' WHERE id = 3" &
 wait
 wait_all
 show_all "SELECT id, owner, note, pg_xact_commit_timestamp(xmin) AS last_write FROM accounts WHERE id = 3"

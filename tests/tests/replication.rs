@@ -442,7 +442,7 @@ fn an_older_update_waiting_behind_a_newer_one_loses() {
         .batch_execute("BEGIN; UPDATE kv SET v = 'node3 (newer)' WHERE id = 1; UPDATE kv SET n = n + 1 WHERE id = 200; COMMIT")
         .unwrap();
     let mut watcher = c.node(1).connect(DB);
-    let mut waiting = |watcher: &mut Client, n: &str| {
+    let waiting = |watcher: &mut Client, n: &str| {
         wait_for(
             &format!("{n} writers on node2 to wait for a lock"),
             Duration::from_secs(60),
