@@ -112,7 +112,7 @@ SELECT g.node_group_name,
 
 -- Outgoing replication: the slots peers stream from, with their walsenders.
 CREATE VIEW bdr.node_slots AS
-SELECT current_database()::name AS target_dbname,
+SELECT n.dbname AS target_dbname,
        g.node_group_name,
        g.node_group_id,
        lo.node_name AS origin_name,
@@ -220,7 +220,7 @@ CREATE PUBLICATION bdr_replica_identity_check FOR ALL TABLES WITH (publish = 'up
 -- Every replicated table gets the trigger that notes deleted keys: the ones
 -- that exist now, and new ones as they are created.
 CREATE FUNCTION bdr._add_tombstone_trigger(rel regclass) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'bdr_tombstone') THEN
         EXECUTE format('CREATE TRIGGER bdr_tombstone AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION bdr._tombstone_trigger()', rel);
@@ -236,7 +236,7 @@ SELECT EXISTS (
 $$;
 
 CREATE FUNCTION bdr._on_create_table() RETURNS event_trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
 DECLARE
     obj record;
 BEGIN
@@ -248,11 +248,14 @@ BEGIN
 END $$;
 
 CREATE EVENT TRIGGER bdr_tombstone_on_create ON ddl_command_end
-    WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
+    WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
     EXECUTE FUNCTION bdr._on_create_table();
 
 SELECT bdr._add_tombstone_trigger(c.oid::regclass)
   FROM pg_catalog.pg_class c WHERE bdr._replicated_table(c.oid);
+
+-- The trigger notes deletes made by any role, in bdr's own table.
+ALTER FUNCTION bdr._tombstone_trigger() SECURITY DEFINER SET search_path = pg_catalog;
 
 -- Functions BDR 4 users call that this version does not provide yet. They
 -- fail loudly instead of pretending to work.

@@ -514,18 +514,26 @@ impl Applier {
     /// The tombstone text of the key columns `key` (remote indexes) of `vals`.
     fn key_text(&mut self, relid: u32, key: &[usize], vals: &[Value]) -> String {
         let (datums, nulls) = self.datums(relid, key, vals);
+        let row_cxt = self.row_cxt;
         let r = self.rel(relid);
-        let mut parts: Vec<(i16, Option<String>)> = key
-            .iter()
-            .enumerate()
-            .map(|(n, &i)| {
-                let l = &r.local[r.map[i].expect("key columns exist locally")];
-                let text = (nulls[n] != b'n' as std::ffi::c_char)
-                    // SAFETY: the datum was made by this column type's input function.
-                    .then(|| unsafe { crate::tombstone::output_text(l.typid, datums[n]) });
-                (l.attnum, text)
-            })
-            .collect();
+        let mut parts: Vec<(i16, Option<String>)> = crate::tombstone::with_canonical_output(|| {
+            // SAFETY: switched back below; output strings belong to the row.
+            let old = unsafe { pg_sys::MemoryContextSwitchTo(row_cxt) };
+            let parts = key
+                .iter()
+                .enumerate()
+                .map(|(n, &i)| {
+                    let l = &r.local[r.map[i].expect("key columns exist locally")];
+                    let text = (nulls[n] != b'n' as std::ffi::c_char)
+                        // SAFETY: the datum was made by this column type's input function.
+                        .then(|| unsafe { crate::tombstone::output_text(l.typid, datums[n]) });
+                    (l.attnum, text)
+                })
+                .collect();
+            // SAFETY: restores the context switched from above.
+            unsafe { pg_sys::MemoryContextSwitchTo(old) };
+            parts
+        });
         parts.sort_by_key(|p| p.0);
         crate::tombstone::key_text(&parts.into_iter().map(|p| p.1).collect::<Vec<_>>())
     }
@@ -544,7 +552,7 @@ impl Applier {
             // committed.
             self.tomb_find = keep_plan(
                 "SELECT t.xmin FROM (SELECT pg_catalog.pg_advisory_xact_lock($1::int4, pg_catalog.hashtext($2))) l,
-                        LATERAL (SELECT xmin FROM bdr.tombstone WHERE relid = $1 AND key_hash = md5($2)) t",
+                        LATERAL (SELECT xmin FROM bdr.tombstone WHERE relid = $1 AND key_hash = pg_catalog.md5($2)) t",
                 &mut [pg_sys::OIDOID, pg_sys::TEXTOID],
             );
         }
@@ -552,10 +560,12 @@ impl Applier {
         // SAFETY: a kept plan with an oid and a text parameter; the text datum
         // is built in the per-row context.
         let found = unsafe {
+            let old = pg_sys::MemoryContextSwitchTo(self.row_cxt);
             let mut args = [
                 pg_sys::Datum::from(local_oid),
                 pg_sys::Datum::from(pg_sys::cstring_to_text(ctext.as_ptr())),
             ];
+            pg_sys::MemoryContextSwitchTo(old);
             spi_check(
                 pg_sys::SPI_execute_plan(
                     self.tomb_find,
@@ -597,7 +607,7 @@ impl Applier {
         let local_oid = self.rel(relid).local_oid;
         if self.tomb_put.is_null() {
             self.tomb_put = keep_plan(
-                "INSERT INTO bdr.tombstone (relid, key_hash) VALUES ($1, md5($2))
+                "INSERT INTO bdr.tombstone (relid, key_hash) VALUES ($1, pg_catalog.md5($2))
                  ON CONFLICT (relid, key_hash) DO UPDATE SET relid = EXCLUDED.relid",
                 &mut [pg_sys::OIDOID, pg_sys::TEXTOID],
             );
@@ -605,10 +615,12 @@ impl Applier {
         let ctext = CString::new(text).unwrap_or_default();
         // SAFETY: as in `deleted_later`.
         unsafe {
+            let old = pg_sys::MemoryContextSwitchTo(self.row_cxt);
             let mut args = [
                 pg_sys::Datum::from(local_oid),
                 pg_sys::Datum::from(pg_sys::cstring_to_text(ctext.as_ptr())),
             ];
+            pg_sys::MemoryContextSwitchTo(old);
             spi_check(
                 pg_sys::SPI_execute_plan(
                     self.tomb_put,
@@ -649,9 +661,14 @@ impl Applier {
         cols: &[usize],
         vals: &[Value],
     ) -> (Vec<pg_sys::Datum>, Vec<std::ffi::c_char>) {
+        let row_cxt = self.row_cxt;
         let r = self.rel(relid);
         let mut datums = Vec::with_capacity(cols.len() + 1);
         let mut nulls = Vec::with_capacity(cols.len() + 1);
+        // SPI calls leave the SPI procedure context current, which lives to
+        // the remote commit; values belong to the row, reset after it.
+        // SAFETY: switched back below.
+        let old_cxt = unsafe { pg_sys::MemoryContextSwitchTo(row_cxt) };
         for &i in cols {
             let Some(li) = r.map[i] else {
                 datums.push(pg_sys::Datum::from(0));
@@ -685,12 +702,15 @@ impl Applier {
                         }
                         let buf = pg_sys::makeStringInfo();
                         pg_sys::appendBinaryStringInfo(buf, b.as_ptr() as *const _, b.len() as i32);
-                        Some(pg_sys::OidReceiveFunctionCall(
-                            l.recv,
-                            buf,
-                            l.recv_param,
-                            l.typmod,
-                        ))
+                        let d = pg_sys::OidReceiveFunctionCall(l.recv, buf, l.recv_param, l.typmod);
+                        if (*buf).cursor != (*buf).len {
+                            pgrx::ereport!(
+                                ERROR,
+                                PgSqlErrorCode::ERRCODE_INVALID_BINARY_REPRESENTATION,
+                                format!("incorrect binary data format in column \"{}\" of {}", l.name, r.qualified)
+                            );
+                        }
+                        Some(d)
                     }
                 }
             };
@@ -705,6 +725,8 @@ impl Applier {
                 }
             }
         }
+        // SAFETY: restores the context switched from above.
+        unsafe { pg_sys::MemoryContextSwitchTo(old_cxt) };
         (datums, nulls)
     }
 
@@ -837,8 +859,24 @@ impl Applier {
         })
     }
 
+    /// The remote columns an insert or update sets here. A column the peer
+    /// has and this node lacks is ignored while its value is NULL; a value
+    /// in it would be lost, so that stops the apply (target_column_missing).
     fn present_cols(&mut self, relid: u32, vals: &[Value]) -> Vec<usize> {
         let r = self.rel(relid);
+        for (i, c) in r.remote.columns.iter().enumerate() {
+            if r.map[i].is_none() && !matches!(vals.get(i), None | Some(Value::Null) | Some(Value::UnchangedToast)) {
+                pgrx::ereport!(
+                    ERROR,
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                    format!(
+                        "column \"{}\" of {} exists on the peer but not on this node, and a change sets it",
+                        c.name, r.qualified
+                    ),
+                    "Add the column on this node; DDL is not replicated yet."
+                );
+            }
+        }
         (0..r.remote.columns.len())
             .filter(|i| r.map[*i].is_some() && vals.get(*i) != Some(&Value::UnchangedToast))
             .collect()

@@ -41,7 +41,7 @@ unsafe extern "C-unwind" fn utility_hook(
         // function but are not part of the extension; they go first.
         Spi::run(
             "DO $$ DECLARE r record; BEGIN
-               FOR r IN SELECT tgrelid::regclass AS rel FROM pg_catalog.pg_trigger WHERE tgname = 'bdr_tombstone' LOOP
+               FOR r IN SELECT tgrelid::regclass AS rel FROM pg_catalog.pg_trigger WHERE tgname = 'bdr_tombstone' AND tgparentid = 0 LOOP
                  EXECUTE format('DROP TRIGGER bdr_tombstone ON %s', r.rel);
                END LOOP; END $$",
         )

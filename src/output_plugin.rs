@@ -11,13 +11,15 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 
 struct State {
     opts: StartOptions,
     /// Relations whose RELATION message this stream already carries.
     sent_relations: HashSet<u32>,
+    /// Whether a relation's changes are sent at all, decided once per relation.
+    wanted: HashMap<u32, bool>,
     begin_sent: bool,
     /// Per-change allocations (type output results); reset after each change.
     change_cxt: pg_sys::MemoryContext,
@@ -47,9 +49,11 @@ fn take_invalidations(state: &mut State) {
         let mut i = i.borrow_mut();
         if i.0 {
             state.sent_relations.clear();
+            state.wanted.clear();
         }
         for r in i.1.drain() {
             state.sent_relations.remove(&r);
+            state.wanted.remove(&r);
         }
         i.0 = false;
     });
@@ -147,6 +151,7 @@ unsafe extern "C-unwind" fn startup(
     let st = PgMemoryContexts::For((*ctx).context).leak_and_drop_on_delete(State {
         opts,
         sent_relations: HashSet::new(),
+        wanted: HashMap::new(),
         begin_sent: false,
         change_cxt,
     });
@@ -163,6 +168,10 @@ unsafe extern "C-unwind" fn filter_by_origin(
 ) -> bool {
     if origin_id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
         return false;
+    }
+    // bdr.xact_replication = off: never sent, not even when forwarding.
+    if origin_id as u32 == pg_sys::DoNotReplicateId {
+        return true;
     }
     // Forwarding of other nodes' changes is only for join/part catch-up.
     let st = state(ctx);
@@ -241,11 +250,52 @@ unsafe fn replicated(a: &pg_sys::FormData_pg_attribute) -> bool {
     !a.attisdropped && a.attgenerated == 0
 }
 
-/// Whether this relation's changes are sent at all.
-unsafe fn wanted(rel: pg_sys::Relation) -> bool {
-    let ns = (*(*rel).rd_rel).relnamespace;
-    // bdr's own catalogs are kept in step by the join protocol, not by the stream.
-    cstr(pg_sys::get_namespace_name(ns)) != "bdr"
+/// Whether this relation's changes are sent at all: ordinary tables, not
+/// materialized views (refreshed on each node) nor bdr's own catalogs (kept
+/// in step by the join protocol). Decided once per relation and cached, so
+/// no per-change catalog lookups or allocations.
+unsafe fn wanted(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relation) -> bool {
+    let st = state(ctx);
+    take_invalidations(st);
+    let relid = (*rel).rd_id.to_u32();
+    if let Some(w) = st.wanted.get(&relid) {
+        return *w;
+    }
+    let form = &*(*rel).rd_rel;
+    let w = form.relkind as u8 == pg_sys::RELKIND_RELATION && {
+        let ns = pg_sys::get_namespace_name(form.relnamespace);
+        let not_bdr = cstr(ns) != "bdr";
+        if !ns.is_null() {
+            pg_sys::pfree(ns.cast());
+        }
+        not_bdr
+    };
+    st.wanted.insert(relid, w);
+    w
+}
+
+/// Whether a type's binary form means the same on every node. Built-in types
+/// qualify, except OID aliases (regclass and friends) and arrays of them,
+/// whose binary form is an OID of this node.
+unsafe fn binary_portable(typid: pg_sys::Oid) -> bool {
+    let base = {
+        let elem = pg_sys::get_element_type(typid);
+        if elem == pg_sys::InvalidOid { typid } else { elem }
+    };
+    const OID_ALIASES: &[pg_sys::Oid] = &[
+        pg_sys::REGCLASSOID,
+        pg_sys::REGTYPEOID,
+        pg_sys::REGPROCOID,
+        pg_sys::REGPROCEDUREOID,
+        pg_sys::REGOPEROID,
+        pg_sys::REGOPERATOROID,
+        pg_sys::REGCONFIGOID,
+        pg_sys::REGDICTIONARYOID,
+        pg_sys::REGNAMESPACEOID,
+        pg_sys::REGROLEOID,
+        pg_sys::REGCOLLATIONOID,
+    ];
+    typid.to_u32() < pg_sys::FirstGenbkiObjectId && !OID_ALIASES.contains(&base)
 }
 
 unsafe fn ensure_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relation) -> u32 {
@@ -326,7 +376,7 @@ unsafe fn tuple_values(
         }
         // Binary only for built-in types: their send format is the same on
         // every node, while user types' OIDs (inside arrays, records) differ.
-        if st.opts.binary && a.atttypid.to_u32() < pg_sys::FirstGenbkiObjectId {
+        if st.opts.binary && binary_portable(a.atttypid) {
             let mut send = pg_sys::InvalidOid;
             let mut varlena = false;
             pg_sys::getTypeBinaryOutputInfo(a.atttypid, &mut send, &mut varlena);
@@ -365,7 +415,7 @@ unsafe extern "C-unwind" fn change(
     rel: pg_sys::Relation,
     change: *mut pg_sys::ReorderBufferChange,
 ) {
-    if !wanted(rel) {
+    if !wanted(ctx, rel) {
         return;
     }
     in_change_context(ctx, || {
@@ -431,7 +481,7 @@ unsafe extern "C-unwind" fn truncate(
         let mut relids = Vec::new();
         for i in 0..nrelations as usize {
             let rel = *relations.add(i);
-            if !wanted(rel) {
+            if !wanted(ctx, rel) {
                 continue;
             }
             ensure_begin(ctx, txn);

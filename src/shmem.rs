@@ -94,8 +94,6 @@ pub struct Task {
     pub replay_lsn: u64,
     pub replay_time: i64,
     pub ncommits: i64,
-    /// Receivers: the DSM segment holding the queues to and from the writer.
-    pub dsm_handle: u32,
 }
 
 pub const ERROR_TEXT_LEN: usize = 512;

@@ -17,6 +17,41 @@ pub fn key_text(parts: &[Option<String>]) -> String {
     serde_json::to_string(parts).unwrap_or_default()
 }
 
+/// Runs `f` with the settings that change how values print fixed, so a key
+/// prints the same in every session and in the writers.
+pub fn with_canonical_output<R>(f: impl FnOnce() -> R) -> R {
+    const FIXED: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
+        (c"TimeZone", c"UTC"),
+        (c"DateStyle", c"ISO, YMD"),
+        (c"IntervalStyle", c"postgres"),
+        (c"extra_float_digits", c"3"),
+        (c"bytea_output", c"hex"),
+        (c"lc_monetary", c"C"),
+    ];
+    // SAFETY: a GUC nest level, as functions with SET clauses use; undone
+    // below (and by transaction abort if `f` raises an ERROR).
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    for (name, value) in FIXED {
+        // SAFETY: setting ordinary user settings for this nest level only.
+        unsafe {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
+    }
+    let r = f();
+    // SAFETY: pops the nest level pushed above.
+    unsafe { pg_sys::AtEOXact_GUC(false, level) };
+    r
+}
+
 /// Text of a datum through its type's output function.
 ///
 /// # Safety
@@ -69,12 +104,12 @@ fn _tombstone_trigger<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::PgTriggerError> {
     let td = trigger.trigger_data();
     // SAFETY: an AFTER ROW DELETE trigger gets the open relation and the old tuple.
-    let key = unsafe { tuple_key(td.tg_relation, td.tg_trigtuple) };
+    let key = with_canonical_output(|| unsafe { tuple_key(td.tg_relation, td.tg_trigtuple) });
     if let Some(key) = key {
         // SAFETY: the relation is open for the trigger.
         let relid = unsafe { (*td.tg_relation).rd_id };
         Spi::run_with_args(
-            "INSERT INTO bdr.tombstone (relid, key_hash) VALUES ($1, md5($2))
+            "INSERT INTO bdr.tombstone (relid, key_hash) VALUES ($1, pg_catalog.md5($2))
              ON CONFLICT (relid, key_hash) DO UPDATE SET relid = EXCLUDED.relid",
             &[relid.into(), key.as_str().into()],
         )

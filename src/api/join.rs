@@ -301,6 +301,14 @@ fn copy_table(conn: &mut Conn, target: &str, t: &Table) -> BdrResult<u64> {
             false,
             false,
         );
+        // The target sends in this database's encoding (the connection asks
+        // for it), whatever the caller's client_encoding.
+        let encoding = pg_sys::makeDefElem(
+            pg_sys::pstrdup(c"encoding".as_ptr()),
+            pg_sys::makeString(pg_sys::pstrdup(pg_sys::GetDatabaseEncodingName())).cast(),
+            -1,
+        );
+        let options = pg_sys::lappend(std::ptr::null_mut(), encoding.cast());
         let cstate = pg_sys::BeginCopyFrom(
             pstate,
             rel,
@@ -309,7 +317,7 @@ fn copy_table(conn: &mut Conn, target: &str, t: &Table) -> BdrResult<u64> {
             false,
             Some(copy_read),
             cols,
-            std::ptr::null_mut(),
+            options,
         );
         let n = pg_sys::CopyFrom(cstate);
         pg_sys::EndCopyFrom(cstate);
@@ -341,6 +349,12 @@ fn use_origin_until_end_of_transaction(origin_name: &str, lsn: u64) {
     // SAFETY: origin creation is transactional; the session setup is undone
     // by the callbacks below whether the transaction commits or aborts.
     unsafe {
+        if pg_sys::replorigin_session_origin != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+            // An earlier attempt in this transaction (e.g. in an exception
+            // block) left its session behind.
+            pg_sys::replorigin_session_reset();
+            pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
+        }
         let mut id = pg_sys::replorigin_by_name(name.as_ptr(), true);
         if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
             id = pg_sys::replorigin_create(name.as_ptr());
@@ -362,6 +376,7 @@ fn use_origin_until_end_of_transaction(origin_name: &str, lsn: u64) {
     };
     register_xact_callback(PgXactCallbackEvent::Commit, reset);
     register_xact_callback(PgXactCallbackEvent::Abort, reset);
+    register_xact_callback(PgXactCallbackEvent::Prepare, reset);
 }
 
 fn join_impl(
@@ -476,8 +491,10 @@ fn join_impl(
         state: NodeState::from_oid(parse_oid(&r[4])).unwrap_or(NodeState::None),
     })
     .collect();
+    // Our own row, left by an earlier attempt that failed after the
+    // members recorded us, is fine; another node of that name is not.
     if let Some(m) = members.iter().find(|m| m.name == me.name || m.id == me.id) {
-        if m.state == NodeState::Active || m.id != me.id {
+        if m.id != me.id || m.dsn != me.dsn {
             return Err(BdrError::NodeExists(m.name.clone()));
         }
     }
@@ -751,6 +768,22 @@ fn wait_for_join_completion(verbose_progress: default!(bool, false)) {
         BdrError::JoinRefused {
             msg: format!("node \"{}\" is not joining a group", local.node_name),
             hint: "Call bdr.join_node_group() first.".into(),
+        }
+        .raise();
+    }
+    // The manager's subscriptions become visible only to new snapshots, and
+    // only once the join has committed.
+    // SAFETY: reads transaction state of this backend.
+    let (repeatable, wrote) = unsafe {
+        (
+            pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32,
+            pg_sys::GetTopTransactionIdIfAny() != pg_sys::InvalidTransactionId,
+        )
+    };
+    if repeatable || wrote {
+        BdrError::JoinRefused {
+            msg: "bdr.wait_for_join_completion() cannot wait inside this transaction".into(),
+            hint: "Call it in its own READ COMMITTED transaction, after the transaction that joined has committed.".into(),
         }
         .raise();
     }

@@ -18,18 +18,26 @@ const POLL: Duration = Duration::from_secs(1);
 const PURGE_EVERY_US: i64 = 300_000_000;
 const TOMBSTONE_RETENTION: &str = "1 hour";
 
+/// How long every peer must have been streaming, and caught up, before old
+/// tombstones go: a peer that was away replays its backlog first.
+const CAUGHT_UP_FOR_US: i64 = 600_000_000;
+
 /// Forgets deleted keys that no change still in flight can refer to: older
-/// than the retention, and only while every peer is streaming to us (a peer
-/// that was away may still send changes older than the delete).
+/// than the retention, and only while every peer has been streaming to us
+/// for a while and has nothing received left to apply (a peer that was away
+/// may still send changes older than the delete).
 fn purge_tombstones(dboid: u32, subs: &[SubRow]) {
-    let all_connected = {
+    let now = crate::shmem::now();
+    let caught_up = {
         let t = TASKS.share();
         subs.iter().all(|s| {
-            t.find(Role::Receiver, dboid, s.sub_id, 0)
-                .is_some_and(|i| t.tasks[i].connected)
+            t.find(Role::Receiver, dboid, s.sub_id, 0).is_some_and(|i| {
+                let r = &t.tasks[i];
+                r.connected && now - r.attached > CAUGHT_UP_FOR_US && r.flush_lsn >= r.recv_lsn
+            })
         })
     };
-    if !all_connected {
+    if !caught_up {
         return;
     }
     let r = BackgroundWorker::transaction(|| {
@@ -86,7 +94,7 @@ fn read_catalogs() -> Result<Seen, String> {
 pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let idx = arg.value();
-    let generation: u64 = BackgroundWorker::get_extra().parse().unwrap_or(0);
+    let (generation, _) = super::extra();
     let Some(task) = super::attach_task(idx, generation) else {
         tracing::warn!("manager started for a task slot that was reassigned; exiting");
         return;
@@ -157,6 +165,14 @@ fn tend_receivers(
         .collect();
     for sub in exited {
         let r = receivers.remove(&sub).expect("listed above");
+        // Its writer ends with it (their queues are gone).
+        crate::shmem::update_task_by(Role::Writer, dboid, sub, |w| {
+            if w.pid != 0 {
+                w.pid = 0;
+                w.proc_ = 0;
+                w.exited = crate::shmem::now();
+            }
+        });
         if reap(r.idx) == ExitKind::Unknown {
             tracing::warn!("receiver of subscription {sub} exited with an error; it will be restarted after a backoff");
             record_failure(r.idx, jitter);
@@ -184,8 +200,7 @@ fn tend_receivers(
             dboid,
             s.sub_id,
             &name,
-            "bdr_receiver_main",
-            jitter,
+            "bdr_receiver_main", "", jitter,
         ) {
             receivers.insert(s.sub_id, r);
         }

@@ -36,6 +36,7 @@ pub fn launch(
     subid: u32,
     name: &str,
     function: &str,
+    extra: &str,
     jitter: &mut Jitter,
 ) -> Option<Running> {
     let ts = now();
@@ -81,7 +82,7 @@ pub fn launch(
         .set_function(function)
         .enable_spi_access()
         .set_argument(Some(pg_sys::Datum::from(idx)))
-        .set_extra(&generation.to_string())
+        .set_extra(&format!("{generation}:{extra}"))
         .set_notify_pid(me)
         .load_dynamic();
     match result {
@@ -94,6 +95,14 @@ pub fn launch(
             None
         }
     }
+}
+
+/// What `launch` passed in `bgw_extra`: the task's generation, and the
+/// launcher's own data for the worker.
+pub fn extra() -> (u64, String) {
+    let e = BackgroundWorker::get_extra();
+    let (g, rest) = e.split_once(':').unwrap_or((e, ""));
+    (g.parse().unwrap_or(0), rest.to_string())
 }
 
 /// Pushes the next launch of a failed task out by the backoff delay.

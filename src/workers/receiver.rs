@@ -23,7 +23,7 @@ use pgrx::prelude::*;
 pub extern "C-unwind" fn bdr_receiver_main(arg: pg_sys::Datum) {
     attach_die_handlers();
     let idx = arg.value();
-    let generation: u64 = BackgroundWorker::get_extra().parse().unwrap_or(0);
+    let (generation, _) = super::extra();
     let Some(task) = super::attach_task(idx, generation) else {
         return;
     };
@@ -57,6 +57,12 @@ struct Stream {
     tracker: FlushTracker,
     commits_sent: u64,
     commits_acked: u64,
+    /// Furthest position the peer told us about, and whether a transaction
+    /// is partly passed on.
+    last_recv: u64,
+    in_txn: bool,
+    last_reported: (u64, u64),
+    last_report_time: i64,
 }
 
 impl Stream {
@@ -81,21 +87,47 @@ impl Stream {
         }
     }
 
-    fn forward(&mut self, data: &[u8]) {
+    fn forward(&mut self, conn: &Conn, data: &[u8]) {
         loop {
             match self.queues.to_writer.send(data, true) {
                 Sent::Ok => return,
                 Sent::Detached => error!("the writer of this subscription exited"),
                 Sent::WouldBlock => {
                     // The writer is behind: take its acknowledgements meanwhile,
-                    // so it never waits on us while we wait on it.
+                    // so it never waits on us while we wait on it, and keep
+                    // telling the peer how far we are, or its walsender
+                    // would give up on us (wal_sender_timeout).
                     self.drain_acks();
                     self.check_writer();
+                    self.report(conn, false);
                     wait(None, 100);
                     reload_config_if_asked();
                 }
             }
         }
+    }
+
+    /// Sends a status update when something changed, when one is due
+    /// (wal_receiver_status_interval), or when `force`d; returns the flushed
+    /// position.
+    fn report(&mut self, conn: &Conn, force: bool) -> u64 {
+        // SAFETY: reads the local WAL flush position; no preconditions.
+        let local_flush = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
+        self.drain_acks();
+        if !self.in_txn && self.commits_acked == self.commits_sent {
+            self.tracker.idle_at(self.last_recv);
+        }
+        let flushed = self.tracker.flushed_up_to(local_flush);
+        // SAFETY: reading PostgreSQL's settings in the process that owns them.
+        let status_ms = unsafe { pg_sys::wal_receiver_status_interval as i64 * 1000 };
+        let ts = now();
+        let due = status_ms > 0 && ts - self.last_report_time >= status_ms * 1000;
+        if force || due || (self.last_recv, flushed) != self.last_reported {
+            conn.send(&protocol::status_update(self.last_recv, flushed, flushed, ts, false));
+            self.last_reported = (self.last_recv, flushed);
+            self.last_report_time = ts;
+        }
+        flushed
     }
 }
 
@@ -120,7 +152,6 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
         guc::get_int(guc::WRITER_INPUT_QUEUE_SIZE),
         guc::get_int(guc::WRITER_OUTPUT_QUEUE_SIZE),
     );
-    shmem::update_task(idx, generation, |t| t.dsm_handle = dsm);
     // SAFETY: MyProcPid is set; any seed will do.
     let mut jitter = Jitter::new(unsafe { pg_sys::MyProcPid } as u64);
     // A writer that failed takes this receiver down with it, so the manager's
@@ -132,6 +163,7 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
         subid,
         &format!("bdr writer {}", sub.sub_name),
         "bdr_writer_main",
+        &dsm.to_string(),
         &mut jitter,
     ) else {
         error!(
@@ -172,15 +204,15 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
         tracker: FlushTracker::default(),
         commits_sent: 0,
         commits_acked: 0,
+        last_recv: start,
+        in_txn: false,
+        last_reported: (0, 0),
+        last_report_time: 0,
     };
     s.tracker.idle_at(start);
-    let mut last_recv = start;
     let mut recv_commit = 0u64;
-    let mut in_txn = false;
     let mut last_msg = now();
     let mut ping_sent = false;
-    let mut last_reported = (0u64, 0u64);
-    let mut last_report_time = 0i64;
 
     loop {
         pgrx::check_for_interrupts!();
@@ -194,7 +226,6 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
         s.check_writer();
 
         let fd;
-        let mut reply = false;
         loop {
             let payload = match conn.receive() {
                 Received::WouldBlock(f) => {
@@ -212,7 +243,7 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
                         data,
                         ..
                     }) => {
-                        last_recv = last_recv.max(start_lsn).max(end_lsn);
+                        s.last_recv = s.last_recv.max(start_lsn).max(end_lsn);
                         data.to_vec()
                     }
                     Ok(Frame::Keepalive {
@@ -220,10 +251,13 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
                         reply_requested,
                         ..
                     }) => {
-                        last_recv = last_recv.max(end_lsn);
-                        reply |= reply_requested;
+                        s.last_recv = s.last_recv.max(end_lsn);
                         last_msg = now();
                         ping_sent = false;
+                        if reply_requested {
+                            // Answer at once, as PostgreSQL's apply worker does.
+                            s.report(&conn, true);
+                        }
                         continue;
                     }
                     Err(e) => error!("bad frame from node \"{}\": {e}", sub.origin_node_name),
@@ -232,41 +266,23 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
             last_msg = now();
             ping_sent = false;
             match protocol::decode(&payload) {
-                Ok(Message::Begin { .. }) => in_txn = true,
+                Ok(Message::Begin { .. }) => s.in_txn = true,
                 Ok(Message::Commit { end_lsn, .. }) => {
-                    in_txn = false;
+                    s.in_txn = false;
                     s.commits_sent += 1;
                     recv_commit = end_lsn;
                 }
                 Ok(_) => {}
                 Err(e) => error!("bad message from node \"{}\": {e}", sub.origin_node_name),
             }
-            s.forward(&payload);
+            s.forward(&conn, &payload);
         }
 
-        // SAFETY: reads the local WAL flush position; no preconditions.
-        let local_flush = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
-        s.drain_acks();
-        if !in_txn && s.commits_acked == s.commits_sent {
-            s.tracker.idle_at(last_recv);
-        }
-        let flushed = s.tracker.flushed_up_to(local_flush);
+        let flushed = s.report(&conn, false);
         // SAFETY: reading PostgreSQL's settings in the process that owns them.
-        let (status_ms, timeout_ms) = unsafe {
-            (
-                pg_sys::wal_receiver_status_interval as i64 * 1000,
-                pg_sys::wal_receiver_timeout as i64,
-            )
-        };
+        let timeout_ms = unsafe { pg_sys::wal_receiver_timeout as i64 };
         let ts = now();
-        let due = status_ms > 0 && ts - last_report_time >= status_ms * 1000;
-        if reply || due || (last_recv, flushed) != last_reported {
-            conn.send(&protocol::status_update(
-                last_recv, flushed, flushed, ts, false,
-            ));
-            last_reported = (last_recv, flushed);
-            last_report_time = ts;
-        }
+        let last_recv = s.last_recv;
         shmem::update_task(s.idx, s.generation, |t| {
             t.recv_lsn = last_recv;
             t.flush_lsn = flushed;

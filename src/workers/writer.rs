@@ -6,7 +6,7 @@ use super::queue::{self, Recv, Sent};
 use super::{attach_die_handlers, recording_errors, reload_config_if_asked};
 use crate::apply::Applier;
 use crate::catalog;
-use crate::shmem::{self, ExitKind, Role, TASKS};
+use crate::shmem::{self, ExitKind};
 use bdr_core::protocol;
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
@@ -17,23 +17,19 @@ use std::ffi::CString;
 pub extern "C-unwind" fn bdr_writer_main(arg: pg_sys::Datum) {
     attach_die_handlers();
     let idx = arg.value();
-    let generation: u64 = BackgroundWorker::get_extra().parse().unwrap_or(0);
+    let (generation, extra) = super::extra();
     let Some(task) = super::attach_task(idx, generation) else {
         return;
     };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(task.dboid)), None);
     recording_errors(idx, generation, "writer", || {
-        run(idx, generation, task.dboid, task.subid)
+        run(idx, generation, task.subid, &extra)
     });
 }
 
-fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
-    let dsm = {
-        let t = TASKS.share();
-        t.find(Role::Receiver, dboid, subid, 0)
-            .map(|i| t.tasks[i].dsm_handle)
-            .unwrap_or(0)
-    };
+fn run(idx: usize, generation: u64, subid: u32, extra: &str) {
+    // The receiver that launched us passed its queues' segment.
+    let dsm: u32 = extra.parse().unwrap_or(0);
     let Some(queues) = queue::attach(dsm) else {
         // The receiver is already gone; it starts a new writer when it returns.
         shmem::update_task(idx, generation, |t| t.exit_kind = ExitKind::Stopped);

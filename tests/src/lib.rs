@@ -365,15 +365,38 @@ pub fn assert_converged(cluster: &Cluster, db: &str, tables: &[&str]) {
             None => first = Some((n.name.clone(), contents)),
             Some((name, expect)) => {
                 for (i, t) in tables.iter().enumerate() {
-                    assert_eq!(
-                        &contents[i], &expect[i],
-                        "table {t} differs between {name} and {}",
-                        n.name
-                    );
+                    if contents[i] != expect[i] {
+                        let only = |a: &[String], b: &[String]| -> Vec<String> {
+                            a.iter().filter(|r| b.binary_search(r).is_err()).cloned().collect()
+                        };
+                        panic!(
+                            "table {t} differs between {name} and {}:\n only on {name}: {:?}\n only on {}: {:?}\n{}",
+                            n.name,
+                            only(&expect[i], &contents[i]),
+                            n.name,
+                            only(&contents[i], &expect[i]),
+                            row_history(cluster, db, t)
+                        );
+                    }
                 }
             }
         }
     }
+}
+
+/// Who last wrote each row of `table`, on every node, for a failure report.
+fn row_history(cluster: &Cluster, db: &str, table: &str) -> String {
+    let mut out = String::new();
+    for n in &cluster.nodes {
+        let mut c = n.connect(db);
+        let q = format!(
+            "SELECT string_agg(format('%s@%s/%s', r::text, (x).timestamp, (x).roident), E'\\n' ORDER BY r::text)
+               FROM (SELECT r, pg_xact_commit_timestamp_origin(r.xmin) x FROM {table} r) s"
+        );
+        let rows: Option<String> = c.query_one(&q, &[]).ok().and_then(|r| r.get(0));
+        let _ = writeln!(out, "--- {} ({table}: row@commit_ts/origin)\n{}", n.name, rows.unwrap_or_default());
+    }
+    out
 }
 
 /// The SQLSTATE and message of a failed statement.

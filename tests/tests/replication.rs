@@ -234,7 +234,12 @@ fn workload(node: &Instance, name: &str, seed: u64, txns: usize) -> Vec<i32> {
         match c.batch_execute(&sql) {
             Ok(()) => committed.push(seq),
             Err(e) => {
-                if c.is_closed() {
+                // The node went away (crash test): the session ends with
+                // the connection, or with a FATAL "admin shutdown" error.
+                let node_gone = c.is_closed()
+                    || e.as_db_error().is_none()
+                    || e.code().is_some_and(|c| c.code().starts_with("57P"));
+                if node_gone {
                     return committed;
                 }
                 panic!("{name}: {e:?}");
