@@ -70,6 +70,7 @@ pub struct Applier {
     origin_nodes: HashMap<u16, u32>,
     tomb_find: pg_sys::SPIPlanPtr,
     tomb_put: pg_sys::SPIPlanPtr,
+    key_lock: pg_sys::SPIPlanPtr,
     /// The remote commit already applied (origin progress at start).
     applied_up_to: u64,
     in_txn: bool,
@@ -137,6 +138,7 @@ impl Applier {
             origin_nodes: HashMap::new(),
             tomb_find: std::ptr::null_mut(),
             tomb_put: std::ptr::null_mut(),
+            key_lock: std::ptr::null_mut(),
             applied_up_to,
             in_txn: false,
             skip_txn: false,
@@ -402,6 +404,7 @@ impl Applier {
 
     fn insert(&mut self, relid: u32, new: &[Value]) {
         let key = self.rel(relid).key.clone();
+        self.lock_key(relid, &key, new);
         // A second round resolves against a row a local session inserted
         // between our lookup and our insert.
         for _ in 0..2 {
@@ -454,6 +457,9 @@ impl Applier {
             );
         }
         let lookup = old.unwrap_or(new);
+        if !full {
+            self.lock_key(relid, &key, lookup);
+        }
         match self.find(relid, &key, lookup, full) {
             Some(f) => {
                 if remote_wins(self.remote_writer(), f.writer) {
@@ -490,6 +496,9 @@ impl Applier {
                 "table {} has no replica identity; DELETE cannot be applied",
                 self.rel(relid).qualified
             );
+        }
+        if !full {
+            self.lock_key(relid, &key, old);
         }
         match self.find(relid, &key, old, full) {
             Some(f) => {
@@ -538,6 +547,41 @@ impl Applier {
         crate::tombstone::key_text(&parts.into_iter().map(|p| p.1).collect::<Vec<_>>())
     }
 
+    /// Makes writers of different peers handle the same key one after the
+    /// other (the lock lasts to the end of the transaction). Each statement
+    /// after it sees what the other committed: whether the row exists, and
+    /// its tombstone. Without it, two writers could each decide on a row the
+    /// other has not committed yet (an insert and a delete both "missing").
+    fn lock_key(&mut self, relid: u32, key: &[usize], vals: &[Value]) {
+        if key.is_empty() {
+            return;
+        }
+        let text = self.key_text(relid, key, vals);
+        let local_oid = self.rel(relid).local_oid;
+        if self.key_lock.is_null() {
+            self.key_lock = keep_plan(
+                "SELECT pg_catalog.pg_advisory_xact_lock($1::int4, pg_catalog.hashtext($2))",
+                &mut [pg_sys::OIDOID, pg_sys::TEXTOID],
+            );
+        }
+        let ctext = CString::new(text).unwrap_or_default();
+        // SAFETY: a kept plan with an oid and a text parameter built in the
+        // per-row context.
+        unsafe {
+            let old = pg_sys::MemoryContextSwitchTo(self.row_cxt);
+            let mut args = [
+                pg_sys::Datum::from(local_oid),
+                pg_sys::Datum::from(pg_sys::cstring_to_text(ctext.as_ptr())),
+            ];
+            pg_sys::MemoryContextSwitchTo(old);
+            spi_check(
+                pg_sys::SPI_execute_plan(self.key_lock, args.as_mut_ptr(), std::ptr::null(), false, 1),
+                "locking a key",
+            );
+            pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
+        }
+    }
+
     /// Whether this row was deleted here by a write newer than the incoming one.
     fn deleted_later(&mut self, relid: u32, key: &[usize], vals: &[Value]) -> bool {
         if key.is_empty() {
@@ -546,13 +590,8 @@ impl Applier {
         let text = self.key_text(relid, key, vals);
         let local_oid = self.rel(relid).local_oid;
         if self.tomb_find.is_null() {
-            // Writers of different peers decide about the same missing row
-            // one after the other: the lock is held to the end of the
-            // transaction, and the lookup after it sees what the other
-            // committed.
             self.tomb_find = keep_plan(
-                "SELECT t.xmin FROM (SELECT pg_catalog.pg_advisory_xact_lock($1::int4, pg_catalog.hashtext($2))) l,
-                        LATERAL (SELECT xmin FROM bdr.tombstone WHERE relid = $1 AND key_hash = pg_catalog.md5($2)) t",
+                "SELECT xmin FROM bdr.tombstone WHERE relid = $1 AND key_hash = pg_catalog.md5($2)",
                 &mut [pg_sys::OIDOID, pg_sys::TEXTOID],
             );
         }

@@ -104,3 +104,17 @@ DELETE FROM t;
 SELECT bdr.drop_node('d');
 SELECT bdr.create_node('b', 'host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_d') IS NOT NULL AS created;
 SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_a', 'rg');
+
+-- Any role may write replicated tables: deletes are noted through bdr's
+-- trigger, which runs with the extension owner's rights.
+\c repl_a
+CREATE ROLE regress_app LOGIN;
+GRANT SELECT, INSERT, UPDATE, DELETE ON t TO regress_app;
+GRANT CREATE ON SCHEMA public TO regress_app;
+SET ROLE regress_app;
+DELETE FROM t WHERE id = 400;
+CREATE TABLE app_owned (id int PRIMARY KEY);
+RESET ROLE;
+SELECT count(*) AS tombstones_for_t FROM bdr.tombstone WHERE relid = 't'::regclass;
+SELECT tgname FROM pg_trigger WHERE tgrelid = 'app_owned'::regclass;
+DROP TABLE app_owned;
