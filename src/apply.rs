@@ -575,7 +575,13 @@ impl Applier {
             ];
             pg_sys::MemoryContextSwitchTo(old);
             spi_check(
-                pg_sys::SPI_execute_plan(self.key_lock, args.as_mut_ptr(), std::ptr::null(), false, 1),
+                pg_sys::SPI_execute_plan(
+                    self.key_lock,
+                    args.as_mut_ptr(),
+                    std::ptr::null(),
+                    false,
+                    1,
+                ),
                 "locking a key",
             );
             pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
@@ -746,7 +752,10 @@ impl Applier {
                             pgrx::ereport!(
                                 ERROR,
                                 PgSqlErrorCode::ERRCODE_INVALID_BINARY_REPRESENTATION,
-                                format!("incorrect binary data format in column \"{}\" of {}", l.name, r.qualified)
+                                format!(
+                                    "incorrect binary data format in column \"{}\" of {}",
+                                    l.name, r.qualified
+                                )
                             );
                         }
                         Some(d)
@@ -904,7 +913,12 @@ impl Applier {
     fn present_cols(&mut self, relid: u32, vals: &[Value]) -> Vec<usize> {
         let r = self.rel(relid);
         for (i, c) in r.remote.columns.iter().enumerate() {
-            if r.map[i].is_none() && !matches!(vals.get(i), None | Some(Value::Null) | Some(Value::UnchangedToast)) {
+            if r.map[i].is_none()
+                && !matches!(
+                    vals.get(i),
+                    None | Some(Value::Null) | Some(Value::UnchangedToast)
+                )
+            {
                 pgrx::ereport!(
                     ERROR,
                     PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,

@@ -280,7 +280,11 @@ unsafe fn wanted(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relation
 unsafe fn binary_portable(typid: pg_sys::Oid) -> bool {
     let base = {
         let elem = pg_sys::get_element_type(typid);
-        if elem == pg_sys::InvalidOid { typid } else { elem }
+        if elem == pg_sys::InvalidOid {
+            typid
+        } else {
+            elem
+        }
     };
     const OID_ALIASES: &[pg_sys::Oid] = &[
         pg_sys::REGCLASSOID,

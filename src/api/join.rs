@@ -362,7 +362,11 @@ fn use_origin_until_end_of_transaction(origin_name: &str, lsn: u64) {
         pg_sys::replorigin_session_setup(id);
         pg_sys::replorigin_session_origin = id;
         pg_sys::replorigin_session_origin_lsn = lsn;
-        pg_sys::replorigin_session_origin_timestamp = pg_sys::GetCurrentTimestamp();
+        // The copied rows are the target's state as of the slot's start:
+        // every change that streams in after it is newer, whatever the
+        // clocks say. So they get the earliest commit time there is (0
+        // would mean "now" to PostgreSQL), not the time of the join.
+        pg_sys::replorigin_session_origin_timestamp = 1;
     }
     let reset = || {
         // SAFETY: undoes the session setup above once the commit record (with

@@ -200,7 +200,9 @@ fn tend_receivers(
             dboid,
             s.sub_id,
             &name,
-            "bdr_receiver_main", "", jitter,
+            "bdr_receiver_main",
+            "",
+            jitter,
         ) {
             receivers.insert(s.sub_id, r);
         }

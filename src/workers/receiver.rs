@@ -123,7 +123,13 @@ impl Stream {
         let ts = now();
         let due = status_ms > 0 && ts - self.last_report_time >= status_ms * 1000;
         if force || due || (self.last_recv, flushed) != self.last_reported {
-            conn.send(&protocol::status_update(self.last_recv, flushed, flushed, ts, false));
+            conn.send(&protocol::status_update(
+                self.last_recv,
+                flushed,
+                flushed,
+                ts,
+                false,
+            ));
             self.last_reported = (self.last_recv, flushed);
             self.last_report_time = ts;
         }

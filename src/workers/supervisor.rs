@@ -153,7 +153,9 @@ pub extern "C-unwind" fn bdr_supervisor_main(_arg: pg_sys::Datum) {
                 db,
                 0,
                 &format!("bdr manager {db}"),
-                "bdr_manager_main", "", &mut jitter,
+                "bdr_manager_main",
+                "",
+                &mut jitter,
             ) {
                 running.insert(db, r);
             }

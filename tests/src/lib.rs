@@ -367,7 +367,10 @@ pub fn assert_converged(cluster: &Cluster, db: &str, tables: &[&str]) {
                 for (i, t) in tables.iter().enumerate() {
                     if contents[i] != expect[i] {
                         let only = |a: &[String], b: &[String]| -> Vec<String> {
-                            a.iter().filter(|r| b.binary_search(r).is_err()).cloned().collect()
+                            a.iter()
+                                .filter(|r| b.binary_search(r).is_err())
+                                .cloned()
+                                .collect()
                         };
                         panic!(
                             "table {t} differs between {name} and {}:\n only on {name}: {:?}\n only on {}: {:?}\n{}",
@@ -394,7 +397,12 @@ fn row_history(cluster: &Cluster, db: &str, table: &str) -> String {
                FROM (SELECT r, pg_xact_commit_timestamp_origin(r.xmin) x FROM {table} r) s"
         );
         let rows: Option<String> = c.query_one(&q, &[]).ok().and_then(|r| r.get(0));
-        let _ = writeln!(out, "--- {} ({table}: row@commit_ts/origin)\n{}", n.name, rows.unwrap_or_default());
+        let _ = writeln!(
+            out,
+            "--- {} ({table}: row@commit_ts/origin)\n{}",
+            n.name,
+            rows.unwrap_or_default()
+        );
     }
     out
 }
