@@ -211,6 +211,35 @@ BEGIN
     END LOOP;
 END $$;
 
+-- Pausing and resuming what a node receives. The manager stops or starts the
+-- subscription's receiver; a paused peer keeps its WAL for us (its slot).
+CREATE FUNCTION bdr._set_subscription_enabled(subscription_name name, enabled boolean) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    n int;
+BEGIN
+    UPDATE bdr.subscription s SET sub_enabled = enabled
+     WHERE (subscription_name IS NULL OR s.sub_name = subscription_name)
+       AND s.target_node_id = (SELECT node_id FROM bdr.local_node);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n = 0 AND subscription_name IS NOT NULL THEN
+        RAISE EXCEPTION 'subscription "%" does not exist on this node', subscription_name
+            USING ERRCODE = 'undefined_object', HINT = 'See bdr.subscription_summary for this node''s subscriptions.';
+    END IF;
+    PERFORM bdr._wake_manager_at_commit();
+END $$;
+
+CREATE FUNCTION bdr.alter_subscription_disable(subscription_name name DEFAULT NULL, immediate boolean DEFAULT false)
+RETURNS boolean LANGUAGE sql AS $$
+    SELECT bdr._set_subscription_enabled(subscription_name, false); SELECT true $$;
+
+CREATE FUNCTION bdr.alter_subscription_enable(subscription_name name DEFAULT NULL, immediate boolean DEFAULT false)
+RETURNS boolean LANGUAGE sql AS $$
+    SELECT bdr._set_subscription_enabled(subscription_name, true); SELECT true $$;
+
+REVOKE ALL ON FUNCTION bdr.alter_subscription_disable(name, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr.alter_subscription_enable(name, boolean) FROM PUBLIC;
+
 -- UPDATE and DELETE need a replica identity to replicate. A publication of
 -- every table makes PostgreSQL itself refuse them on tables without one, on
 -- the node where they are made (temporary and unlogged tables are exempt).

@@ -118,3 +118,31 @@ RESET ROLE;
 SELECT count(*) AS tombstones_for_t FROM bdr.tombstone WHERE relid = 't'::regclass;
 SELECT tgname FROM pg_trigger WHERE tgrelid = 'app_owned'::regclass;
 DROP TABLE app_owned;
+
+-- Pausing a subscription: the node stops receiving from that peer, and
+-- catches up when it is enabled again.
+\c repl_c
+SELECT bdr.alter_subscription_disable('no_such_subscription');
+SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'a';
+SELECT origin_name, sub_enabled, subscription_status FROM bdr.subscription_summary ORDER BY 1;
+-- The manager stops the receiver within a moment; wait for that (deadline 60 s).
+DO $$
+DECLARE deadline timestamptz := clock_timestamp() + interval '60 seconds';
+BEGIN
+    WHILE EXISTS (SELECT 1 FROM pg_stat_activity a JOIN bdr.worker_tasks w ON w.task_pid = a.pid
+                   WHERE w.task_key_worker_role_name = 'receiver' AND w.sub_name LIKE '%\_a\_c') LOOP
+        IF clock_timestamp() > deadline THEN RAISE EXCEPTION 'receiver did not stop'; END IF;
+        PERFORM pg_sleep(0.05);
+    END LOOP;
+END $$;
+\c repl_a
+INSERT INTO t VALUES (500, 'while c paused', NULL);
+\c repl_c
+SELECT count(*) AS seen_while_paused FROM t WHERE id = 500;
+SELECT bdr.alter_subscription_enable();
+\c repl_a
+SET statement_timeout = '60s';
+SELECT bdr.wait_slot_confirm_lsn(NULL, NULL);
+\c repl_c
+SELECT v FROM t WHERE id = 500;
+SELECT origin_name, sub_enabled FROM bdr.subscription_summary ORDER BY 1;

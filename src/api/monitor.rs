@@ -159,3 +159,10 @@ fn _wal_insert_end_lsn() -> String {
     // SAFETY: reads a WAL position; no preconditions.
     bdr_core::lsn::format(unsafe { pg_sys::GetXLogInsertEndRecPtr() })
 }
+
+/// Wakes this database's manager when the calling transaction commits, so it
+/// acts on catalog changes (e.g. a subscription disabled) at once.
+#[pg_extern(volatile)]
+fn _wake_manager_at_commit() {
+    crate::api::node::wake_workers_at_commit();
+}
