@@ -71,6 +71,10 @@ pub struct Applier {
     tomb_find: pg_sys::SPIPlanPtr,
     tomb_put: pg_sys::SPIPlanPtr,
     key_lock: pg_sys::SPIPlanPtr,
+    rel_lock_s: pg_sys::SPIPlanPtr,
+    rel_lock_x: pg_sys::SPIPlanPtr,
+    /// Key locks taken per relation in the current transaction.
+    key_locks: HashMap<u32, u32>,
     /// The remote commit already applied (origin progress at start).
     applied_up_to: u64,
     in_txn: bool,
@@ -113,6 +117,10 @@ fn keep_plan(sql: &str, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
     }
 }
 
+/// Key locks one transaction takes on one relation before it locks the
+/// whole relation instead (see `Applier::lock_key`).
+const MAX_KEY_LOCKS: u32 = 256;
+
 fn spi_check(rc: i32, what: &str) {
     if rc < 0 {
         error!("bdr writer: SPI failed ({rc}) while {what}");
@@ -139,6 +147,9 @@ impl Applier {
             tomb_find: std::ptr::null_mut(),
             tomb_put: std::ptr::null_mut(),
             key_lock: std::ptr::null_mut(),
+            rel_lock_s: std::ptr::null_mut(),
+            rel_lock_x: std::ptr::null_mut(),
+            key_locks: HashMap::new(),
             applied_up_to,
             in_txn: false,
             skip_txn: false,
@@ -219,6 +230,7 @@ impl Applier {
             spi_check(pg_sys::SPI_connect(), "connecting to SPI");
         }
         self.in_txn = true;
+        self.key_locks.clear();
     }
 
     fn commit(&mut self, end_lsn: u64, commit_time: i64) -> u64 {
@@ -404,27 +416,30 @@ impl Applier {
 
     fn insert(&mut self, relid: u32, new: &[Value]) {
         let key = self.rel(relid).key.clone();
-        self.lock_key(relid, &key, new);
-        // A second round resolves against a row a local session inserted
-        // between our lookup and our insert.
-        for _ in 0..2 {
-            let found = if key.is_empty() {
-                None
-            } else {
-                self.find(relid, &key, new, false)
-            };
-            match found {
-                None => {
-                    if self.deleted_later(relid, &key, new) || self.exec_insert(relid, new) {
-                        return;
-                    }
-                }
+        if key.is_empty() {
+            self.exec_insert(relid, new);
+            return;
+        }
+        let mut locked = false;
+        // Rounds: look; if missing, lock the key and look again; then insert,
+        // or, if a local session inserted the key meanwhile, resolve against it.
+        for _ in 0..4 {
+            match self.find(relid, &key, new, false) {
                 Some(f) => {
                     // insert_exists: the newer write wins.
                     if remote_wins(self.remote_writer(), f.writer) {
                         self.exec_update(relid, f.ctid, new);
                     }
                     return;
+                }
+                None if !locked => {
+                    self.lock_key(relid, &key, new);
+                    locked = true;
+                }
+                None => {
+                    if self.deleted_later(relid, &key, new) || self.exec_insert(relid, new) {
+                        return;
+                    }
                 }
             }
         }
@@ -434,33 +449,39 @@ impl Applier {
         );
     }
 
-    fn update(&mut self, relid: u32, old: Option<&[Value]>, new: &[Value]) {
-        let (key, full) = {
-            let r = self.rel(relid);
-            if r.key.is_empty() && r.remote.replica_identity == b'f' {
-                // Match on every column the old row carries.
-                let src = old.unwrap_or(new);
-                (
-                    (0..src.len())
-                        .filter(|i| src[*i] != Value::UnchangedToast)
-                        .collect(),
-                    true,
-                )
-            } else {
-                (r.key.clone(), false)
-            }
+    /// The replica identity columns to find a row by, and whether that is
+    /// the whole row (REPLICA IDENTITY FULL without a key).
+    fn identity(&mut self, relid: u32, old: &[Value], what: &str) -> (Vec<usize>, bool) {
+        let r = self.rel(relid);
+        let (key, full) = if r.key.is_empty() && r.remote.replica_identity == b'f' {
+            ((0..old.len()).filter(|i| old[*i] != Value::UnchangedToast).collect(), true)
+        } else {
+            (r.key.clone(), false)
         };
         if key.is_empty() {
-            error!(
-                "table {} has no replica identity; UPDATE cannot be applied",
-                self.rel(relid).qualified
-            );
+            error!("table {} has no replica identity; {what} cannot be applied", r.qualified);
         }
+        (key, full)
+    }
+
+    /// Finds the row; when it is missing and has a key, locks the key and
+    /// looks again, so that what is decided about a missing row is decided
+    /// by one writer at a time and sees the others' committed work.
+    fn find_or_lock(&mut self, relid: u32, key: &[usize], vals: &[Value], full: bool) -> Option<Found> {
+        if let Some(f) = self.find(relid, key, vals, full) {
+            return Some(f);
+        }
+        if full {
+            return None;
+        }
+        self.lock_key(relid, key, vals);
+        self.find(relid, key, vals, full)
+    }
+
+    fn update(&mut self, relid: u32, old: Option<&[Value]>, new: &[Value]) {
         let lookup = old.unwrap_or(new);
-        if !full {
-            self.lock_key(relid, &key, lookup);
-        }
-        match self.find(relid, &key, lookup, full) {
+        let (key, full) = self.identity(relid, lookup, "UPDATE");
+        match self.find_or_lock(relid, &key, lookup, full) {
             Some(f) => {
                 if remote_wins(self.remote_writer(), f.writer) {
                     self.exec_update(relid, f.ctid, new);
@@ -470,12 +491,10 @@ impl Applier {
                 // update_missing: the row was not here (yet). Insert it when
                 // the change carries the whole row, so that an update that
                 // overtook its insert (from a third node) is not lost; the
-                // older insert then loses against it.
-                if !new.contains(&Value::UnchangedToast)
-                    && (full || !self.deleted_later(relid, &key, lookup))
-                    && !self.exec_insert(relid, new)
-                {
-                    // The new key is taken here: resolve as an insert against it.
+                // older insert then loses against it. Not when a newer
+                // delete was made here.
+                if !new.contains(&Value::UnchangedToast) && (full || !self.deleted_later(relid, &key, lookup)) {
+                    // Resolves like an insert, also when the new key is taken.
                     self.insert(relid, new);
                 }
             }
@@ -483,24 +502,8 @@ impl Applier {
     }
 
     fn delete(&mut self, relid: u32, old: &[Value]) {
-        let (key, full) = {
-            let r = self.rel(relid);
-            if r.key.is_empty() && r.remote.replica_identity == b'f' {
-                ((0..old.len()).collect(), true)
-            } else {
-                (r.key.clone(), false)
-            }
-        };
-        if key.is_empty() {
-            error!(
-                "table {} has no replica identity; DELETE cannot be applied",
-                self.rel(relid).qualified
-            );
-        }
-        if !full {
-            self.lock_key(relid, &key, old);
-        }
-        match self.find(relid, &key, old, full) {
+        let (key, full) = self.identity(relid, old, "DELETE");
+        match self.find_or_lock(relid, &key, old, full) {
             Some(f) => {
                 // A row updated here after the delete was made stays.
                 if remote_wins(self.remote_writer(), f.writer) {
@@ -547,17 +550,51 @@ impl Applier {
         crate::tombstone::key_text(&parts.into_iter().map(|p| p.1).collect::<Vec<_>>())
     }
 
-    /// Makes writers of different peers handle the same key one after the
-    /// other (the lock lasts to the end of the transaction). Each statement
-    /// after it sees what the other committed: whether the row exists, and
-    /// its tombstone. Without it, two writers could each decide on a row the
-    /// other has not committed yet (an insert and a delete both "missing").
+    /// Makes writers of different peers decide about the same missing key
+    /// one after the other: an advisory lock on (relation, key) to the end of
+    /// the transaction, under a shared lock on the relation. A transaction
+    /// that would take more than `MAX_KEY_LOCKS` key locks on one relation
+    /// (a bulk change) takes the relation's lock exclusively instead, so the
+    /// lock table never fills up.
     fn lock_key(&mut self, relid: u32, key: &[usize], vals: &[Value]) {
         if key.is_empty() {
             return;
         }
-        let text = self.key_text(relid, key, vals);
         let local_oid = self.rel(relid).local_oid;
+        let n = self.key_locks.entry(relid).or_insert(0);
+        if *n > MAX_KEY_LOCKS {
+            return;
+        }
+        *n += 1;
+        let count = *n;
+        if count == 1 || count > MAX_KEY_LOCKS {
+            let exclusive = count > MAX_KEY_LOCKS;
+            let plan = if exclusive { &mut self.rel_lock_x } else { &mut self.rel_lock_s };
+            if plan.is_null() {
+                *plan = keep_plan(
+                    if exclusive {
+                        "SELECT pg_catalog.pg_advisory_xact_lock($1::int8)"
+                    } else {
+                        "SELECT pg_catalog.pg_advisory_xact_lock_shared($1::int8)"
+                    },
+                    &mut [pg_sys::OIDOID],
+                );
+            }
+            let plan = *plan;
+            let mut args = [pg_sys::Datum::from(local_oid)];
+            // SAFETY: a kept plan with one oid parameter.
+            unsafe {
+                spi_check(
+                    pg_sys::SPI_execute_plan(plan, args.as_mut_ptr(), std::ptr::null(), false, 1),
+                    "locking a relation",
+                );
+                pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
+            }
+            if exclusive {
+                return;
+            }
+        }
+        let text = self.key_text(relid, key, vals);
         if self.key_lock.is_null() {
             self.key_lock = keep_plan(
                 "SELECT pg_catalog.pg_advisory_xact_lock($1::int4, pg_catalog.hashtext($2))",
@@ -575,13 +612,7 @@ impl Applier {
             ];
             pg_sys::MemoryContextSwitchTo(old);
             spi_check(
-                pg_sys::SPI_execute_plan(
-                    self.key_lock,
-                    args.as_mut_ptr(),
-                    std::ptr::null(),
-                    false,
-                    1,
-                ),
+                pg_sys::SPI_execute_plan(self.key_lock, args.as_mut_ptr(), std::ptr::null(), false, 1),
                 "locking a key",
             );
             pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
