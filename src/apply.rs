@@ -454,12 +454,20 @@ impl Applier {
     fn identity(&mut self, relid: u32, old: &[Value], what: &str) -> (Vec<usize>, bool) {
         let r = self.rel(relid);
         let (key, full) = if r.key.is_empty() && r.remote.replica_identity == b'f' {
-            ((0..old.len()).filter(|i| old[*i] != Value::UnchangedToast).collect(), true)
+            (
+                (0..old.len())
+                    .filter(|i| old[*i] != Value::UnchangedToast)
+                    .collect(),
+                true,
+            )
         } else {
             (r.key.clone(), false)
         };
         if key.is_empty() {
-            error!("table {} has no replica identity; {what} cannot be applied", r.qualified);
+            error!(
+                "table {} has no replica identity; {what} cannot be applied",
+                r.qualified
+            );
         }
         (key, full)
     }
@@ -467,7 +475,13 @@ impl Applier {
     /// Finds the row; when it is missing and has a key, locks the key and
     /// looks again, so that what is decided about a missing row is decided
     /// by one writer at a time and sees the others' committed work.
-    fn find_or_lock(&mut self, relid: u32, key: &[usize], vals: &[Value], full: bool) -> Option<Found> {
+    fn find_or_lock(
+        &mut self,
+        relid: u32,
+        key: &[usize],
+        vals: &[Value],
+        full: bool,
+    ) -> Option<Found> {
         if let Some(f) = self.find(relid, key, vals, full) {
             return Some(f);
         }
@@ -493,7 +507,9 @@ impl Applier {
                 // overtook its insert (from a third node) is not lost; the
                 // older insert then loses against it. Not when a newer
                 // delete was made here.
-                if !new.contains(&Value::UnchangedToast) && (full || !self.deleted_later(relid, &key, lookup)) {
+                if !new.contains(&Value::UnchangedToast)
+                    && (full || !self.deleted_later(relid, &key, lookup))
+                {
                     // Resolves like an insert, also when the new key is taken.
                     self.insert(relid, new);
                 }
@@ -569,7 +585,11 @@ impl Applier {
         let count = *n;
         if count == 1 || count > MAX_KEY_LOCKS {
             let exclusive = count > MAX_KEY_LOCKS;
-            let plan = if exclusive { &mut self.rel_lock_x } else { &mut self.rel_lock_s };
+            let plan = if exclusive {
+                &mut self.rel_lock_x
+            } else {
+                &mut self.rel_lock_s
+            };
             if plan.is_null() {
                 *plan = keep_plan(
                     if exclusive {
@@ -612,7 +632,13 @@ impl Applier {
             ];
             pg_sys::MemoryContextSwitchTo(old);
             spi_check(
-                pg_sys::SPI_execute_plan(self.key_lock, args.as_mut_ptr(), std::ptr::null(), false, 1),
+                pg_sys::SPI_execute_plan(
+                    self.key_lock,
+                    args.as_mut_ptr(),
+                    std::ptr::null(),
+                    false,
+                    1,
+                ),
                 "locking a key",
             );
             pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);

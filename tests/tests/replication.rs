@@ -125,10 +125,19 @@ fn every_kind_of_change_replicates_to_every_node() {
     assert_eq!(one(&mut n1, "SELECT i2 FROM types_t WHERE id = 1"), "99");
 
     // A big transaction: more rows than a writer may hold key locks for.
-    n2.batch_execute("INSERT INTO serial_t (v) SELECT 'bulk ' || g FROM generate_series(1, 30000) g")
+    n2.batch_execute("INSERT INTO kv SELECT g, 'bulk' FROM generate_series(100000, 129999) g")
         .unwrap();
     wait_for_replication(&c, DB);
-    assert_eq!(one(&mut n1, "SELECT count(*) FROM serial_t WHERE v LIKE 'bulk %'"), "30000");
+    assert_eq!(
+        one(&mut n1, "SELECT count(*) FROM kv WHERE v = 'bulk'"),
+        "30000"
+    );
+    n3.batch_execute("DELETE FROM kv WHERE v = 'bulk'").unwrap();
+    wait_for_replication(&c, DB);
+    assert_eq!(
+        one(&mut n1, "SELECT count(*) FROM kv WHERE v = 'bulk'"),
+        "0"
+    );
     assert_converged(&c, DB, TABLES);
 
     // TRUNCATE with CASCADE and RESTART IDENTITY, as on the origin.
