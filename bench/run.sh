@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Builds and installs bdr in release mode, then runs every benchmark against
+# bdr and, in the same run and with the same postgresql.conf, against
+# PostgreSQL 15's own logical replication. Results: bench/results/<date>.md
+# and .json. Not part of CI. Usage: bench/run.sh  (parameters: see bench/README.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+command -v /usr/lib/postgresql/15/bin/pgbench >/dev/null || { echo "pgbench is missing (Debian package postgresql-15)"; exit 1; }
+echo "==> building and installing the release build of bdr"
+cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config
+echo "==> running the benchmarks"
+python3 bench/bench.py
+echo "(the installed bdr is now the release build; scripts/test.sh reinstalls the debug build)"
