@@ -3,7 +3,7 @@
 
 Run through bench/run.sh, which builds and installs the release build first.
 Everything runs on this machine, in one run, with one postgresql.conf for
-both systems; A/B runs are interleaved. Results go to bench/results/<date>.md
+both systems; A/B runs are interleaved. Results go to bench/results/<date>-<HHMM>.md
 and .json. Nothing here asserts a time: it measures and reports.
 
 Parameters (environment): BENCH_REPS (3), BENCH_CATCHUP_TXNS (10000),
@@ -602,7 +602,7 @@ def main():
         if not os.environ.get("BENCH_KEEP"):
             shutil.rmtree(root, ignore_errors=True)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M")
     report(results, started, os.path.join(HERE, "results", f"{stamp}.md"),
            os.path.join(HERE, "results", f"{stamp}.json"))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and installs bdr in release mode, then runs every benchmark against
 # bdr and, in the same run and with the same postgresql.conf, against
-# PostgreSQL 15's own logical replication. Results: bench/results/<date>.md
+# PostgreSQL 15's own logical replication. Results: bench/results/<date>-<HHMM>.md
 # and .json. Not part of CI. Usage: bench/run.sh  (parameters: see bench/README.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
