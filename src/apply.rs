@@ -75,6 +75,8 @@ pub struct Applier {
     rel_lock_x: pg_sys::SPIPlanPtr,
     /// Key locks taken per relation in the current transaction.
     key_locks: HashMap<u32, u32>,
+    /// Relations held exclusively in this transaction that had no tombstones.
+    no_tombstones: std::collections::HashSet<u32>,
     /// The remote commit already applied (origin progress at start).
     applied_up_to: u64,
     in_txn: bool,
@@ -150,6 +152,7 @@ impl Applier {
             rel_lock_s: std::ptr::null_mut(),
             rel_lock_x: std::ptr::null_mut(),
             key_locks: HashMap::new(),
+            no_tombstones: std::collections::HashSet::new(),
             applied_up_to,
             in_txn: false,
             skip_txn: false,
@@ -231,6 +234,7 @@ impl Applier {
         }
         self.in_txn = true;
         self.key_locks.clear();
+        self.no_tombstones.clear();
     }
 
     fn commit(&mut self, end_lsn: u64, commit_time: i64) -> u64 {
@@ -433,8 +437,13 @@ impl Applier {
                     return;
                 }
                 None if !locked => {
-                    self.lock_key(relid, &key, new);
                     locked = true;
+                    if self.lock_key(relid, &key, new) {
+                        continue;
+                    }
+                    if self.deleted_later(relid, &key, new) || self.exec_insert(relid, new) {
+                        return;
+                    }
                 }
                 None => {
                     if self.deleted_later(relid, &key, new) || self.exec_insert(relid, new) {
@@ -485,10 +494,9 @@ impl Applier {
         if let Some(f) = self.find(relid, key, vals, full) {
             return Some(f);
         }
-        if full {
+        if full || !self.lock_key(relid, key, vals) {
             return None;
         }
-        self.lock_key(relid, key, vals);
         self.find(relid, key, vals, full)
     }
 
@@ -572,14 +580,18 @@ impl Applier {
     /// that would take more than `MAX_KEY_LOCKS` key locks on one relation
     /// (a bulk change) takes the relation's lock exclusively instead, so the
     /// lock table never fills up.
-    fn lock_key(&mut self, relid: u32, key: &[usize], vals: &[Value]) {
+    ///
+    /// Returns whether the caller must look for the row again (the lock may
+    /// have waited for another writer's commit); not once the relation is
+    /// held exclusively, since every lookup after that sees all there is.
+    fn lock_key(&mut self, relid: u32, key: &[usize], vals: &[Value]) -> bool {
         if key.is_empty() {
-            return;
+            return false;
         }
         let local_oid = self.rel(relid).local_oid;
         let n = self.key_locks.entry(relid).or_insert(0);
         if *n > MAX_KEY_LOCKS {
-            return;
+            return false;
         }
         *n += 1;
         let count = *n;
@@ -611,7 +623,13 @@ impl Applier {
                 pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
             }
             if exclusive {
-                return;
+                // No other writer can note a delete here now; local deletes
+                // of keys we find missing delete nothing. So if there are no
+                // tombstones for the relation now, there are none to check.
+                if !self.any_tombstone(local_oid) {
+                    self.no_tombstones.insert(relid);
+                }
+                return true;
             }
         }
         let text = self.key_text(relid, key, vals);
@@ -643,11 +661,30 @@ impl Applier {
             );
             pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
         }
+        true
+    }
+
+    fn any_tombstone(&mut self, local_oid: pg_sys::Oid) -> bool {
+        let q = CString::new(format!(
+            "SELECT 1 FROM bdr.tombstone WHERE relid = {} LIMIT 1",
+            local_oid.to_u32()
+        ))
+        .unwrap_or_default();
+        // SAFETY: a read query inside the apply transaction's SPI connection.
+        unsafe {
+            spi_check(
+                pg_sys::SPI_execute(q.as_ptr(), false, 1),
+                "looking for tombstones",
+            );
+            let any = pg_sys::SPI_processed > 0;
+            pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
+            any
+        }
     }
 
     /// Whether this row was deleted here by a write newer than the incoming one.
     fn deleted_later(&mut self, relid: u32, key: &[usize], vals: &[Value]) -> bool {
-        if key.is_empty() {
+        if key.is_empty() || self.no_tombstones.contains(&relid) {
             return false;
         }
         let text = self.key_text(relid, key, vals);
