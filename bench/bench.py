@@ -478,6 +478,12 @@ def fmt(x, d=0):
     return "-" if x is None else f"{x:,.{d}f}"
 
 
+def span(xs, d=0):
+    """Median with the min..max of the repetitions."""
+    lo, hi = spread(xs)
+    return f"{fmt(med(xs), d)} ({fmt(lo, d)}..{fmt(hi, d)})"
+
+
 def ratio(a, b):
     return None if not a or not b else a / b
 
@@ -507,12 +513,12 @@ def report(results, started, path_md, path_json):
     b = results.get("bulk")
     if b:
         L += [f"## 2. Bulk ({BULK_ROWS:,} narrow rows, one transaction each)", "",
-              "| operation | bdr s (median) | native s (median) | bdr rows/s | native rows/s | ratio bdr/native rows/s | bdr apply CPU s | native apply CPU s |",
+              "| operation | bdr s, median (min..max) | native s, median (min..max) | bdr rows/s | native rows/s | ratio bdr/native rows/s | bdr apply CPU s | native apply CPU s |",
               "|---|---|---|---|---|---|---|---|"]
         for op in b["bdr"]:
             bs, ns = [r["seconds"] for r in b["bdr"][op]], [r["seconds"] for r in b["native"][op]]
             br, nr = [r["rows_per_s"] for r in b["bdr"][op]], [r["rows_per_s"] for r in b["native"][op]]
-            L.append(f"| {op} | {fmt(med(bs), 1)} | {fmt(med(ns), 1)} | {fmt(med(br))} | {fmt(med(nr))} "
+            L.append(f"| {op} | {span(bs, 1)} | {span(ns, 1)} | {fmt(med(br))} | {fmt(med(nr))} "
                      f"| {fmt(ratio(med(br), med(nr)), 2)} | {fmt(med([r['cpu_apply_s'] for r in b['bdr'][op]]), 1)} "
                      f"| {fmt(med([r['cpu_apply_s'] for r in b['native'][op]]), 1)} |")
         L.append("")
@@ -520,13 +526,13 @@ def report(results, started, path_md, path_json):
     if st:
         L += [f"## 3. Steady state ({STEADY_SECONDS} s per rate; rates are fractions of the native provider's "
               f"measured maximum of {fmt(results['max_tps'])} tps)", "",
-              "| rate | system | achieved tps | lag p50 s | lag p99 s | lag p99 bytes | lag grows | apply CPU s |",
+              "| rate | system | achieved tps | lag p50 s | lag p99 s, median (min..max) | lag p99 bytes | lag grows | apply CPU s |",
               "|---|---|---|---|---|---|---|---|"]
         for frac in ("25", "50", "75"):
             for s in ("bdr", "native"):
                 rs = st[s][frac] if frac in st[s] else st[s][int(frac)]
                 L.append(f"| {frac}% ({rs[0]['rate']}) | {s} | {fmt(med([r['achieved_tps'] for r in rs]))} "
-                         f"| {fmt(med([r['lag_s_p50'] for r in rs]), 3)} | {fmt(med([r['lag_s_p99'] for r in rs]), 3)} "
+                         f"| {fmt(med([r['lag_s_p50'] for r in rs]), 3)} | {span([r['lag_s_p99'] for r in rs], 3)} "
                          f"| {fmt(med([r['lag_bytes_p99'] for r in rs]))} | {sum(r['lag_grows'] for r in rs)}/{len(rs)} "
                          f"| {fmt(med([r['cpu_apply_s'] for r in rs]), 1)} |")
         L.append("\nTime lag is the age of a heartbeat row the provider updates every 100 ms, read on the subscriber "
@@ -562,7 +568,7 @@ def main():
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
     nodes = []
-    results = {"params": {"reps": REPS, "scale": SCALE, "catchup_txns": CATCHUP_TXNS, "bulk_rows": BULK_ROWS,
+    results = {"started": started, "params": {"reps": REPS, "scale": SCALE, "catchup_txns": CATCHUP_TXNS, "bulk_rows": BULK_ROWS,
                           "steady_seconds": STEADY_SECONDS, "tps_seconds": TPS_SECONDS, "mm_seconds": MM_SECONDS}}
     try:
         log("setting up the bdr pair and the native pair")
@@ -608,4 +614,15 @@ def main():
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--report":
+        # Re-renders the tables of an earlier run from its JSON.
+        with open(sys.argv[2]) as f:
+            res = json.load(f)
+        for k, v in res.get("params", {}).items():
+            globals()[{"reps": "REPS", "scale": "SCALE", "catchup_txns": "CATCHUP_TXNS", "bulk_rows": "BULK_ROWS",
+                       "steady_seconds": "STEADY_SECONDS", "tps_seconds": "TPS_SECONDS",
+                       "mm_seconds": "MM_SECONDS"}[k]] = v
+        base = sys.argv[2][:-len(".json")]
+        report(res, res.get("started", os.path.basename(base)), base + ".md", sys.argv[2])
+        sys.exit(0)
     sys.exit(main())
