@@ -8,7 +8,7 @@
 //! `bdr_core::conflict::remote_wins` (last update wins, ties to the higher
 //! node id), so every node keeps the same row.
 
-use bdr_core::conflict::{remote_wins, Writer};
+use bdr_core::conflict::{remote_wins, ConflictType, Writer};
 use bdr_core::protocol::{Message, Relation, Value};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -103,6 +103,14 @@ fn commit_ts_of(xid: pg_sys::Datum) -> (Option<i64>, u16) {
     } else {
         (None, 0)
     }
+}
+
+/// A PostgreSQL timestamp as text, for log lines.
+fn timestamp_text(ts: i64) -> String {
+    // SAFETY: formats a timestamp value; returns a palloc'd C string.
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::timestamptz_to_str(ts)) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Prepares and keeps a statement for the life of the writer.
@@ -431,7 +439,9 @@ impl Applier {
             match self.find(relid, &key, new, false) {
                 Some(f) => {
                     // insert_exists: the newer write wins.
-                    if remote_wins(self.remote_writer(), f.writer) {
+                    let wins = remote_wins(self.remote_writer(), f.writer);
+                    self.report(ConflictType::InsertExists, relid, f.writer, wins);
+                    if wins {
                         self.exec_update(relid, f.ctid, new);
                     }
                     return;
@@ -455,6 +465,33 @@ impl Applier {
         error!(
             "a row replicated into {} conflicts with a local row on a unique constraint other than its replica identity",
             self.rel(relid).qualified
+        );
+    }
+
+    /// Writes a detected conflict and how it was resolved to the server log.
+    fn report(&mut self, t: ConflictType, relid: u32, local: Option<Writer>, remote_applied: bool) {
+        let local = match local {
+            Some(w) => format!(
+                "the local row was last written by node {} at {}",
+                w.node_id,
+                timestamp_text(w.commit_ts)
+            ),
+            None => "no local row".to_string(),
+        };
+        let remote_ts = timestamp_text(self.commit_ts);
+        let remote_node = self.remote_node_id;
+        tracing::info!(
+            "CONFLICT: {} on {} from node {} (commit at {}); {}; resolution: {}",
+            t.name(),
+            self.rel(relid).qualified,
+            remote_node,
+            remote_ts,
+            local,
+            if remote_applied {
+                "apply_remote"
+            } else {
+                "skip"
+            }
         );
     }
 
@@ -505,7 +542,13 @@ impl Applier {
         let (key, full) = self.identity(relid, lookup, "UPDATE");
         match self.find_or_lock(relid, &key, lookup, full) {
             Some(f) => {
-                if remote_wins(self.remote_writer(), f.writer) {
+                let wins = remote_wins(self.remote_writer(), f.writer);
+                // The row was last written by another node than the one
+                // updating it: concurrent changes met (update_origin_change).
+                if f.writer.is_some_and(|w| w.node_id != self.remote_node_id) {
+                    self.report(ConflictType::UpdateOriginChange, relid, f.writer, wins);
+                }
+                if wins {
                     self.exec_update(relid, f.ctid, new);
                 }
             }
@@ -515,9 +558,12 @@ impl Applier {
                 // overtook its insert (from a third node) is not lost; the
                 // older insert then loses against it. Not when a newer
                 // delete was made here.
-                if !new.contains(&Value::UnchangedToast)
-                    && (full || !self.deleted_later(relid, &key, lookup))
-                {
+                if !full && self.deleted_later(relid, &key, lookup) {
+                    self.report(ConflictType::UpdateRecentlyDeleted, relid, None, false);
+                } else if new.contains(&Value::UnchangedToast) {
+                    self.report(ConflictType::UpdateMissing, relid, None, false);
+                } else {
+                    self.report(ConflictType::UpdateMissing, relid, None, true);
                     // Resolves like an insert, also when the new key is taken.
                     self.insert(relid, new);
                 }
@@ -530,7 +576,11 @@ impl Applier {
         match self.find_or_lock(relid, &key, old, full) {
             Some(f) => {
                 // A row updated here after the delete was made stays.
-                if remote_wins(self.remote_writer(), f.writer) {
+                let wins = remote_wins(self.remote_writer(), f.writer);
+                if !wins {
+                    self.report(ConflictType::DeleteRecentlyUpdated, relid, f.writer, false);
+                }
+                if wins {
                     self.exec_delete(relid, f.ctid);
                     if !full {
                         self.note_deleted(relid, &key, old);
@@ -538,6 +588,7 @@ impl Applier {
                 }
             }
             None => {
+                self.report(ConflictType::DeleteMissing, relid, None, false);
                 // Gone already, or not here yet: note the delete, so that an
                 // older insert or update arriving later does not bring it back.
                 if !full && !self.deleted_later(relid, &key, old) {

@@ -195,6 +195,10 @@ fn every_kind_of_change_replicates_to_every_node() {
     n1.batch_execute("DELETE FROM kv WHERE id = -1").unwrap();
     wait_for_replication(&c, DB);
     assert_converged(&c, DB, TABLES);
+    assert!(c
+        .node(1)
+        .log()
+        .contains("CONFLICT: delete_missing on \"public\".\"kv\""));
 
     // A table that changes shape (the same way on every node, until DDL
     // replicates) is described again to the peers and keeps replicating.
@@ -496,5 +500,14 @@ fn an_older_update_waiting_behind_a_newer_one_loses() {
     assert_eq!(
         one(&mut n2, "SELECT v FROM kv WHERE id = 1"),
         "node3 (newer)"
+    );
+    // The conflict is in node2's server log, with who won.
+    let log = c.node(1).log();
+    assert!(
+        log.lines().any(
+            |l| l.contains("CONFLICT: update_origin_change on \"public\".\"kv\"")
+                && l.contains("resolution: skip")
+        ),
+        "no conflict logged on node2"
     );
 }
