@@ -690,29 +690,48 @@ impl Applier {
                 &mut [pg_sys::OIDOID, pg_sys::TEXTOID],
             );
         }
+        self.exec_oid_text(self.key_lock, local_oid, &text, "locking a key");
+        true
+    }
+
+    /// Runs a kept plan that takes (oid, text); returns the first column of
+    /// its first row, if it returned one.
+    fn exec_oid_text(
+        &self,
+        plan: pg_sys::SPIPlanPtr,
+        oid: pg_sys::Oid,
+        text: &str,
+        what: &str,
+    ) -> Option<pg_sys::Datum> {
         let ctext = CString::new(text).unwrap_or_default();
-        // SAFETY: a kept plan with an oid and a text parameter built in the
-        // per-row context.
+        // SAFETY: a kept plan with an oid and a text parameter; the text
+        // datum is built in the per-row context; the result row is read
+        // before it is freed.
         unsafe {
             let old = pg_sys::MemoryContextSwitchTo(self.row_cxt);
             let mut args = [
-                pg_sys::Datum::from(local_oid),
+                pg_sys::Datum::from(oid),
                 pg_sys::Datum::from(pg_sys::cstring_to_text(ctext.as_ptr())),
             ];
             pg_sys::MemoryContextSwitchTo(old);
             spi_check(
-                pg_sys::SPI_execute_plan(
-                    self.key_lock,
-                    args.as_mut_ptr(),
-                    std::ptr::null(),
-                    false,
-                    1,
-                ),
-                "locking a key",
+                pg_sys::SPI_execute_plan(plan, args.as_mut_ptr(), std::ptr::null(), false, 1),
+                what,
             );
-            pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
+            let tt = pg_sys::SPI_tuptable;
+            let first = if pg_sys::SPI_processed == 0 || tt.is_null() || (*(*tt).tupdesc).natts < 1
+            {
+                None
+            } else {
+                let mut isnull = false;
+                let d = pg_sys::SPI_getbinval(*(*tt).vals, (*tt).tupdesc, 1, &mut isnull);
+                (!isnull).then_some(d)
+            };
+            if !tt.is_null() {
+                pg_sys::SPI_freetuptable(tt);
+            }
+            first
         }
-        true
     }
 
     fn any_tombstone(&mut self, local_oid: pg_sys::Oid) -> bool {
@@ -746,36 +765,9 @@ impl Applier {
                 &mut [pg_sys::OIDOID, pg_sys::TEXTOID],
             );
         }
-        let ctext = CString::new(text).unwrap_or_default();
-        // SAFETY: a kept plan with an oid and a text parameter; the text datum
-        // is built in the per-row context.
-        let found = unsafe {
-            let old = pg_sys::MemoryContextSwitchTo(self.row_cxt);
-            let mut args = [
-                pg_sys::Datum::from(local_oid),
-                pg_sys::Datum::from(pg_sys::cstring_to_text(ctext.as_ptr())),
-            ];
-            pg_sys::MemoryContextSwitchTo(old);
-            spi_check(
-                pg_sys::SPI_execute_plan(
-                    self.tomb_find,
-                    args.as_mut_ptr(),
-                    std::ptr::null(),
-                    false,
-                    1,
-                ),
-                "looking up a deleted row",
-            );
-            if pg_sys::SPI_processed == 0 {
-                None
-            } else {
-                let tt = pg_sys::SPI_tuptable;
-                let mut isnull = false;
-                let xmin = pg_sys::SPI_getbinval(*(*tt).vals, (*tt).tupdesc, 1, &mut isnull);
-                pg_sys::SPI_freetuptable(tt);
-                Some(commit_ts_of(xmin))
-            }
-        };
+        let found = self
+            .exec_oid_text(self.tomb_find, local_oid, &text, "looking up a deleted row")
+            .map(commit_ts_of);
         match found {
             None => false,
             Some((None, _)) => false,
@@ -802,26 +794,7 @@ impl Applier {
                 &mut [pg_sys::OIDOID, pg_sys::TEXTOID],
             );
         }
-        let ctext = CString::new(text).unwrap_or_default();
-        // SAFETY: as in `deleted_later`.
-        unsafe {
-            let old = pg_sys::MemoryContextSwitchTo(self.row_cxt);
-            let mut args = [
-                pg_sys::Datum::from(local_oid),
-                pg_sys::Datum::from(pg_sys::cstring_to_text(ctext.as_ptr())),
-            ];
-            pg_sys::MemoryContextSwitchTo(old);
-            spi_check(
-                pg_sys::SPI_execute_plan(
-                    self.tomb_put,
-                    args.as_mut_ptr(),
-                    std::ptr::null(),
-                    false,
-                    0,
-                ),
-                "noting a deleted row",
-            );
-        }
+        self.exec_oid_text(self.tomb_put, local_oid, &text, "noting a deleted row");
     }
 
     fn truncate(&mut self, relids: &[u32], cascade: bool, restart_identity: bool) {
