@@ -244,17 +244,17 @@ pub fn set_latch_of(proc_: usize) {
     }
 }
 
+/// The task of the manager of `dboid`, if one runs.
+pub fn running_manager(dboid: u32) -> Option<Task> {
+    let t = TASKS.share();
+    t.find(Role::Manager, dboid, 0, 0)
+        .map(|i| t.tasks[i])
+        .filter(|t| t.pid != 0)
+}
+
 /// Wakes the manager of `dboid`, if one runs, so it notices catalog changes now.
 pub fn wake_manager(dboid: u32) {
-    let proc_ = {
-        let t = TASKS.share();
-        t.find(Role::Manager, dboid, 0, 0)
-            .map(|i| t.tasks[i])
-            .filter(|t| t.pid != 0)
-            .map(|t| t.proc_)
-            .unwrap_or(0)
-    };
-    set_latch_of(proc_);
+    set_latch_of(running_manager(dboid).map(|t| t.proc_).unwrap_or(0));
 }
 
 /// Updates the task (role, dboid, subid), if there is one.
