@@ -58,6 +58,9 @@ SET LOCAL bdr.xact_replication = off;
 INSERT INTO t VALUES (300, 'only on c', NULL);
 COMMIT;
 
+-- A slot that does not exist is an error, not an endless wait.
+\c repl_a
+SELECT bdr.wait_slot_confirm_lsn('no_such_slot', NULL);
 -- Wait until every node's changes are confirmed by the others, then look.
 \c repl_a
 SET statement_timeout = '60s';
