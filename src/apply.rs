@@ -75,8 +75,8 @@ pub struct Applier {
     rel_lock_x: pg_sys::SPIPlanPtr,
     /// Key locks taken per relation in the current transaction.
     key_locks: HashMap<u32, u32>,
-    /// Relations held exclusively in this transaction that had no tombstones.
-    no_tombstones: std::collections::HashSet<u32>,
+    /// Relations this transaction holds exclusively (no more key locks).
+    escalated: std::collections::HashSet<u32>,
     /// The remote commit already applied (origin progress at start).
     applied_up_to: u64,
     in_txn: bool,
@@ -103,6 +103,28 @@ fn commit_ts_of(xid: pg_sys::Datum) -> (Option<i64>, u16) {
     } else {
         (None, 0)
     }
+}
+
+/// The first column of the first row of the last SPI result (by-value
+/// columns only). Frees the result, which would otherwise be kept to the end
+/// of the transaction even when it has no rows.
+///
+/// # Safety
+/// Right after an SPI execution in this SPI connection.
+unsafe fn first_datum_and_free() -> Option<pg_sys::Datum> {
+    let tt = pg_sys::SPI_tuptable;
+    if tt.is_null() {
+        return None;
+    }
+    let first = if pg_sys::SPI_processed == 0 || (*(*tt).tupdesc).natts < 1 {
+        None
+    } else {
+        let mut isnull = false;
+        let d = pg_sys::SPI_getbinval(*(*tt).vals, (*tt).tupdesc, 1, &mut isnull);
+        (!isnull).then_some(d)
+    };
+    pg_sys::SPI_freetuptable(tt);
+    first
 }
 
 /// A PostgreSQL timestamp as text, for log lines.
@@ -160,7 +182,7 @@ impl Applier {
             rel_lock_s: std::ptr::null_mut(),
             rel_lock_x: std::ptr::null_mut(),
             key_locks: HashMap::new(),
-            no_tombstones: std::collections::HashSet::new(),
+            escalated: std::collections::HashSet::new(),
             applied_up_to,
             in_txn: false,
             skip_txn: false,
@@ -242,7 +264,7 @@ impl Applier {
         }
         self.in_txn = true;
         self.key_locks.clear();
-        self.no_tombstones.clear();
+        self.escalated.clear();
     }
 
     fn commit(&mut self, end_lsn: u64, commit_time: i64) -> u64 {
@@ -627,59 +649,46 @@ impl Applier {
 
     /// Makes writers of different peers decide about the same missing key
     /// one after the other: an advisory lock on (relation, key) to the end of
-    /// the transaction, under a shared lock on the relation. A transaction
-    /// that would take more than `MAX_KEY_LOCKS` key locks on one relation
-    /// (a bulk change) takes the relation's lock exclusively instead, so the
-    /// lock table never fills up.
+    /// the transaction, under a shared lock on the relation. Every
+    /// `MAX_KEY_LOCKS` key locks on one relation (a bulk change) the writer
+    /// tries to take the relation's lock exclusively instead, so that the
+    /// lock table does not fill up; it only tries, because two writers that
+    /// waited for it would deadlock.
     ///
     /// Returns whether the caller must look for the row again (the lock may
     /// have waited for another writer's commit); not once the relation is
     /// held exclusively, since every lookup after that sees all there is.
     fn lock_key(&mut self, relid: u32, key: &[usize], vals: &[Value]) -> bool {
-        if key.is_empty() {
+        if key.is_empty() || self.escalated.contains(&relid) {
             return false;
         }
         let local_oid = self.rel(relid).local_oid;
         let n = self.key_locks.entry(relid).or_insert(0);
-        if *n > MAX_KEY_LOCKS {
-            return false;
-        }
         *n += 1;
         let count = *n;
-        if count == 1 || count > MAX_KEY_LOCKS {
-            let exclusive = count > MAX_KEY_LOCKS;
-            let plan = if exclusive {
-                &mut self.rel_lock_x
-            } else {
-                &mut self.rel_lock_s
-            };
-            if plan.is_null() {
-                *plan = keep_plan(
-                    if exclusive {
-                        "SELECT pg_catalog.pg_advisory_xact_lock($1::int8)"
-                    } else {
-                        "SELECT pg_catalog.pg_advisory_xact_lock_shared($1::int8)"
-                    },
+        if count == 1 {
+            if self.rel_lock_s.is_null() {
+                self.rel_lock_s = keep_plan(
+                    "SELECT pg_catalog.pg_advisory_xact_lock_shared($1::int8)",
                     &mut [pg_sys::OIDOID],
                 );
             }
-            let plan = *plan;
-            let mut args = [pg_sys::Datum::from(local_oid)];
-            // SAFETY: a kept plan with one oid parameter.
-            unsafe {
-                spi_check(
-                    pg_sys::SPI_execute_plan(plan, args.as_mut_ptr(), std::ptr::null(), false, 1),
-                    "locking a relation",
+            self.exec_oid(self.rel_lock_s, local_oid, "locking a relation");
+        } else if count % MAX_KEY_LOCKS == 1 {
+            // Try, not wait: two writers that both hold the shared lock and
+            // waited for the exclusive one would deadlock. If another writer
+            // is busy here, go on with key locks and try again later.
+            if self.rel_lock_x.is_null() {
+                self.rel_lock_x = keep_plan(
+                    "SELECT pg_catalog.pg_try_advisory_xact_lock($1::int8)",
+                    &mut [pg_sys::OIDOID],
                 );
-                pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
             }
-            if exclusive {
-                // No other writer can note a delete here now; local deletes
-                // of keys we find missing delete nothing. So if there are no
-                // tombstones for the relation now, there are none to check.
-                if !self.any_tombstone(local_oid) {
-                    self.no_tombstones.insert(relid);
-                }
+            let got = self
+                .exec_oid(self.rel_lock_x, local_oid, "locking a relation")
+                .is_some_and(|d| d.value() != 0);
+            if got {
+                self.escalated.insert(relid);
                 return true;
             }
         }
@@ -718,43 +727,33 @@ impl Applier {
                 pg_sys::SPI_execute_plan(plan, args.as_mut_ptr(), std::ptr::null(), false, 1),
                 what,
             );
-            let tt = pg_sys::SPI_tuptable;
-            let first = if pg_sys::SPI_processed == 0 || tt.is_null() || (*(*tt).tupdesc).natts < 1
-            {
-                None
-            } else {
-                let mut isnull = false;
-                let d = pg_sys::SPI_getbinval(*(*tt).vals, (*tt).tupdesc, 1, &mut isnull);
-                (!isnull).then_some(d)
-            };
-            if !tt.is_null() {
-                pg_sys::SPI_freetuptable(tt);
-            }
-            first
+            first_datum_and_free()
         }
     }
 
-    fn any_tombstone(&mut self, local_oid: pg_sys::Oid) -> bool {
-        let q = CString::new(format!(
-            "SELECT 1 FROM bdr.tombstone WHERE relid = {} LIMIT 1",
-            local_oid.to_u32()
-        ))
-        .unwrap_or_default();
-        // SAFETY: a read query inside the apply transaction's SPI connection.
+    /// Runs a kept plan that takes one oid; returns the first column of
+    /// its first row, if any.
+    fn exec_oid(
+        &self,
+        plan: pg_sys::SPIPlanPtr,
+        oid: pg_sys::Oid,
+        what: &str,
+    ) -> Option<pg_sys::Datum> {
+        let mut args = [pg_sys::Datum::from(oid)];
+        // SAFETY: a kept plan with one oid parameter, run in the apply
+        // transaction's SPI connection.
         unsafe {
             spi_check(
-                pg_sys::SPI_execute(q.as_ptr(), false, 1),
-                "looking for tombstones",
+                pg_sys::SPI_execute_plan(plan, args.as_mut_ptr(), std::ptr::null(), false, 1),
+                what,
             );
-            let any = pg_sys::SPI_processed > 0;
-            pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
-            any
+            first_datum_and_free()
         }
     }
 
     /// Whether this row was deleted here by a write newer than the incoming one.
     fn deleted_later(&mut self, relid: u32, key: &[usize], vals: &[Value]) -> bool {
-        if key.is_empty() || self.no_tombstones.contains(&relid) {
+        if key.is_empty() {
             return false;
         }
         let text = self.key_text(relid, key, vals);
@@ -1002,6 +1001,9 @@ impl Applier {
                 "finding a row",
             );
             if pg_sys::SPI_processed == 0 {
+                if !pg_sys::SPI_tuptable.is_null() {
+                    pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
+                }
                 None
             } else {
                 let tt = pg_sys::SPI_tuptable;

@@ -242,5 +242,7 @@ pub fn wait(fd: Option<pg_sys::pgsocket>, ms: i64) {
 
 /// The generation of the manager of `dboid` now, 0 if none runs.
 pub fn manager_generation(dboid: u32) -> u64 {
-    crate::shmem::running_manager(dboid).map(|t| t.generation).unwrap_or(0)
+    crate::shmem::running_manager(dboid)
+        .map(|t| t.generation)
+        .unwrap_or(0)
 }
