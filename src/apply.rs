@@ -570,7 +570,21 @@ impl Applier {
                 if f.writer.is_some_and(|w| w.node_id != self.remote_node_id) {
                     self.report(ConflictType::UpdateOriginChange, relid, f.writer, wins);
                 }
-                if wins {
+                let key_changed = !full
+                    && old.is_some()
+                    && key.iter().any(|&i| lookup.get(i) != new.get(i))
+                    && !new.contains(&Value::UnchangedToast);
+                if key_changed {
+                    // A key change is the old row going and the new one
+                    // coming, each resolved on its own: the new key may be
+                    // taken here by a newer row (update_pkey_exists), and then
+                    // the old row still goes, as it did on the origin.
+                    if wins {
+                        self.exec_delete(relid, f.ctid);
+                        self.note_deleted(relid, &key, lookup);
+                    }
+                    self.insert(relid, new);
+                } else if wins {
                     self.exec_update(relid, f.ctid, new);
                 }
             }

@@ -200,6 +200,44 @@ fn every_kind_of_change_replicates_to_every_node() {
         .log()
         .contains("CONFLICT: delete_missing on \"public\".\"kv\""));
 
+    // A key change meeting a newer row with that key (update_pkey_exists):
+    // node2 pauses its stream from node1, node1 moves row 7001 to 7002,
+    // node2 inserts its own 7002 later; the newer 7002 wins everywhere and
+    // 7001 is gone everywhere.
+    n1.batch_execute("INSERT INTO kv VALUES (7001, 'to move')")
+        .unwrap();
+    wait_for_replication(&c, DB);
+    n2.batch_execute("SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node1'")
+        .unwrap();
+    wait_for(
+        "node2's receiver from node1 to stop",
+        Duration::from_secs(60),
+        || {
+            (one(
+            &mut n2,
+            "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
+              WHERE w.task_key_worker_role_name = 'receiver' AND w.sub_name LIKE '%node1_node2'",
+        ) == "0")
+            .then_some(())
+        },
+    );
+    n1.batch_execute("UPDATE kv SET id = 7002, v = 'moved on node1' WHERE id = 7001")
+        .unwrap();
+    n2.batch_execute("INSERT INTO kv VALUES (7002, 'newer on node2')")
+        .unwrap();
+    n2.batch_execute("SELECT bdr.alter_subscription_enable()")
+        .unwrap();
+    wait_for_mesh(&c, DB);
+    wait_for_replication(&c, DB);
+    assert_converged(&c, DB, TABLES);
+    assert_eq!(
+        one(
+            &mut n3,
+            "SELECT string_agg(id || '=' || v, ',') FROM kv WHERE id IN (7001, 7002)"
+        ),
+        "7002=newer on node2"
+    );
+
     // A table that changes shape (the same way on every node, until DDL
     // replicates) is described again to the peers and keeps replicating.
     for n in [&mut n1, &mut n2, &mut n3] {
