@@ -20,6 +20,8 @@ as_pg "$bin/initdb" -D "$tmp/data" -U postgres --auth=trust --no-sync -E UTF8 --
 cat "$here/../scripts/bdr-node.conf" >> "$tmp/data/postgresql.conf"
 printf 'port = %s\nfsync = off\n' "$port" >> "$tmp/data/postgresql.conf"
 as_pg "$bin/pg_ctl" -D "$tmp/data" -l "$tmp/server.log" -w start >/dev/null
+# Tests include helpers/*.sql with \i, relative to this directory.
+cd "$here"
 tests=$(cd "$here/sql" && ls *.sql | sed 's/\.sql$//' | sort)
 set +e
 "$regress" --inputdir="$here" --outputdir="$tmp/out" --bindir="$bin" \

@@ -20,18 +20,7 @@ SELECT node_name, node_group_name, peer_state_name, peer_target_state_name, node
 CREATE DATABASE regression_node2;
 \c regression_node2
 SET client_min_messages = warning;
--- Polls a condition with a deadline; the tests below wait on workers with it.
-CREATE FUNCTION pg_temp.wait_until(condition text, what text) RETURNS void LANGUAGE plpgsql AS $$
-DECLARE deadline timestamptz := clock_timestamp() + interval '60 seconds';
-DECLARE ok boolean;
-BEGIN
-    LOOP
-        EXECUTE condition INTO ok;
-        EXIT WHEN ok;
-        IF clock_timestamp() > deadline THEN RAISE EXCEPTION 'timed out waiting for %', what; END IF;
-        PERFORM pg_sleep(0.1);  -- the poll interval
-    END LOOP;
-END $$;
+\i helpers/wait_until.sql
 
 CREATE EXTENSION bdr;
 SELECT bdr.create_node('node2', 'host=127.0.0.1 dbname=regression_node2') IS NOT NULL AS created;

@@ -128,16 +128,11 @@ DROP TABLE app_owned;
 SELECT bdr.alter_subscription_disable('no_such_subscription');
 SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'a';
 SELECT origin_name, sub_enabled, subscription_status FROM bdr.subscription_summary ORDER BY 1;
--- The manager stops the receiver within a moment; wait for that (deadline 60 s).
-DO $$
-DECLARE deadline timestamptz := clock_timestamp() + interval '60 seconds';
-BEGIN
-    WHILE EXISTS (SELECT 1 FROM pg_stat_activity a JOIN bdr.worker_tasks w ON w.task_pid = a.pid
-                   WHERE w.task_key_worker_role_name = 'receiver' AND w.sub_name LIKE '%\_a\_c') LOOP
-        IF clock_timestamp() > deadline THEN RAISE EXCEPTION 'receiver did not stop'; END IF;
-        PERFORM pg_sleep(0.05);
-    END LOOP;
-END $$;
+-- The manager stops the receiver within a moment; wait for that.
+\i helpers/wait_until.sql
+SELECT pg_temp.wait_until($$SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+    JOIN bdr.worker_tasks w ON w.task_pid = a.pid
+    WHERE w.task_key_worker_role_name = 'receiver' AND w.sub_name LIKE '%\_a\_c')$$, 'the receiver to stop');
 \c repl_a
 INSERT INTO t VALUES (500, 'while c paused', NULL);
 \c repl_c
