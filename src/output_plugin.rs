@@ -302,9 +302,9 @@ unsafe fn binary_portable(typid: pg_sys::Oid) -> bool {
     typid.to_u32() < pg_sys::FirstGenbkiObjectId && !OID_ALIASES.contains(&base)
 }
 
+/// Callers have asked `wanted` first, which took pending invalidations.
 unsafe fn ensure_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relation) -> u32 {
     let st = state(ctx);
-    take_invalidations(st);
     let relid = (*rel).rd_id.to_u32();
     if st.sent_relations.contains(&relid) {
         return relid;

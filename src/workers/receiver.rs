@@ -14,7 +14,7 @@ use crate::shmem::{self, now, ExitKind, Role};
 use crate::walrcv::{ident, Conn, Received};
 use bdr_core::backoff::Jitter;
 use bdr_core::lsn::{self, FlushTracker};
-use bdr_core::protocol::{self, Frame, Message};
+use bdr_core::protocol::{self, Boundary, Frame};
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 
@@ -271,14 +271,14 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
             };
             last_msg = now();
             ping_sent = false;
-            match protocol::decode(&payload) {
-                Ok(Message::Begin { .. }) => s.in_txn = true,
-                Ok(Message::Commit { end_lsn, .. }) => {
+            match protocol::peek_boundary(&payload) {
+                Ok(Boundary::Begin) => s.in_txn = true,
+                Ok(Boundary::Commit { end_lsn }) => {
                     s.in_txn = false;
                     s.commits_sent += 1;
                     recv_commit = end_lsn;
                 }
-                Ok(_) => {}
+                Ok(Boundary::Other) => {}
                 Err(e) => error!("bad message from node \"{}\": {e}", sub.origin_node_name),
             }
             s.forward(&conn, &payload);

@@ -126,6 +126,39 @@ pub fn decode(buf: &[u8]) -> Result<Message, ProtoError> {
         .map_err(|e| ProtoError::Malformed(e.to_string()))
 }
 
+/// What a receiver needs to know of a message to track transactions,
+/// without decoding its rows: the writer decodes them once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Boundary {
+    Begin,
+    Commit { end_lsn: u64 },
+    Other,
+}
+
+/// Reads the message kind (and a COMMIT's end LSN) from an encoded message.
+/// Relies on bincode's layout: version byte, variant index (u32 LE), fields
+/// in order (`Commit { commit_lsn, end_lsn, .. }`).
+pub fn peek_boundary(buf: &[u8]) -> Result<Boundary, ProtoError> {
+    let (&v, body) = buf.split_first().ok_or(ProtoError::Empty)?;
+    if v != PROTO_VERSION {
+        return Err(ProtoError::Version { got: v });
+    }
+    let tag = body
+        .get(..4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .ok_or(ProtoError::Truncated("message"))?;
+    Ok(match tag {
+        0 => Boundary::Begin,
+        1 => {
+            let end = body.get(12..20).ok_or(ProtoError::Truncated("COMMIT"))?;
+            Boundary::Commit {
+                end_lsn: u64::from_le_bytes(end.try_into().expect("8 bytes")),
+            }
+        }
+        _ => Boundary::Other,
+    })
+}
+
 /// A frame from the walsender inside COPY BOTH.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame<'a> {
@@ -249,6 +282,42 @@ fn parse_bool(v: &str) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boundaries_are_read_without_decoding() {
+        let b = encode(&Message::Begin {
+            xid: 7,
+            final_lsn: 9,
+            commit_time: 3,
+        });
+        assert_eq!(peek_boundary(&b), Ok(Boundary::Begin));
+        let c = encode(&Message::Commit {
+            commit_lsn: 10,
+            end_lsn: 0x1234_5678_9abc,
+            commit_time: 5,
+        });
+        assert_eq!(
+            peek_boundary(&c),
+            Ok(Boundary::Commit {
+                end_lsn: 0x1234_5678_9abc
+            })
+        );
+        let i = encode(&Message::Truncate {
+            relids: vec![1],
+            cascade: false,
+            restart_identity: true,
+        });
+        assert_eq!(peek_boundary(&i), Ok(Boundary::Other));
+        assert_eq!(peek_boundary(&[]), Err(ProtoError::Empty));
+        assert_eq!(
+            peek_boundary(&[PROTO_VERSION, 1, 0]),
+            Err(ProtoError::Truncated("message"))
+        );
+        assert_eq!(
+            peek_boundary(&c[..10]),
+            Err(ProtoError::Truncated("COMMIT"))
+        );
+    }
     use crate::backoff::Jitter;
 
     struct Gen(Jitter);
