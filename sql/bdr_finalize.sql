@@ -312,3 +312,110 @@ REVOKE ALL ON FUNCTION bdr._join_activate(bigint) FROM PUBLIC;
 
 -- CREATE EXTENSION fails here, with a hint, if the server is not set up for bdr.
 SELECT bdr._check_prerequisites();
+
+-- Conflicts ---------------------------------------------------------------
+
+-- The resolver this node applies to each conflict type.
+CREATE VIEW bdr.node_conflict_resolvers AS
+SELECT t.conflict_type, COALESCE(c.conflict_resolver, t.default_resolver) AS conflict_resolver
+  FROM bdr._conflict_types() t
+  LEFT JOIN bdr.node_conflict_resolver_config c ON c.conflict_type = t.conflict_type
+ ORDER BY t.ord;
+
+CREATE VIEW bdr.node_log_config AS
+SELECT log_name, log_to_file, log_to_table, log_conflict_type, log_conflict_res
+  FROM bdr.node_log_config_data;
+
+-- Conflicts without any user data, for monitoring by every role.
+CREATE VIEW bdr.conflict_history_summary AS
+SELECT nspname, relname, local_time, local_tuple_commit_time, remote_commit_time,
+       conflict_type, conflict_resolution
+  FROM bdr.conflict_history;
+GRANT SELECT ON bdr.conflict_history_summary TO PUBLIC;
+
+-- Apply statistics per subscription, with a counter per conflict type.
+CREATE VIEW bdr.stat_subscription AS
+SELECT s.sub_name, st.subid,
+       st.counters[1] AS nconnect, st.counters[2] AS ncommit, st.counters[3] AS nabort,
+       st.counters[4] AS nerror, st.counters[5] AS nskippedtx, st.counters[6] AS ninsert,
+       st.counters[7] AS nupdate, st.counters[8] AS ndelete, st.counters[9] AS ntruncate,
+       0::bigint AS nddl, st.counters[10] AS ndeadlocks, st.counters[11] AS nretries,
+       bdr._ts(NULLIF(st.counters[12], 0)) AS connect_time,
+       bdr._ts(NULLIF(st.counters[13], 0)) AS last_disconnect_time,
+       CASE WHEN st.start_lsn = 0 THEN NULL ELSE pg_catalog.pg_lsn('0/0') + st.start_lsn END AS start_lsn,
+       st.counters[14] AS retries_at_same_lsn, st.counters[15] AS curr_ncommit,
+       (SELECT sum(x) FROM pg_catalog.unnest(st.conflicts) x)::bigint AS nconflicts,
+       st.conflicts[1] AS ninsert_exists, st.conflicts[2] AS nupdate_differing,
+       st.conflicts[3] AS nupdate_origin_change, st.conflicts[4] AS nupdate_missing,
+       st.conflicts[5] AS nupdate_recently_deleted, st.conflicts[6] AS nupdate_pkey_exists,
+       st.conflicts[7] AS nmultiple_unique_conflicts, st.conflicts[8] AS ndelete_recently_updated,
+       st.conflicts[9] AS ndelete_missing, st.conflicts[10] AS ntarget_column_missing,
+       st.conflicts[11] AS nsource_column_missing, st.conflicts[12] AS ntarget_table_missing,
+       st.conflicts[13] AS napply_error_ddl
+  FROM bdr._stat_subscription() st
+  JOIN bdr.subscription s ON s.sub_id = st.subid;
+
+-- Tables dropped here are remembered for a day (skip_if_recently_dropped).
+CREATE FUNCTION bdr._on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+BEGIN
+    -- DROP EXTENSION bdr itself
+    IF pg_catalog.to_regclass('bdr.dropped_relation') IS NULL THEN
+        RETURN;
+    END IF;
+    INSERT INTO bdr.dropped_relation (nspname, relname, dropped_at)
+    SELECT d.schema_name, d.object_name, pg_catalog.now()
+      FROM pg_catalog.pg_event_trigger_dropped_objects() d
+     WHERE d.object_type = 'table' AND d.schema_name IS NOT NULL
+       AND d.schema_name NOT IN ('bdr', 'pg_catalog', 'information_schema')
+       AND d.schema_name NOT LIKE 'pg\_%'
+    ON CONFLICT (nspname, relname) DO UPDATE SET dropped_at = EXCLUDED.dropped_at;
+END $$;
+
+CREATE EVENT TRIGGER bdr_remember_dropped_tables ON sql_drop
+    EXECUTE FUNCTION bdr._on_sql_drop();
+
+-- Skipping what a subscription cannot apply: every transaction of the peer
+-- that committed at or before skip_upto_lsn is never applied here.
+CREATE FUNCTION bdr.alter_subscription_skip_changes_upto(subscription_name name, skip_upto_lsn pg_lsn)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    s bdr.subscription;
+    cur pg_lsn;
+    deadline timestamptz := pg_catalog.clock_timestamp() + interval '30 seconds';
+BEGIN
+    SELECT * INTO s FROM bdr.subscription sub WHERE sub.sub_name = subscription_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'subscription "%" does not exist', subscription_name
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'See bdr.subscription_summary for the subscriptions of this node.';
+    END IF;
+    IF s.sub_enabled THEN
+        RAISE EXCEPTION 'subscription "%" is enabled', subscription_name
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Disable it first with bdr.alter_subscription_disable(%L), and enable it again afterwards.', subscription_name);
+    END IF;
+    cur := pg_catalog.pg_replication_origin_progress(s.origin_name, true);
+    IF cur IS NOT NULL AND cur > skip_upto_lsn THEN
+        RAISE NOTICE 'subscription "%" has already applied changes up to %; nothing to skip', subscription_name, cur;
+        RETURN;
+    END IF;
+    -- The writer lets go of the origin once it has stopped.
+    LOOP
+        BEGIN
+            PERFORM pg_catalog.pg_replication_origin_advance(s.origin_name, skip_upto_lsn + 1);
+            RETURN;
+        EXCEPTION WHEN object_in_use THEN
+            IF pg_catalog.clock_timestamp() > deadline THEN
+                RAISE;
+            END IF;
+        END;
+        PERFORM pg_catalog.pg_sleep(0.1);
+    END LOOP;
+END $$;
+
+-- Transactions committed under this origin replicate as local changes of
+-- the node (see LOCAL_ORIGIN in src/output_plugin.rs). Origins belong to the
+-- whole instance, so it may exist already.
+SELECT pg_catalog.pg_replication_origin_create('bdr_local')
+ WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = 'bdr_local');

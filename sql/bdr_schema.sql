@@ -66,3 +66,62 @@ CREATE TABLE bdr.tombstone (
     key_hash text NOT NULL,
     PRIMARY KEY (relid, key_hash)
 );
+
+-- Conflict resolvers this node uses instead of BDR 4's defaults
+-- (bdr.alter_node_set_conflict_resolver). Local to each node, as in BDR 4.
+CREATE TABLE bdr.node_conflict_resolver_config (
+    conflict_type text PRIMARY KEY,
+    conflict_resolver text NOT NULL
+);
+
+-- Where this node logs conflicts (bdr.alter_node_set_log_config). One row.
+CREATE TABLE bdr.node_log_config_data (
+    log_name name PRIMARY KEY DEFAULT 'default',
+    log_to_file boolean NOT NULL DEFAULT true,
+    log_to_table boolean NOT NULL DEFAULT true,
+    log_conflict_type text[],
+    log_conflict_res text[]
+);
+INSERT INTO bdr.node_log_config_data DEFAULT VALUES;
+
+-- Every conflict the writers of this node met, and how it was resolved.
+-- Local to each node (schema bdr is never replicated). Rows older than 30
+-- days are purged by the manager. Row-level security: a user sees the
+-- conflicts of the tables he owns (superusers see all).
+CREATE TABLE bdr.conflict_history (
+    sub_id oid NOT NULL,
+    local_xid xid,
+    local_lsn pg_lsn,
+    local_time timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    remote_xid xid,
+    remote_commit_lsn pg_lsn,
+    remote_commit_time timestamptz,
+    conflict_type text NOT NULL,
+    conflict_resolution text NOT NULL,
+    conflict_index regclass,
+    reloid oid,
+    nspname text,
+    relname text,
+    key_tuple json,
+    remote_tuple json,
+    local_tuple json,
+    apply_tuple json,
+    local_tuple_xmin xid,
+    local_tuple_node_id oid,
+    local_tuple_commit_time timestamptz
+);
+CREATE INDEX conflict_history_local_time ON bdr.conflict_history (local_time);
+ALTER TABLE bdr.conflict_history ENABLE ROW LEVEL SECURITY;
+CREATE POLICY conflict_history_table_owner ON bdr.conflict_history FOR SELECT
+    USING (EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                    WHERE c.oid = reloid AND pg_catalog.pg_has_role(c.relowner, 'USAGE')));
+GRANT SELECT ON bdr.conflict_history TO PUBLIC;
+
+-- Tables dropped on this node in the last day, for the resolver
+-- skip_if_recently_dropped of target_table_missing.
+CREATE TABLE bdr.dropped_relation (
+    nspname text NOT NULL,
+    relname text NOT NULL,
+    dropped_at timestamptz NOT NULL,
+    PRIMARY KEY (nspname, relname)
+);

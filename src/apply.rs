@@ -8,7 +8,11 @@
 //! `bdr_core::conflict::remote_wins` (last update wins, ties to the higher
 //! node id), so every node keeps the same row.
 
-use bdr_core::conflict::{remote_wins, ConflictType, Writer};
+use crate::stats::{self, TxnCounts};
+use bdr_core::conflict::{
+    self, clock_skew_excess, remote_wins, ConflictConfig, ConflictType, Facts, Outcome, Resolver,
+    Writer,
+};
 use bdr_core::protocol::{Message, Relation, Value};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -34,6 +38,17 @@ enum PlanKey {
     Insert(Vec<usize>),
     Update(Vec<usize>),
     Delete,
+    /// The local row at a ctid as JSON (conflict history).
+    LocalJson,
+    /// These remote columns' values as a JSON object (conflict history).
+    Json(Vec<usize>),
+}
+
+/// A unique index of the local table other than the replica identity's.
+struct UniqueIndex {
+    oid: pg_sys::Oid,
+    /// Remote column indexes of its columns.
+    cols: Vec<usize>,
 }
 
 struct RelMap {
@@ -45,6 +60,14 @@ struct RelMap {
     local: Vec<LocalCol>,
     /// Remote column indexes of the replica identity key.
     key: Vec<usize>,
+    /// The local index that holds the key, if there is one.
+    key_index: Option<pg_sys::Oid>,
+    /// The other unique indexes an incoming row may collide on.
+    uniques: Vec<UniqueIndex>,
+    /// Local columns the peer does not send (source_column_missing).
+    source_missing: Vec<String>,
+    /// The table does not exist here (target_table_missing).
+    missing: bool,
     plans: HashMap<PlanKey, pg_sys::SPIPlanPtr>,
 }
 
@@ -60,12 +83,51 @@ impl Drop for RelMap {
 /// The local row an incoming change meets.
 struct Found {
     ctid: pg_sys::ItemPointerData,
+    xmin: u32,
     writer: Option<Writer>,
+}
+
+/// A conflict as the writer met it, for resolving and logging.
+struct Seen<'a> {
+    t: ConflictType,
+    relid: u32,
+    index: Option<pg_sys::Oid>,
+    /// The key (remote column indexes) and the values it is taken from.
+    key: &'a [usize],
+    key_vals: &'a [Value],
+    /// The incoming row (for a DELETE, its key).
+    remote: Option<&'a [Value]>,
+    local: Option<&'a Found>,
+    /// Applying means the incoming row becomes the local row (not a DELETE).
+    applies_row: bool,
+    /// What to say about it in the server log.
+    detail: String,
+}
+
+/// A conflict whose resolver stops the apply: the writer rolls back, logs
+/// it, and exits with this error; it retries from the same transaction.
+pub struct Stop {
+    pub message: String,
+    pub hint: String,
+    pub code: PgSqlErrorCode,
+    history: Option<Vec<Option<String>>>,
 }
 
 pub struct Applier {
     local_node_id: u32,
     remote_node_id: u32,
+    dboid: u32,
+    sub_id: u32,
+    config: ConflictConfig,
+    config_generation: u64,
+    remote_xid: u32,
+    remote_final_lsn: u64,
+    counts: TxnCounts,
+    stop: Option<Stop>,
+    history_plan: pg_sys::SPIPlanPtr,
+    dropped_plan: pg_sys::SPIPlanPtr,
+    /// When the last clock skew warning was logged.
+    skew_warned_at: i64,
     rels: HashMap<u32, RelMap>,
     origin_nodes: HashMap<u16, u32>,
     tomb_find: pg_sys::SPIPlanPtr,
@@ -149,6 +211,24 @@ fn keep_plan(sql: &str, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
     }
 }
 
+/// Columns of `bdr.conflict_history` a writer fills, all passed as text.
+const HISTORY_COLUMNS: &str = "sub_id, local_xid, local_lsn, remote_xid, remote_commit_lsn,
+    remote_commit_time, conflict_type, conflict_resolution, conflict_index, reloid, nspname,
+    relname, key_tuple, remote_tuple, local_tuple, apply_tuple, local_tuple_xmin,
+    local_tuple_node_id, local_tuple_commit_time";
+
+const HISTORY_VALUES: &str = "$1::oid, $2::xid, $3::pg_lsn, $4::xid, $5::pg_lsn,
+    bdr._ts($6::int8), $7, $8, $9::oid::regclass, $10::oid, $11, $12, $13::json, $14::json,
+    $15::json, $16::json, $17::xid, $18::oid, bdr._ts($19::int8)";
+
+fn history_insert() -> String {
+    format!("INSERT INTO bdr.conflict_history ({HISTORY_COLUMNS}) VALUES ({HISTORY_VALUES})")
+}
+
+fn history_insert_select() -> String {
+    format!("INSERT INTO bdr.conflict_history ({HISTORY_COLUMNS}) SELECT {HISTORY_VALUES}")
+}
+
 /// Key locks one transaction takes on one relation before it locks the
 /// whole relation instead (see `Applier::lock_key`).
 const MAX_KEY_LOCKS: u32 = 256;
@@ -159,8 +239,174 @@ fn spi_check(rc: i32, what: &str) {
     }
 }
 
+/// Runs a kept plan whose parameters are all text (NULL for `None`);
+/// returns the first column of its first row. Parameter values are made in
+/// `cxt`.
+fn exec_texts(
+    plan: pg_sys::SPIPlanPtr,
+    params: &[Option<String>],
+    cxt: pg_sys::MemoryContext,
+) -> Option<pg_sys::Datum> {
+    // SAFETY: text datums built in `cxt`; a kept plan with as many text
+    // parameters; the result row is read before it is freed.
+    unsafe {
+        let old = pg_sys::MemoryContextSwitchTo(cxt);
+        let mut args: Vec<pg_sys::Datum> = Vec::with_capacity(params.len());
+        let mut nulls: Vec<std::ffi::c_char> = Vec::with_capacity(params.len());
+        for p in params {
+            match p {
+                Some(v) => {
+                    let c = CString::new(v.as_str()).unwrap_or_default();
+                    args.push(pg_sys::Datum::from(pg_sys::cstring_to_text(c.as_ptr())));
+                    nulls.push(b' ' as std::ffi::c_char);
+                }
+                None => {
+                    args.push(pg_sys::Datum::from(0));
+                    nulls.push(b'n' as std::ffi::c_char);
+                }
+            }
+        }
+        pg_sys::MemoryContextSwitchTo(old);
+        spi_check(
+            pg_sys::SPI_execute_plan(plan, args.as_mut_ptr(), nulls.as_ptr(), false, 1),
+            "running a bdr statement",
+        );
+        first_datum_and_free()
+    }
+}
+
+/// The first column of the first row of the last SPI result as text.
+///
+/// # Safety
+/// Right after an SPI execution in this SPI connection.
+unsafe fn first_text_and_free() -> Option<String> {
+    let tt = pg_sys::SPI_tuptable;
+    if tt.is_null() {
+        return None;
+    }
+    let v = if pg_sys::SPI_processed == 0 {
+        None
+    } else {
+        let p = pg_sys::SPI_getvalue(*(*tt).vals, (*tt).tupdesc, 1);
+        (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+    };
+    pg_sys::SPI_freetuptable(tt);
+    v
+}
+
+/// The unique indexes of local table `oid` an incoming row can be checked
+/// against (plain columns, no predicate), split into the one that holds the
+/// replica identity key and the others, with their columns as remote
+/// column indexes.
+/// Unique indexes of `oid` as (index oid, attnums separated by spaces).
+///
+/// # Safety
+/// Inside an SPI connection, with a snapshot.
+unsafe fn index_rows(oid: pg_sys::Oid) -> Vec<(pg_sys::Oid, String)> {
+    let q = format!(
+        "SELECT i.indexrelid, pg_catalog.array_to_string(i.indkey::int2[], ' ')
+           FROM pg_catalog.pg_index i
+          WHERE i.indrelid = {} AND i.indisunique AND i.indisvalid AND i.indimmediate
+            AND i.indpred IS NULL AND i.indexprs IS NULL
+          ORDER BY i.indisprimary DESC, i.indexrelid",
+        oid.to_u32()
+    );
+    let c = CString::new(q).unwrap_or_default();
+    let mut rows: Vec<(pg_sys::Oid, String)> = Vec::new();
+    spi_check(pg_sys::SPI_execute(c.as_ptr(), true, 0), "reading a table's indexes");
+    let tt = pg_sys::SPI_tuptable;
+    for i in 0..pg_sys::SPI_processed as usize {
+        let tup = *(*tt).vals.add(i);
+        let mut isnull = false;
+        let d = pg_sys::SPI_getbinval(tup, (*tt).tupdesc, 1, &mut isnull);
+        let cols = pg_sys::SPI_getvalue(tup, (*tt).tupdesc, 2);
+        rows.push((
+            pg_sys::Oid::from(d.value() as u32),
+            CStr::from_ptr(cols).to_string_lossy().into_owned(),
+        ));
+    }
+    rows
+}
+
+/// Splits the unique indexes (`index_rows`) of a table into the one that
+/// holds the replica identity key and the others, with their columns as
+/// remote column indexes. Indexes on columns the peer does not send are
+/// left out.
+fn unique_indexes(
+    rows: Vec<(pg_sys::Oid, String)>,
+    local: &[LocalCol],
+    map: &[Option<usize>],
+    key: &[usize],
+) -> (Option<pg_sys::Oid>, Vec<UniqueIndex>) {
+    let mut sorted_key = key.to_vec();
+    sorted_key.sort_unstable();
+    let mut key_index = None;
+    let mut uniques = Vec::new();
+    for (ioid, cols) in rows {
+        let remote: Option<Vec<usize>> = cols
+            .split_whitespace()
+            .map(|a| {
+                let attnum: i16 = a.parse().ok()?;
+                let li = local.iter().position(|l| l.attnum == attnum)?;
+                map.iter().position(|m| *m == Some(li))
+            })
+            .collect();
+        let Some(mut remote) = remote else { continue };
+        let mut sorted = remote.clone();
+        sorted.sort_unstable();
+        if key_index.is_none() && sorted == sorted_key {
+            key_index = Some(ioid);
+        } else if !remote.is_empty() {
+            remote.dedup();
+            uniques.push(UniqueIndex { oid: ioid, cols: remote });
+        }
+    }
+    (key_index, uniques)
+}
+
+thread_local! {
+    /// Local tables changed by DDL since they were mapped (`None` entry:
+    /// all of them); the relcache callback cannot reach the Applier.
+    static INVALIDATED: std::cell::RefCell<(bool, std::collections::HashSet<u32>)> =
+        std::cell::RefCell::new((false, std::collections::HashSet::new()));
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_invalidated(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    INVALIDATED.with(|i| {
+        let mut i = i.borrow_mut();
+        if relid == pg_sys::InvalidOid {
+            i.0 = true;
+        } else {
+            i.1.insert(relid.to_u32());
+        }
+    });
+}
+
+/// Whether local table `oid` changed since it was mapped; forgets it.
+fn take_invalidated(oid: pg_sys::Oid) -> bool {
+    INVALIDATED.with(|i| {
+        let mut i = i.borrow_mut();
+        i.1.remove(&oid.to_u32())
+    })
+}
+
+/// A relation name for log lines and the history.
+fn relname_of(oid: pg_sys::Oid) -> Option<String> {
+    // SAFETY: returns NULL for an oid that is no relation.
+    let p = unsafe { pg_sys::get_rel_name(oid) };
+    // SAFETY: a palloc'd C string when not NULL.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
 impl Applier {
-    pub fn new(local_node_id: u32, remote_node_id: u32, applied_up_to: u64) -> Applier {
+    pub fn new(
+        local_node_id: u32,
+        remote_node_id: u32,
+        applied_up_to: u64,
+        dboid: u32,
+        sub_id: u32,
+    ) -> Applier {
         // SAFETY: a memory context for per-row values, reset after each change.
         let row_cxt = unsafe {
             pg_sys::AllocSetContextCreateExtended(
@@ -171,9 +417,28 @@ impl Applier {
                 pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
             )
         };
+        // SAFETY: registers a process-lifetime callback; the Applier lives
+        // as long as its writer process.
+        unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(
+                Some(relcache_invalidated),
+                pg_sys::Datum::from(0),
+            )
+        };
         Applier {
             local_node_id,
             remote_node_id,
+            dboid,
+            sub_id,
+            config: ConflictConfig::default(),
+            config_generation: 0,
+            remote_xid: 0,
+            remote_final_lsn: 0,
+            counts: TxnCounts::default(),
+            stop: None,
+            history_plan: std::ptr::null_mut(),
+            dropped_plan: std::ptr::null_mut(),
+            skew_warned_at: 0,
             rels: HashMap::new(),
             origin_nodes: HashMap::new(),
             tomb_find: std::ptr::null_mut(),
@@ -197,15 +462,21 @@ impl Applier {
     pub fn handle(&mut self, m: Message) -> Option<(u64, u64)> {
         match m {
             Message::Begin {
+                xid,
                 final_lsn,
                 commit_time,
-                ..
             } => {
                 self.commit_ts = commit_time;
+                self.remote_xid = xid;
+                self.remote_final_lsn = final_lsn;
                 // Streaming resumes at the origin's progress, so this only
                 // catches a peer that sends again what we already have.
                 self.skip_txn = final_lsn != 0 && final_lsn < self.applied_up_to;
-                if !self.skip_txn {
+                if self.skip_txn {
+                    stats::update(self.dboid, self.sub_id, |s| s.nskippedtx += 1);
+                } else {
+                    crate::workers::reload_config_if_asked();
+                    self.check_clock_skew();
                     self.begin();
                 }
                 None
@@ -232,16 +503,32 @@ impl Applier {
             }
             Message::Origin { .. } | Message::Message { .. } => None,
             _ if self.skip_txn => None,
+            _ if self.stop.is_some() => None,
             Message::Insert { relid, new } => {
-                self.row(|a| a.insert(relid, &new));
+                self.counts.ninsert += 1;
+                self.row(|a| {
+                    if a.table_present(relid, &new) {
+                        a.insert(relid, &new, ConflictType::InsertExists)
+                    }
+                });
                 None
             }
             Message::Update { relid, old, new } => {
-                self.row(|a| a.update(relid, old.as_deref(), &new));
+                self.counts.nupdate += 1;
+                self.row(|a| {
+                    if a.table_present(relid, &new) {
+                        a.update(relid, old.as_deref(), &new)
+                    }
+                });
                 None
             }
             Message::Delete { relid, old } => {
-                self.row(|a| a.delete(relid, &old));
+                self.counts.ndelete += 1;
+                self.row(|a| {
+                    if a.table_present(relid, &old) {
+                        a.delete(relid, &old)
+                    }
+                });
                 None
             }
             Message::Truncate {
@@ -249,22 +536,86 @@ impl Applier {
                 cascade,
                 restart_identity,
             } => {
-                self.row(|a| a.truncate(&relids, cascade, restart_identity));
+                self.counts.ntruncate += 1;
+                self.row(|a| {
+                    let present: Vec<u32> = relids
+                        .iter()
+                        .copied()
+                        .filter(|r| a.table_present(*r, &[]))
+                        .collect();
+                    if !present.is_empty() {
+                        a.truncate(&present, cascade, restart_identity)
+                    }
+                });
                 None
             }
         }
     }
 
     fn begin(&mut self) {
+        // After a relcache reset every mapping may be stale.
+        let all = INVALIDATED.with(|i| std::mem::take(&mut i.borrow_mut().0));
+        if all {
+            let oids: Vec<u32> = self.rels.values().map(|r| r.local_oid.to_u32()).collect();
+            INVALIDATED.with(|i| i.borrow_mut().1.extend(oids));
+        }
         // SAFETY: starts the local transaction the remote one is applied in.
         unsafe {
             pg_sys::SetCurrentStatementStartTimestamp();
             pg_sys::StartTransactionCommand();
-            spi_check(pg_sys::SPI_connect(), "connecting to SPI");
         }
+        let generation = stats::config_generation();
+        if generation != self.config_generation {
+            // SAFETY: the catalog read needs a snapshot; popped right after.
+            unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+            match crate::api::conflicts::load_config() {
+                Ok(c) => self.config = c,
+                Err(e) => error!("could not read the conflict settings: {e}"),
+            }
+            // SAFETY: pushed above.
+            unsafe { pg_sys::PopActiveSnapshot() };
+            self.config_generation = generation;
+        }
+        // SAFETY: the apply transaction's SPI connection, closed at commit.
+        unsafe { spi_check(pg_sys::SPI_connect(), "connecting to SPI") };
         self.in_txn = true;
+        self.counts = TxnCounts::default();
         self.key_locks.clear();
         self.escalated.clear();
+    }
+
+    /// `bdr.maximum_clock_skew`: a remote commit too far in the future of the
+    /// local clock is warned about (at most once a minute) or waited for.
+    fn check_clock_skew(&mut self) {
+        let max_skew = crate::guc::get_int(crate::guc::MAXIMUM_CLOCK_SKEW);
+        let now = crate::shmem::now();
+        let Some(excess) = clock_skew_excess(self.commit_ts, now, max_skew) else {
+            return;
+        };
+        if crate::guc::get_enum(crate::guc::MAXIMUM_CLOCK_SKEW_ACTION) == "wait" {
+            tracing::debug!(
+                "waiting {} ms for the local clock: node {} committed at {}",
+                excess / 1000,
+                self.remote_node_id,
+                timestamp_text(self.commit_ts)
+            );
+            loop {
+                let now = crate::shmem::now();
+                match clock_skew_excess(self.commit_ts, now, max_skew) {
+                    None => break,
+                    Some(left) => crate::workers::wait(None, (left / 1000).clamp(1, 1000)),
+                }
+            }
+        } else if now - self.skew_warned_at >= 60_000_000 {
+            self.skew_warned_at = now;
+            warning!(
+                "clock skew: node {} committed a transaction at {}, {} ms ahead of this node's clock (bdr.maximum_clock_skew = {} ms)",
+                self.remote_node_id,
+                timestamp_text(self.commit_ts),
+                (self.commit_ts - now) / 1000,
+                max_skew
+            );
+        }
     }
 
     fn commit(&mut self, end_lsn: u64, commit_time: i64) -> u64 {
@@ -280,6 +631,9 @@ impl Applier {
         }
         self.in_txn = false;
         self.ncommits += 1;
+        if crate::guc::get_bool(crate::guc::TRACK_SUBSCRIPTION_APPLY) {
+            stats::add_commit(self.dboid, self.sub_id, &self.counts);
+        }
         // SAFETY: set by the commit just made (0 if it wrote no WAL).
         unsafe { pg_sys::XactLastCommitEnd }
     }
@@ -288,6 +642,9 @@ impl Applier {
     fn row(&mut self, f: impl FnOnce(&mut Self)) {
         if !self.in_txn {
             error!("bdr writer: change outside a transaction from the peer");
+        }
+        if self.stop.is_some() {
+            return;
         }
         // SAFETY: each change sees the effects of the previous ones (new
         // snapshot, command counter), and its values live in row_cxt.
@@ -306,6 +663,7 @@ impl Applier {
         let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.name));
         let mut local = Vec::new();
         let mut local_oid = pg_sys::InvalidOid;
+        let mut index_list = Vec::new();
         let q = CString::new(format!(
             "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attnum, a.attrelid FROM pg_catalog.pg_attribute a
               WHERE a.attrelid = pg_catalog.to_regclass({})
@@ -359,18 +717,16 @@ impl Applier {
                     recv_param,
                 });
             }
+            if local_oid != pg_sys::InvalidOid {
+                index_list = index_rows(local_oid);
+            }
             pg_sys::SPI_finish();
             pg_sys::PopActiveSnapshot();
             if own_txn {
                 pg_sys::CommitTransactionCommand();
             }
         }
-        if local.is_empty() {
-            error!(
-                "table {qualified} replicated from node {} does not exist on this node",
-                self.remote_node_id
-            );
-        }
+        let missing = local.is_empty();
         let map: Vec<Option<usize>> = r
             .columns
             .iter()
@@ -383,6 +739,17 @@ impl Applier {
             .filter(|(_, c)| c.is_key)
             .map(|(i, _)| i)
             .collect();
+        let source_missing = local
+            .iter()
+            .enumerate()
+            .filter(|(li, _)| !map.contains(&Some(*li)))
+            .map(|(_, l)| l.name.clone())
+            .collect();
+        let (key_index, uniques) = if missing {
+            (None, Vec::new())
+        } else {
+            unique_indexes(index_list, &local, &map, &key)
+        };
         RelMap {
             remote: r,
             local_oid,
@@ -390,8 +757,84 @@ impl Applier {
             map,
             local,
             key,
+            key_index,
+            uniques,
+            source_missing,
+            missing,
             plans: HashMap::new(),
         }
+    }
+
+    /// Whether the change's table exists here. When it does not, that is a
+    /// target_table_missing conflict, resolved here; a table dropped and
+    /// created again since it was described is described anew.
+    fn table_present(&mut self, relid: u32, vals: &[Value]) -> bool {
+        let (missing, oid) = {
+            let r = self.rel(relid);
+            (r.missing, r.local_oid)
+        };
+        // Local DDL (a column or index added, the table dropped) changes
+        // how the peer's rows map here.
+        let changed = !missing && take_invalidated(oid);
+        if changed || (missing && self.rel_exists_now(relid)) {
+            let remote = self.rel(relid).remote.clone();
+            let map = self.map_relation(remote);
+            self.rels.insert(relid, map);
+        }
+        if !self.rel(relid).missing {
+            return true;
+        }
+        let recently_dropped = self.recently_dropped(relid);
+        let detail = "the table does not exist on this node".to_string();
+        self.conflict(
+            Seen {
+                t: ConflictType::TargetTableMissing,
+                relid,
+                index: None,
+                key: &[],
+                key_vals: vals,
+                remote: Some(vals),
+                local: None,
+                applies_row: false,
+                detail,
+            },
+            Facts {
+                recently_dropped,
+                ..Facts::default()
+            },
+        );
+        false
+    }
+
+    fn rel_exists_now(&mut self, relid: u32) -> bool {
+        let q = format!(
+            "SELECT pg_catalog.to_regclass({})::oid",
+            crate::walrcv::literal(&self.rel(relid).qualified)
+        );
+        let c = CString::new(q).unwrap_or_default();
+        // SAFETY: a read-only query in the apply transaction's SPI connection.
+        unsafe {
+            spi_check(pg_sys::SPI_execute(c.as_ptr(), true, 1), "looking up a table");
+            first_datum_and_free().is_some()
+        }
+    }
+
+    /// Whether a table of this name was dropped here within the last day.
+    fn recently_dropped(&mut self, relid: u32) -> bool {
+        let (nsp, name) = {
+            let r = self.rel(relid);
+            (r.remote.schema.clone(), r.remote.name.clone())
+        };
+        if self.dropped_plan.is_null() {
+            self.dropped_plan = keep_plan(
+                "SELECT 1 FROM bdr.dropped_relation WHERE nspname = $1 AND relname = $2
+                    AND dropped_at > pg_catalog.now() - $3::text::interval",
+                &mut [pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
+            );
+        }
+        let window = format!("{} microseconds", conflict::RECENTLY_DROPPED_US);
+        exec_texts(self.dropped_plan, &[Some(nsp), Some(name), Some(window)], self.row_cxt)
+            .is_some()
     }
 
     fn rel(&mut self, relid: u32) -> &mut RelMap {
@@ -410,8 +853,10 @@ impl Applier {
             return *n;
         }
         let q = CString::new(format!(
-            "SELECT s.origin_node_id FROM pg_catalog.pg_replication_origin o
-               JOIN bdr.subscription s ON s.origin_name = o.roname WHERE o.roident = {roident}"
+            "SELECT CASE WHEN o.roname = 'bdr_local' THEN {} ELSE s.origin_node_id END
+               FROM pg_catalog.pg_replication_origin o
+               LEFT JOIN bdr.subscription s ON s.origin_name = o.roname WHERE o.roident = {roident}",
+            self.local_node_id
         ))
         .unwrap_or_default();
         // SAFETY: read-only query inside the apply transaction's SPI connection.
@@ -448,23 +893,52 @@ impl Applier {
         }
     }
 
-    fn insert(&mut self, relid: u32, new: &[Value]) {
+    /// Applies an incoming row as an INSERT. `kind` is the conflict type to
+    /// report when its key is taken (insert_exists, or update_pkey_exists
+    /// for the new key of a key-changing UPDATE).
+    fn insert(&mut self, relid: u32, new: &[Value], kind: ConflictType) {
         let key = self.rel(relid).key.clone();
         if key.is_empty() {
-            self.exec_insert(relid, new);
+            if let Some(cols) = self.present_cols(relid, new, true) {
+                self.exec_insert(relid, &cols, new);
+            }
             return;
         }
         let mut locked = false;
         // Rounds: look; if missing, lock the key and look again; then insert,
         // or, if a local session inserted the key meanwhile, resolve against it.
         for _ in 0..4 {
-            match self.find(relid, &key, new, false) {
+            let pk = self.find(relid, &key, new, false);
+            let mut others = self.unique_collisions(relid, new, pk.as_ref().map(|f| f.ctid));
+            if !others.is_empty() {
+                self.resolve_unique_collisions(relid, new, kind, pk, &mut others);
+                return;
+            }
+            match pk {
                 Some(f) => {
-                    // insert_exists: the newer write wins.
-                    let wins = remote_wins(self.remote_writer(), f.writer);
-                    self.report(ConflictType::InsertExists, relid, f.writer, wins);
-                    if wins {
-                        self.exec_update(relid, f.ctid, new);
+                    let newer = remote_wins(self.remote_writer(), f.writer);
+                    let index = self.rel(relid).key_index;
+                    let detail = format!("the key already exists: {}", self.local_desc(&f));
+                    let o = self.conflict(
+                        Seen {
+                            t: kind,
+                            relid,
+                            index,
+                            key: &key,
+                            key_vals: new,
+                            remote: Some(new),
+                            local: Some(&f),
+                            applies_row: true,
+                            detail,
+                        },
+                        Facts {
+                            remote_newer: newer,
+                            full_row: true,
+                            ..Facts::default()
+                        },
+                    );
+                    if o == Outcome::ApplyRemote {
+                        self.apply_update(relid, f.ctid, new);
                     }
                     return;
                 }
@@ -473,48 +947,474 @@ impl Applier {
                     if self.lock_key(relid, &key, new) {
                         continue;
                     }
-                    if self.deleted_later(relid, &key, new) || self.exec_insert(relid, new) {
+                    if self.deleted_later(relid, &key, new) || self.try_insert(relid, new) {
                         return;
                     }
                 }
                 None => {
-                    if self.deleted_later(relid, &key, new) || self.exec_insert(relid, new) {
+                    if self.deleted_later(relid, &key, new) || self.try_insert(relid, new) {
                         return;
                     }
                 }
             }
         }
         error!(
-            "a row replicated into {} conflicts with a local row on a unique constraint other than its replica identity",
+            "a row replicated into {} conflicts with a local row on a unique index bdr cannot check (partial, on expressions or deferred)",
             self.rel(relid).qualified
         );
     }
 
-    /// Writes a detected conflict and how it was resolved to the server log.
-    fn report(&mut self, t: ConflictType, relid: u32, local: Option<Writer>, remote_applied: bool) {
-        let local = match local {
+    /// Inserts the row unless a unique index already holds its values;
+    /// true when the row is in (or a resolver dropped it).
+    fn try_insert(&mut self, relid: u32, new: &[Value]) -> bool {
+        match self.present_cols(relid, new, true) {
+            Some(cols) => self.exec_insert(relid, &cols, new),
+            None => true,
+        }
+    }
+
+    /// Updates the row at `ctid` with the incoming values, after the
+    /// missing-column checks.
+    fn apply_update(&mut self, relid: u32, ctid: pg_sys::ItemPointerData, new: &[Value]) {
+        if let Some(cols) = self.present_cols(relid, new, false) {
+            self.exec_update(relid, ctid, &cols, new);
+        }
+    }
+
+    /// Local rows other than `except` that hold the incoming row's values
+    /// in a unique index other than the key's, each with the index.
+    fn unique_collisions(
+        &mut self,
+        relid: u32,
+        new: &[Value],
+        except: Option<pg_sys::ItemPointerData>,
+    ) -> Vec<(pg_sys::Oid, Found)> {
+        let checks: Vec<(pg_sys::Oid, Vec<usize>)> = self
+            .rel(relid)
+            .uniques
+            .iter()
+            .filter(|u| {
+                u.cols
+                    .iter()
+                    .all(|&i| !matches!(new.get(i), None | Some(Value::Null) | Some(Value::UnchangedToast)))
+            })
+            .map(|u| (u.oid, u.cols.clone()))
+            .collect();
+        let mut found: Vec<(pg_sys::Oid, Found)> = Vec::new();
+        for (oid, cols) in checks {
+            if let Some(f) = self.find(relid, &cols, new, false) {
+                let same = |a: &pg_sys::ItemPointerData, b: &pg_sys::ItemPointerData| {
+                    a.ip_blkid.bi_hi == b.ip_blkid.bi_hi
+                        && a.ip_blkid.bi_lo == b.ip_blkid.bi_lo
+                        && a.ip_posid == b.ip_posid
+                };
+                if except.is_some_and(|e| same(&e, &f.ctid)) {
+                    continue;
+                }
+                if found.iter().any(|(_, g)| same(&g.ctid, &f.ctid)) {
+                    continue;
+                }
+                found.push((oid, f));
+            }
+        }
+        found
+    }
+
+    /// The incoming row collides on secondary unique indexes. One local row
+    /// and no row with its key: insert_exists (or `kind`) against that row.
+    /// More rows: multiple_unique_conflicts, which `update` resolves by
+    /// deleting the others and keeping the row with the incoming key.
+    fn resolve_unique_collisions(
+        &mut self,
+        relid: u32,
+        new: &[Value],
+        kind: ConflictType,
+        pk: Option<Found>,
+        others: &mut Vec<(pg_sys::Oid, Found)>,
+    ) {
+        let key = self.rel(relid).key.clone();
+        if pk.is_none() && others.len() == 1 {
+            let (index, f) = others.remove(0);
+            let newer = remote_wins(self.remote_writer(), f.writer);
+            let detail = format!(
+                "a local row holds the same values in unique index {}: {}",
+                relname_of(index).unwrap_or_default(),
+                self.local_desc(&f)
+            );
+            let o = self.conflict(
+                Seen {
+                    t: kind,
+                    relid,
+                    index: Some(index),
+                    key: &key,
+                    key_vals: new,
+                    remote: Some(new),
+                    local: Some(&f),
+                    applies_row: true,
+                    detail,
+                },
+                Facts {
+                    remote_newer: newer,
+                    full_row: true,
+                    ..Facts::default()
+                },
+            );
+            if o == Outcome::ApplyRemote {
+                self.apply_update(relid, f.ctid, new);
+            }
+            return;
+        }
+        let names: Vec<String> = others
+            .iter()
+            .map(|(i, _)| relname_of(*i).unwrap_or_default())
+            .collect();
+        let nrows = others.len() + usize::from(pk.is_some());
+        let detail = format!(
+            "the incoming row conflicts with {nrows} local rows (unique indexes {}{})",
+            if pk.is_some() { "of the key, " } else { "" },
+            names.join(", ")
+        );
+        let local = pk.as_ref().or(others.first().map(|(_, f)| f));
+        let index = if pk.is_some() {
+            self.rel(relid).key_index
+        } else {
+            others.first().map(|(i, _)| *i)
+        };
+        let newer = remote_wins(self.remote_writer(), local.and_then(|f| f.writer));
+        let o = self.conflict(
+            Seen {
+                t: ConflictType::MultipleUniqueConflicts,
+                relid,
+                index,
+                key: &key,
+                key_vals: new,
+                remote: Some(new),
+                local,
+                applies_row: true,
+                detail,
+            },
+            Facts {
+                remote_newer: newer,
+                full_row: true,
+                ..Facts::default()
+            },
+        );
+        if o != Outcome::ApplyRemote {
+            return;
+        }
+        for (_, f) in others.drain(..) {
+            self.exec_delete(relid, f.ctid);
+        }
+        match pk {
+            Some(f) => self.apply_update(relid, f.ctid, new),
+            None => {
+                self.try_insert(relid, new);
+            }
+        }
+    }
+
+    /// "written by node N at T" for log lines.
+    fn local_desc(&mut self, f: &Found) -> String {
+        match f.writer {
             Some(w) => format!(
                 "the local row was last written by node {} at {}",
                 w.node_id,
                 timestamp_text(w.commit_ts)
             ),
-            None => "no local row".to_string(),
-        };
-        let remote_ts = timestamp_text(self.commit_ts);
-        let remote_node = self.remote_node_id;
-        tracing::info!(
-            "CONFLICT: {} on {} from node {} (commit at {}); {}; resolution: {}",
-            t.name(),
-            self.rel(relid).qualified,
-            remote_node,
-            remote_ts,
-            local,
-            if remote_applied {
-                "apply_remote"
-            } else {
-                "skip"
-            }
+            None => "the local row's last writer is unknown (frozen or older than track_commit_timestamp)".into(),
+        }
+    }
+
+    /// Resolves a conflict with this node's resolver for its type, counts
+    /// it, and logs it as configured. An `error` outcome stops the apply.
+    fn conflict(&mut self, s: Seen<'_>, facts: Facts) -> Outcome {
+        let resolver = self.config.resolver(s.t);
+        let outcome = conflict::resolve(s.t, resolver, facts);
+        self.counts.conflict(s.t);
+        let logs = self.config.logs(s.t, outcome);
+        let qualified = self.rel(s.relid).qualified.clone();
+        let line = format!(
+            "CONFLICT: {} on {} from node {} (transaction {} committed at {}, LSN {}): {}; resolver {}, resolution {}",
+            s.t.name(),
+            qualified,
+            self.remote_node_id,
+            self.remote_xid,
+            timestamp_text(self.commit_ts),
+            bdr_core::lsn::format(self.remote_final_lsn),
+            s.detail,
+            resolver.name(),
+            outcome.resolution()
         );
+        if logs && self.config.log_to_file {
+            log!("{line}");
+        }
+        let history = (logs && self.config.log_to_table).then(|| self.history_row(&s, outcome));
+        if outcome == Outcome::Error {
+            let code = match s.t {
+                ConflictType::MultipleUniqueConflicts
+                | ConflictType::InsertExists
+                | ConflictType::UpdatePkeyExists => PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+                ConflictType::TargetTableMissing => PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                ConflictType::TargetColumnMissing | ConflictType::SourceColumnMissing => {
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN
+                }
+                _ => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            };
+            let sub = self.sub_id;
+            self.stop = Some(Stop {
+                message: line,
+                hint: format!(
+                    "Fix the local data and the writer resumes by itself; or change the resolver with bdr.alter_node_set_conflict_resolver(); or skip the transaction: bdr.alter_subscription_disable(), bdr.alter_subscription_skip_changes_upto(<subscription {sub}>, '{}'), bdr.alter_subscription_enable().",
+                    bdr_core::lsn::format(self.remote_final_lsn)
+                ),
+                code,
+                history,
+            });
+        } else if let Some(row) = history {
+            self.insert_history(&row);
+        }
+        outcome
+    }
+
+    /// The parameters of one `bdr.conflict_history` row, as text.
+    fn history_row(&mut self, s: &Seen<'_>, outcome: Outcome) -> Vec<Option<String>> {
+        let (local_oid, nsp, rel) = {
+            let r = self.rel(s.relid);
+            (r.local_oid, r.remote.schema.clone(), r.remote.name.clone())
+        };
+        let key_json = if s.key.is_empty() {
+            None
+        } else {
+            self.values_json(s.relid, s.key, s.key_vals)
+        };
+        let remote_json = s.remote.and_then(|v| {
+            let cols: Vec<usize> = (0..v.len()).collect();
+            self.values_json(s.relid, &cols, v)
+        });
+        let local_json = s.local.and_then(|f| self.local_json(s.relid, f.ctid));
+        let apply_json = if outcome == Outcome::ApplyRemote && s.applies_row {
+            remote_json.clone()
+        } else {
+            None
+        };
+        // SAFETY: WAL position and xid of the running apply transaction.
+        let (xid, lsn) = unsafe {
+            (
+                pg_sys::GetTopTransactionIdIfAny(),
+                pg_sys::GetXLogInsertRecPtr(),
+            )
+        };
+        vec![
+            Some(self.sub_id.to_string()),
+            (xid != pg_sys::InvalidTransactionId).then(|| xid.into_inner().to_string()),
+            Some(bdr_core::lsn::format(lsn)),
+            Some(self.remote_xid.to_string()),
+            Some(bdr_core::lsn::format(self.remote_final_lsn)),
+            Some(self.commit_ts.to_string()),
+            Some(s.t.name().to_string()),
+            Some(outcome.resolution().to_string()),
+            s.index.map(|i| i.to_u32().to_string()),
+            (local_oid != pg_sys::InvalidOid).then(|| local_oid.to_u32().to_string()),
+            Some(nsp),
+            Some(rel),
+            key_json,
+            remote_json,
+            local_json,
+            apply_json,
+            s.local.map(|f| f.xmin.to_string()),
+            s.local.and_then(|f| f.writer).map(|w| w.node_id.to_string()),
+            s.local.and_then(|f| f.writer).map(|w| w.commit_ts.to_string()),
+        ]
+    }
+
+    fn history_plan(&mut self) -> pg_sys::SPIPlanPtr {
+        if self.history_plan.is_null() {
+            self.history_plan = keep_plan(&history_insert(), &mut [pg_sys::TEXTOID; 19]);
+        }
+        self.history_plan
+    }
+
+    /// Records a conflict in `bdr.conflict_history` in a subtransaction, so
+    /// that a failure to log never undoes the applied change.
+    fn insert_history(&mut self, row: &[Option<String>]) {
+        let plan = self.history_plan();
+        let cxt = self.row_cxt;
+        // SAFETY: the subtransaction pattern of PL/pgSQL's exception blocks:
+        // memory context and resource owner are restored on both paths.
+        unsafe {
+            let old_cxt = pg_sys::CurrentMemoryContext;
+            let old_owner = pg_sys::CurrentResourceOwner;
+            pg_sys::BeginInternalSubTransaction(std::ptr::null());
+            pg_sys::MemoryContextSwitchTo(old_cxt);
+            let row = row.to_vec();
+            let failed = pgrx::PgTryBuilder::new(|| {
+                exec_texts(plan, &row, cxt);
+                None
+            })
+            .catch_others(|e| {
+                Some(match e {
+                    pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+                    | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+                    | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                        r.message().to_string()
+                    }
+                })
+            })
+            .execute();
+            match failed {
+                None => pg_sys::ReleaseCurrentSubTransaction(),
+                Some(msg) => {
+                    pg_sys::RollbackAndReleaseCurrentSubTransaction();
+                    warning!(
+                        "could not record a conflict in bdr.conflict_history: {msg}; the change is applied all the same"
+                    );
+                }
+            }
+            pg_sys::MemoryContextSwitchTo(old_cxt);
+            pg_sys::CurrentResourceOwner = old_owner;
+        }
+    }
+
+    /// The values of remote columns `cols` as a JSON object (columns this
+    /// node lacks as text), or NULL when there are none to show.
+    fn values_json(&mut self, relid: u32, cols: &[usize], vals: &[Value]) -> Option<String> {
+        let cols: Vec<usize> = cols
+            .iter()
+            .copied()
+            .filter(|&i| vals.get(i).is_some_and(|v| *v != Value::UnchangedToast))
+            .collect();
+        if cols.is_empty() {
+            return None;
+        }
+        let plan = self.plan(relid, PlanKey::Json(cols.clone()));
+        let (mut datums, mut nulls) = self.datums(relid, &cols, vals);
+        let (map, types): (Vec<Option<usize>>, Vec<u32>) = {
+            let r = self.rel(relid);
+            (
+                r.map.clone(),
+                r.remote.columns.iter().map(|c| c.type_oid).collect(),
+            )
+        };
+        for (n, &i) in cols.iter().enumerate() {
+            if map[i].is_some() {
+                continue;
+            }
+            // A column this node lacks is shown as text. Binary values are
+            // of built-in types, whose oids are the same on every node.
+            let t = pg_sys::Oid::from(types[i]);
+            // SAFETY: the type's own receive and output functions, in the
+            // per-row context.
+            let d = unsafe {
+                let old = pg_sys::MemoryContextSwitchTo(self.row_cxt);
+                let text = match vals.get(i) {
+                    Some(Value::Text(v)) => Some(CString::new(v.as_str()).unwrap_or_default()),
+                    Some(Value::Binary(b)) if types[i] != 0 && types[i] < pg_sys::FirstGenbkiObjectId => {
+                        let (mut recv, mut param, mut out, mut varlena) =
+                            (pg_sys::InvalidOid, pg_sys::InvalidOid, pg_sys::InvalidOid, false);
+                        pg_sys::getTypeBinaryInputInfo(t, &mut recv, &mut param);
+                        pg_sys::getTypeOutputInfo(t, &mut out, &mut varlena);
+                        let buf = pg_sys::makeStringInfo();
+                        pg_sys::appendBinaryStringInfo(buf, b.as_ptr() as *const _, b.len() as i32);
+                        let v = pg_sys::OidReceiveFunctionCall(recv, buf, param, -1);
+                        Some(CStr::from_ptr(pg_sys::OidOutputFunctionCall(out, v)).to_owned())
+                    }
+                    _ => None,
+                };
+                let d = text.map(|c| pg_sys::Datum::from(pg_sys::cstring_to_text(c.as_ptr())));
+                pg_sys::MemoryContextSwitchTo(old);
+                d
+            };
+            if let Some(d) = d {
+                datums[n] = d;
+                nulls[n] = b' ' as std::ffi::c_char;
+            }
+        }
+        // SAFETY: a kept plan with matching parameters.
+        unsafe {
+            spi_check(
+                pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 1),
+                "describing a row",
+            );
+            first_text_and_free()
+        }
+    }
+
+    /// The local row at `ctid` as JSON.
+    fn local_json(&mut self, relid: u32, mut ctid: pg_sys::ItemPointerData) -> Option<String> {
+        let plan = self.plan(relid, PlanKey::LocalJson);
+        let mut datums = [pg_sys::Datum::from(
+            &mut ctid as *mut pg_sys::ItemPointerData,
+        )];
+        let nulls = [b' ' as std::ffi::c_char];
+        // SAFETY: a kept plan with one tid parameter; `ctid` outlives the call.
+        unsafe {
+            spi_check(
+                pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 1),
+                "describing a local row",
+            );
+            first_text_and_free()
+        }
+    }
+
+    /// The stop a conflict asked for, if any.
+    pub fn take_stop(&mut self) -> Option<Stop> {
+        self.stop.take()
+    }
+
+    /// Rolls back the transaction a stop interrupted and records the
+    /// conflict in its own transaction (once per remote transaction and
+    /// type, however often the writer retries it).
+    pub fn abort_for(&mut self, stop: &Stop) {
+        let history = stop.history.clone();
+        let plan = history.as_ref().map(|_| self.history_error_plan());
+        // SAFETY: aborts the apply transaction (SPI is cleaned up with it);
+        // the history row is written in a transaction without the peer's
+        // origin, so that origin progress does not move.
+        unsafe {
+            pg_sys::AbortCurrentTransaction();
+            self.in_txn = false;
+            if let (Some(row), Some(plan)) = (history, plan) {
+                let origin = pg_sys::replorigin_session_origin;
+                pg_sys::replorigin_session_origin = 0;
+                pg_sys::StartTransactionCommand();
+                pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+                spi_check(pg_sys::SPI_connect(), "connecting to SPI");
+                exec_texts(plan, &row, self.row_cxt);
+                pg_sys::SPI_finish();
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+                pg_sys::replorigin_session_origin = origin;
+                pg_sys::MemoryContextReset(self.row_cxt);
+            }
+        }
+        let counts = self.counts;
+        let lsn = self.remote_final_lsn;
+        stats::update(self.dboid, self.sub_id, |s| {
+            s.nabort += 1;
+            for (a, b) in s.conflicts.iter_mut().zip(counts.conflicts.iter()) {
+                *a += b;
+            }
+            if s.last_failed_lsn == lsn {
+                s.retries_at_same_lsn += 1;
+            } else {
+                s.retries_at_same_lsn = 0;
+                s.last_failed_lsn = lsn;
+            }
+        });
+    }
+
+    fn history_error_plan(&mut self) -> pg_sys::SPIPlanPtr {
+        // Kept plans outlive the aborted transaction.
+        let plan = keep_plan(
+            &format!(
+                "{} WHERE NOT EXISTS (SELECT 1 FROM bdr.conflict_history h
+                   WHERE h.sub_id = $1::oid AND h.remote_commit_lsn = $5::pg_lsn
+                     AND h.conflict_type = $7 AND h.conflict_resolution = 'error')",
+                history_insert_select()
+            ),
+            &mut [pg_sys::TEXTOID; 19],
+        );
+        plan
     }
 
     /// The replica identity columns to find a row by, and whether that is
@@ -562,46 +1462,111 @@ impl Applier {
     fn update(&mut self, relid: u32, old: Option<&[Value]>, new: &[Value]) {
         let lookup = old.unwrap_or(new);
         let (key, full) = self.identity(relid, lookup, "UPDATE");
+        let key_changed = !full
+            && old.is_some()
+            && key.iter().any(|&i| lookup.get(i) != new.get(i))
+            && !new.contains(&Value::UnchangedToast);
+        let full_row = !new.contains(&Value::UnchangedToast);
         match self.find_or_lock(relid, &key, lookup, full) {
             Some(f) => {
-                let wins = remote_wins(self.remote_writer(), f.writer);
+                let newer = remote_wins(self.remote_writer(), f.writer);
                 // The row was last written by another node than the one
                 // updating it: concurrent changes met (update_origin_change).
-                if f.writer.is_some_and(|w| w.node_id != self.remote_node_id) {
-                    self.report(ConflictType::UpdateOriginChange, relid, f.writer, wins);
-                }
-                let key_changed = !full
-                    && old.is_some()
-                    && key.iter().any(|&i| lookup.get(i) != new.get(i))
-                    && !new.contains(&Value::UnchangedToast);
+                let apply = if f.writer.is_some_and(|w| w.node_id != self.remote_node_id) {
+                    let detail = self.local_desc(&f);
+                    let index = self.rel(relid).key_index;
+                    match self.conflict(
+                        Seen {
+                            t: ConflictType::UpdateOriginChange,
+                            relid,
+                            index,
+                            key: &key,
+                            key_vals: lookup,
+                            remote: Some(new),
+                            local: Some(&f),
+                            applies_row: true,
+                            detail,
+                        },
+                        Facts {
+                            remote_newer: newer,
+                            full_row,
+                            ..Facts::default()
+                        },
+                    ) {
+                        Outcome::ApplyRemote => true,
+                        Outcome::Skip => false,
+                        Outcome::Error => return,
+                    }
+                } else {
+                    newer
+                };
                 if key_changed {
                     // A key change is the old row going and the new one
                     // coming, each resolved on its own: the new key may be
                     // taken here by a newer row (update_pkey_exists), and then
                     // the old row still goes, as it did on the origin.
-                    if wins {
+                    if apply {
                         self.exec_delete(relid, f.ctid);
                         self.note_deleted(relid, &key, lookup);
                     }
-                    self.insert(relid, new);
-                } else if wins {
-                    self.exec_update(relid, f.ctid, new);
+                    self.insert(relid, new, ConflictType::UpdatePkeyExists);
+                } else if apply {
+                    let mut others = self.unique_collisions(relid, new, Some(f.ctid));
+                    if others.is_empty() {
+                        self.apply_update(relid, f.ctid, new);
+                    } else {
+                        self.resolve_unique_collisions(
+                            relid,
+                            new,
+                            ConflictType::MultipleUniqueConflicts,
+                            Some(f),
+                            &mut others,
+                        );
+                    }
                 }
             }
             None => {
-                // update_missing: the row was not here (yet). Insert it when
-                // the change carries the whole row, so that an update that
-                // overtook its insert (from a third node) is not lost; the
-                // older insert then loses against it. Not when a newer
-                // delete was made here.
-                if !full && self.deleted_later(relid, &key, lookup) {
-                    self.report(ConflictType::UpdateRecentlyDeleted, relid, None, false);
-                } else if new.contains(&Value::UnchangedToast) {
-                    self.report(ConflictType::UpdateMissing, relid, None, false);
+                // The row is not here: deleted here by a newer delete
+                // (update_recently_deleted), or not here (yet): an update
+                // that overtook its insert from a third node, or one whose
+                // row was deleted here earlier (update_missing). Inserting
+                // the whole row keeps the update; an older insert arriving
+                // later then loses against it.
+                let recently_deleted = !full && self.deleted_later(relid, &key, lookup);
+                let t = if recently_deleted {
+                    ConflictType::UpdateRecentlyDeleted
                 } else {
-                    self.report(ConflictType::UpdateMissing, relid, None, true);
-                    // Resolves like an insert, also when the new key is taken.
-                    self.insert(relid, new);
+                    ConflictType::UpdateMissing
+                };
+                let detail = if recently_deleted {
+                    "the row was deleted on this node by a newer transaction".to_string()
+                } else {
+                    "the row does not exist on this node".to_string()
+                };
+                let o = self.conflict(
+                    Seen {
+                        t,
+                        relid,
+                        index: None,
+                        key: &key,
+                        key_vals: lookup,
+                        remote: Some(new),
+                        local: None,
+                        applies_row: true,
+                        detail,
+                    },
+                    Facts {
+                        full_row,
+                        ..Facts::default()
+                    },
+                );
+                if o == Outcome::ApplyRemote {
+                    let kind = if key_changed {
+                        ConflictType::UpdatePkeyExists
+                    } else {
+                        ConflictType::InsertExists
+                    };
+                    self.insert(relid, new, kind);
                 }
             }
         }
@@ -612,11 +1577,31 @@ impl Applier {
         match self.find_or_lock(relid, &key, old, full) {
             Some(f) => {
                 // A row updated here after the delete was made stays.
-                let wins = remote_wins(self.remote_writer(), f.writer);
-                if !wins {
-                    self.report(ConflictType::DeleteRecentlyUpdated, relid, f.writer, false);
-                }
-                if wins {
+                let newer = remote_wins(self.remote_writer(), f.writer);
+                let apply = if newer {
+                    true
+                } else {
+                    let detail = format!(
+                        "the row was updated after the delete was made: {}",
+                        self.local_desc(&f)
+                    );
+                    let index = self.rel(relid).key_index;
+                    self.conflict(
+                        Seen {
+                            t: ConflictType::DeleteRecentlyUpdated,
+                            relid,
+                            index,
+                            key: &key,
+                            key_vals: old,
+                            remote: Some(old),
+                            local: Some(&f),
+                            applies_row: false,
+                            detail,
+                        },
+                        Facts::default(),
+                    ) == Outcome::ApplyRemote
+                };
+                if apply {
                     self.exec_delete(relid, f.ctid);
                     if !full {
                         self.note_deleted(relid, &key, old);
@@ -624,10 +1609,23 @@ impl Applier {
                 }
             }
             None => {
-                self.report(ConflictType::DeleteMissing, relid, None, false);
+                let o = self.conflict(
+                    Seen {
+                        t: ConflictType::DeleteMissing,
+                        relid,
+                        index: None,
+                        key: &key,
+                        key_vals: old,
+                        remote: Some(old),
+                        local: None,
+                        applies_row: false,
+                        detail: "the row does not exist on this node".into(),
+                    },
+                    Facts::default(),
+                );
                 // Gone already, or not here yet: note the delete, so that an
                 // older insert or update arriving later does not bring it back.
-                if !full && !self.deleted_later(relid, &key, old) {
+                if o != Outcome::Error && !full && !self.deleted_later(relid, &key, old) {
                     self.note_deleted(relid, &key, old);
                 }
             }
@@ -985,6 +1983,45 @@ impl Applier {
                 types.push(pg_sys::TIDOID);
                 format!("DELETE FROM ONLY {} WHERE ctid = $1", r.qualified)
             }
+            PlanKey::LocalJson => {
+                types.push(pg_sys::TIDOID);
+                format!(
+                    "SELECT pg_catalog.to_json(t)::text FROM ONLY {} t WHERE ctid = $1",
+                    r.qualified
+                )
+            }
+            PlanKey::Json(cols) => {
+                // json_build_object takes at most 100 arguments: objects of
+                // 50 columns are merged.
+                let pairs: Vec<String> = cols
+                    .iter()
+                    .enumerate()
+                    .map(|(n, &i)| {
+                        let t = match r.map[i] {
+                            Some(li) => r.local[li].typid,
+                            None => pg_sys::TEXTOID,
+                        };
+                        types.push(t);
+                        format!(
+                            "{}, ${}",
+                            bdr_core::quote::literal(&r.remote.columns[i].name),
+                            n + 1
+                        )
+                    })
+                    .collect();
+                let objects: Vec<String> = pairs
+                    .chunks(50)
+                    .map(|c| format!("pg_catalog.jsonb_build_object({})", c.join(", ")))
+                    .collect();
+                if objects.len() == 1 {
+                    format!(
+                        "SELECT pg_catalog.json_build_object({})::text",
+                        pairs.join(", ")
+                    )
+                } else {
+                    format!("SELECT ({})::text", objects.join(" || "))
+                }
+            }
         };
         let c = CString::new(sql).unwrap_or_default();
         // SAFETY: prepared inside the apply transaction's SPI connection and
@@ -1029,11 +2066,12 @@ impl Applier {
                 let xmin = pg_sys::SPI_getbinval(tup, desc, 2, &mut isnull);
                 pg_sys::SPI_freetuptable(tt);
                 let (ts, ro) = commit_ts_of(xmin);
-                Some((ctid, ts, ro))
+                Some((ctid, ts, ro, xmin.value() as u32))
             }
         };
-        found.map(|(ctid, ts, ro)| Found {
+        found.map(|(ctid, ts, ro, xmin)| Found {
             ctid,
+            xmin,
             writer: ts.map(|commit_ts| Writer {
                 commit_ts,
                 node_id: self.node_of_origin(ro),
@@ -1041,39 +2079,110 @@ impl Applier {
         })
     }
 
-    /// The remote columns an insert or update sets here. A column the peer
-    /// has and this node lacks is ignored while its value is NULL; a value
-    /// in it would be lost, so that stops the apply (target_column_missing).
-    fn present_cols(&mut self, relid: u32, vals: &[Value]) -> Vec<usize> {
-        let r = self.rel(relid);
-        for (i, c) in r.remote.columns.iter().enumerate() {
-            if r.map[i].is_none()
-                && !matches!(
-                    vals.get(i),
-                    None | Some(Value::Null) | Some(Value::UnchangedToast)
-                )
+    /// The remote columns an insert or update sets here, after resolving the
+    /// columns the two sides do not share: a column only the peer has is
+    /// target_column_missing (by default ignored while its value is NULL,
+    /// since a value would be lost), a column only this node has is
+    /// source_column_missing (by default it keeps its default, or for an
+    /// update its value). `None`: the row is not applied.
+    fn present_cols(&mut self, relid: u32, vals: &[Value], inserting: bool) -> Option<Vec<usize>> {
+        let (unmapped, source_missing, key): (Vec<(usize, String)>, Vec<String>, Vec<usize>) = {
+            let r = self.rel(relid);
+            (
+                r.remote
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| r.map[*i].is_none())
+                    .map(|(i, c)| (i, c.name.clone()))
+                    .collect(),
+                r.source_missing.clone(),
+                r.key.clone(),
+            )
+        };
+        for (i, name) in unmapped {
+            let value_is_null = matches!(
+                vals.get(i),
+                None | Some(Value::Null) | Some(Value::UnchangedToast)
+            );
+            if value_is_null
+                && self.config.resolver(ConflictType::TargetColumnMissing) != Resolver::Error
             {
-                pgrx::ereport!(
-                    ERROR,
-                    PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-                    format!(
-                        "column \"{}\" of {} exists on the peer but not on this node, and a change sets it",
-                        c.name, r.qualified
-                    ),
-                    "Add the column on this node; DDL is not replicated yet."
-                );
+                continue;
+            }
+            let detail = format!(
+                "column \"{name}\" exists on node {} but not on this node{}",
+                self.remote_node_id,
+                if value_is_null {
+                    ""
+                } else {
+                    ", and the change sets it"
+                }
+            );
+            let o = self.conflict(
+                Seen {
+                    t: ConflictType::TargetColumnMissing,
+                    relid,
+                    index: None,
+                    key: &key,
+                    key_vals: vals,
+                    remote: Some(vals),
+                    local: None,
+                    applies_row: true,
+                    detail,
+                },
+                Facts {
+                    value_is_null,
+                    ..Facts::default()
+                },
+            );
+            if o != Outcome::ApplyRemote {
+                return None;
             }
         }
-        (0..r.remote.columns.len())
-            .filter(|i| r.map[*i].is_some() && vals.get(*i) != Some(&Value::UnchangedToast))
-            .collect()
+        if !source_missing.is_empty() {
+            let detail = format!(
+                "column{} {} of this node {} not sent by node {}; {}",
+                if source_missing.len() > 1 { "s" } else { "" },
+                source_missing.join(", "),
+                if source_missing.len() > 1 { "are" } else { "is" },
+                self.remote_node_id,
+                if inserting {
+                    "the row gets their default values"
+                } else {
+                    "the update leaves them as they are"
+                }
+            );
+            let o = self.conflict(
+                Seen {
+                    t: ConflictType::SourceColumnMissing,
+                    relid,
+                    index: None,
+                    key: &key,
+                    key_vals: vals,
+                    remote: Some(vals),
+                    local: None,
+                    applies_row: true,
+                    detail,
+                },
+                Facts::default(),
+            );
+            if o != Outcome::ApplyRemote {
+                return None;
+            }
+        }
+        let r = self.rel(relid);
+        Some(
+            (0..r.remote.columns.len())
+                .filter(|i| r.map[*i].is_some() && vals.get(*i) != Some(&Value::UnchangedToast))
+                .collect(),
+        )
     }
 
     /// Inserts the row; false if a unique constraint already holds its key.
-    fn exec_insert(&mut self, relid: u32, new: &[Value]) -> bool {
-        let cols = self.present_cols(relid, new);
-        let plan = self.plan(relid, PlanKey::Insert(cols.clone()));
-        let (mut datums, nulls) = self.datums(relid, &cols, new);
+    fn exec_insert(&mut self, relid: u32, cols: &[usize], new: &[Value]) -> bool {
+        let plan = self.plan(relid, PlanKey::Insert(cols.to_vec()));
+        let (mut datums, nulls) = self.datums(relid, cols, new);
         // SAFETY: a kept plan with matching parameters.
         unsafe {
             spi_check(
@@ -1084,10 +2193,15 @@ impl Applier {
         }
     }
 
-    fn exec_update(&mut self, relid: u32, mut ctid: pg_sys::ItemPointerData, new: &[Value]) {
-        let cols = self.present_cols(relid, new);
-        let plan = self.plan(relid, PlanKey::Update(cols.clone()));
-        let (mut datums, mut nulls) = self.datums(relid, &cols, new);
+    fn exec_update(
+        &mut self,
+        relid: u32,
+        mut ctid: pg_sys::ItemPointerData,
+        cols: &[usize],
+        new: &[Value],
+    ) {
+        let plan = self.plan(relid, PlanKey::Update(cols.to_vec()));
+        let (mut datums, mut nulls) = self.datums(relid, cols, new);
         datums.push(pg_sys::Datum::from(
             &mut ctid as *mut pg_sys::ItemPointerData,
         ));

@@ -36,6 +36,9 @@ pub const MIN_WORKER_BACKOFF_DELAY: usize = index_of("bdr.min_worker_backoff_del
 pub const MAX_WORKER_BACKOFF_DELAY: usize = index_of("bdr.max_worker_backoff_delay");
 pub const WRITER_INPUT_QUEUE_SIZE: usize = index_of("bdr.writer_input_queue_size");
 pub const WRITER_OUTPUT_QUEUE_SIZE: usize = index_of("bdr.writer_output_queue_size");
+pub const MAXIMUM_CLOCK_SKEW: usize = index_of("bdr.maximum_clock_skew");
+pub const MAXIMUM_CLOCK_SKEW_ACTION: usize = enum_index_of("bdr.maximum_clock_skew_action");
+pub const TRACK_SUBSCRIPTION_APPLY: usize = index_of("bdr.track_subscription_apply");
 pub const DEBUG_LEVEL: usize = enum_index_of("bdr.debug_level");
 pub const TRACE_LEVEL: usize = enum_index_of("bdr.trace_level");
 
@@ -109,7 +112,7 @@ fn worth_warning(source: pg_sys::GucSource::Type) -> bool {
 }
 
 fn warn_not_yet(s: &Setting, source: pg_sys::GucSource::Type, differs: bool) {
-    if s.status == Status::NotYet && differs && worth_warning(source) {
+    if s.status != Status::Honoured && differs && worth_warning(source) {
         pgrx::pg_sys::panic::ErrorReport::new(
             pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             format!(

@@ -15,6 +15,7 @@ pub mod log;
 pub mod output_plugin;
 pub mod prereq;
 pub mod shmem;
+pub mod stats;
 pub mod tombstone;
 pub mod walrcv;
 pub mod workers;
@@ -46,6 +47,7 @@ pub extern "C-unwind" fn _PG_init() {
     guc::init();
     log::init();
     shmem::init();
+    stats::init();
     hooks::init();
     workers::init();
 }

@@ -21,6 +21,8 @@ struct State {
     /// Whether a relation's changes are sent at all, decided once per relation.
     wanted: HashMap<u32, bool>,
     begin_sent: bool,
+    /// The replication origin `bdr_local` (see `LOCAL_ORIGIN`), if it exists.
+    local_origin: pg_sys::RepOriginId,
     /// Per-change allocations (type output results); reset after each change.
     change_cxt: pg_sys::MemoryContext,
 }
@@ -147,12 +149,29 @@ unsafe extern "C-unwind" fn startup(
         pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
         pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
     );
+    // A walsender starts decoding outside a transaction; the origin's id
+    // is read from the catalog once, here. Not when the slot is being made:
+    // a catalog snapshot then would keep it from exporting its own.
+    let local_origin = if is_init {
+        pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
+    } else {
+        let own_txn = !pg_sys::IsTransactionState();
+        if own_txn {
+            pg_sys::StartTransactionCommand();
+        }
+        let id = pg_sys::replorigin_by_name(LOCAL_ORIGIN.as_ptr(), true);
+        if own_txn {
+            pg_sys::CommitTransactionCommand();
+        }
+        id
+    };
     // Freed with the decoding context, also when decoding ends in an ERROR.
     let st = PgMemoryContexts::For((*ctx).context).leak_and_drop_on_delete(State {
         opts,
         sent_relations: HashSet::new(),
         wanted: HashMap::new(),
         begin_sent: false,
+        local_origin,
         change_cxt,
     });
     (*ctx).output_plugin_private = st as *mut std::ffi::c_void;
@@ -160,6 +179,12 @@ unsafe extern "C-unwind" fn startup(
 
 #[pg_guard]
 unsafe extern "C-unwind" fn shutdown(_ctx: *mut pg_sys::LogicalDecodingContext) {}
+
+/// Transactions committed under this replication origin count as local
+/// changes of this node and are replicated. With
+/// `pg_replication_origin_xact_setup` they carry a commit timestamp of the
+/// session's choosing, which is how tests make two nodes' commits tie.
+pub const LOCAL_ORIGIN: &std::ffi::CStr = c"bdr_local";
 
 #[pg_guard]
 unsafe extern "C-unwind" fn filter_by_origin(
@@ -173,8 +198,12 @@ unsafe extern "C-unwind" fn filter_by_origin(
     if origin_id as u32 == pg_sys::DoNotReplicateId {
         return true;
     }
-    // Forwarding of other nodes' changes is only for join/part catch-up.
     let st = state(ctx);
+    // Local transactions that chose their commit timestamp.
+    if origin_id == st.local_origin {
+        return false;
+    }
+    // Forwarding of other nodes' changes is only for join/part catch-up.
     !st.opts.forward_origins.iter().any(|o| o == "all")
 }
 

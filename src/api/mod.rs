@@ -3,3 +3,4 @@
 pub mod join;
 pub mod monitor;
 pub mod node;
+pub mod conflicts;

@@ -67,6 +67,33 @@ fn purge_tombstones(dboid: u32, subs: &[SubRow]) {
     }
 }
 
+/// Forgets conflicts older than 30 days (BDR 4 keeps a month of history)
+/// and dropped tables older than a day (skip_if_recently_dropped).
+fn purge_history() {
+    let r = BackgroundWorker::transaction(|| {
+        let old = Spi::connect(|c| {
+            c.select(
+                "SELECT EXISTS (SELECT 1 FROM bdr.conflict_history
+                                 WHERE local_time < now() - interval '30 days')
+                     OR EXISTS (SELECT 1 FROM bdr.dropped_relation
+                                 WHERE dropped_at < now() - interval '1 day')",
+                None,
+                &[],
+            )?
+            .first()
+            .get_one::<bool>()
+        })?;
+        if old == Some(true) {
+            Spi::run("DELETE FROM bdr.conflict_history WHERE local_time < now() - interval '30 days'")?;
+            Spi::run("DELETE FROM bdr.dropped_relation WHERE dropped_at < now() - interval '1 day'")?;
+        }
+        Ok::<(), pgrx::spi::Error>(())
+    });
+    if let Err(e) = r {
+        tracing::warn!("could not purge old conflict history: {e}");
+    }
+}
+
 enum Seen {
     Node(LocalNode, Vec<SubRow>),
     NoNode,
@@ -118,6 +145,7 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                 if crate::shmem::now() - last_purge > PURGE_EVERY_US {
                     last_purge = crate::shmem::now();
                     purge_tombstones(dboid, &subs);
+                    purge_history();
                 }
             }
             Ok(Seen::NoNode) => {

@@ -195,6 +195,19 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
         t.recv_lsn = start;
         t.flush_lsn = start;
     });
+    crate::stats::update(dboid, subid, |s| {
+        s.nconnect += 1;
+        s.connect_time = now();
+        s.start_lsn = start;
+    });
+    // Notes the disconnect however the stream ends (errors unwind through here).
+    struct Disconnect(u32, u32);
+    impl Drop for Disconnect {
+        fn drop(&mut self) {
+            crate::stats::update(self.0, self.1, |s| s.last_disconnect_time = now());
+        }
+    }
+    let _disconnect = Disconnect(dboid, subid);
     tracing::info!(
         "subscription \"{}\" streaming from node \"{}\" at {}",
         sub.sub_name,

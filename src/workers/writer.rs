@@ -7,6 +7,7 @@ use super::{attach_die_handlers, recording_errors, reload_config_if_asked};
 use crate::apply::Applier;
 use crate::catalog;
 use crate::shmem::{self, ExitKind};
+use crate::stats;
 use bdr_core::protocol;
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
@@ -22,12 +23,28 @@ pub extern "C-unwind" fn bdr_writer_main(arg: pg_sys::Datum) {
         return;
     };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(task.dboid)), None);
+    let (dboid, subid) = (task.dboid, task.subid);
     recording_errors(idx, generation, "writer", || {
-        run(idx, generation, task.subid, &extra)
+        pgrx::PgTryBuilder::new(|| run(idx, generation, dboid, subid, &extra))
+            .catch_others(|e| {
+                // Any error ends this writer; count it for bdr.stat_subscription.
+                let deadlock = matches!(&e,
+                    pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+                    | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+                        if r.sql_error_code() == PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED);
+                stats::update(dboid, subid, |s| {
+                    s.nerror += 1;
+                    if deadlock {
+                        s.ndeadlocks += 1;
+                    }
+                });
+                e.rethrow()
+            })
+            .execute()
     });
 }
 
-fn run(idx: usize, generation: u64, subid: u32, extra: &str) {
+fn run(idx: usize, generation: u64, dboid: u32, subid: u32, extra: &str) {
     // The receiver that launched us passed its queues' segment.
     let dsm: u32 = extra.parse().unwrap_or(0);
     let Some(queues) = queue::attach(dsm) else {
@@ -62,7 +79,13 @@ fn run(idx: usize, generation: u64, subid: u32, extra: &str) {
         pg_sys::replorigin_session_get_progress(false)
     };
 
-    let mut applier = Applier::new(local.node_id, sub.origin_node_id, progress);
+    stats::update(dboid, subid, |s| {
+        s.curr_ncommit = 0;
+        if s.last_failed_lsn != 0 {
+            s.nretries += 1;
+        }
+    });
+    let mut applier = Applier::new(local.node_id, sub.origin_node_id, progress, dboid, subid);
     loop {
         let msg = match queues.to_writer.receive(false) {
             Recv::Msg(b) => protocol::decode(b).unwrap_or_else(|e| {
@@ -78,7 +101,16 @@ fn run(idx: usize, generation: u64, subid: u32, extra: &str) {
             protocol::Message::Commit { commit_time, .. } => Some(*commit_time),
             _ => None,
         };
-        if let Some((remote_end, local_end)) = applier.handle(msg) {
+        let done = applier.handle(msg);
+        if let Some(stop) = applier.take_stop() {
+            // A resolver said `error`: nothing of this transaction is kept;
+            // the receiver restarts us from the same position after backoff.
+            applier.abort_for(&stop);
+            pgrx::pg_sys::panic::ErrorReport::new(stop.code, stop.message, "bdr writer")
+                .set_hint(stop.hint)
+                .report(pgrx::PgLogLevel::ERROR);
+        }
+        if let Some((remote_end, local_end)) = done {
             if queues
                 .from_writer
                 .send(&queue::encode_ack(remote_end, local_end), false)

@@ -319,3 +319,246 @@ mod model_tests {
             .contains("insert_or_skip"));
     }
 }
+
+/// What the writer does with the incoming change after a conflict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Apply the remote change (for update_missing: insert the row; for a
+    /// missing column: leave that column out).
+    ApplyRemote,
+    /// Keep the local data and drop the remote change.
+    Skip,
+    /// Stop applying: the writer rolls back and retries from the same
+    /// transaction until the local data or the resolver changes.
+    Error,
+}
+
+impl Outcome {
+    /// The `conflict_resolution` recorded in `bdr.conflict_history`.
+    pub fn resolution(self) -> &'static str {
+        match self {
+            Outcome::ApplyRemote => "apply_remote",
+            Outcome::Skip => "skip",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// What the writer knows about a conflict when it resolves it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Facts {
+    /// The remote change is newer than the local row's last write (commit
+    /// timestamp, ties to the higher node id).
+    pub remote_newer: bool,
+    /// The change carries the whole new row (no unchanged TOAST values), so
+    /// it can be inserted.
+    pub full_row: bool,
+    /// target_column_missing: the value the local table has no column for is NULL.
+    pub value_is_null: bool,
+    /// target_table_missing: a table of that name was dropped here within
+    /// the last day (`RECENTLY_DROPPED_US`).
+    pub recently_dropped: bool,
+}
+
+/// How long a dropped table counts as recently dropped for
+/// `skip_if_recently_dropped` (BDR 4: one day).
+pub const RECENTLY_DROPPED_US: i64 = 24 * 3600 * 1_000_000;
+
+/// Applies `resolver` to a conflict of type `t`. A resolver that does not
+/// fit the type (only possible if the catalog was edited by hand) falls back
+/// to the type's default.
+pub fn resolve(t: ConflictType, resolver: Resolver, f: Facts) -> Outcome {
+    use Outcome::*;
+    let resolver = if t.allowed_resolvers().contains(&resolver) {
+        resolver
+    } else {
+        t.default_resolver()
+    };
+    match resolver {
+        Resolver::Error => Error,
+        Resolver::Skip | Resolver::SkipTransaction => Skip,
+        Resolver::Update => ApplyRemote,
+        Resolver::UpdateIfNewer => {
+            if f.remote_newer {
+                ApplyRemote
+            } else {
+                Skip
+            }
+        }
+        Resolver::InsertOrSkip => {
+            if f.full_row {
+                ApplyRemote
+            } else {
+                Skip
+            }
+        }
+        Resolver::InsertOrError => {
+            if f.full_row {
+                ApplyRemote
+            } else {
+                Error
+            }
+        }
+        Resolver::Ignore | Resolver::UseDefaultValue => ApplyRemote,
+        Resolver::IgnoreIfNull => {
+            if f.value_is_null {
+                ApplyRemote
+            } else {
+                Error
+            }
+        }
+        Resolver::SkipIfRecentlyDropped => {
+            if f.recently_dropped {
+                Skip
+            } else {
+                Error
+            }
+        }
+    }
+}
+
+/// A node's conflict settings: the resolver per type and what is logged
+/// where (`bdr.alter_node_set_conflict_resolver`, `bdr.alter_node_set_log_config`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConflictConfig {
+    pub resolvers: [Resolver; 13],
+    pub log_to_file: bool,
+    pub log_to_table: bool,
+    /// Only these types are logged; `None` logs every type.
+    pub log_types: Option<Vec<ConflictType>>,
+    /// Only conflicts resolved these ways are logged; `None` logs all.
+    pub log_resolutions: Option<Vec<String>>,
+}
+
+impl Default for ConflictConfig {
+    fn default() -> Self {
+        ConflictConfig {
+            resolvers: ConflictType::ALL.map(|t| t.default_resolver()),
+            log_to_file: true,
+            log_to_table: true,
+            log_types: None,
+            log_resolutions: None,
+        }
+    }
+}
+
+impl ConflictConfig {
+    pub fn resolver(&self, t: ConflictType) -> Resolver {
+        self.resolvers[t as usize]
+    }
+
+    pub fn set_resolver(&mut self, t: ConflictType, r: Resolver) {
+        self.resolvers[t as usize] = r;
+    }
+
+    /// Whether a conflict of type `t` resolved as `o` is logged at all.
+    pub fn logs(&self, t: ConflictType, o: Outcome) -> bool {
+        self.log_types.as_ref().is_none_or(|v| v.contains(&t))
+            && self
+                .log_resolutions
+                .as_ref()
+                .is_none_or(|v| v.iter().any(|r| r == o.resolution()))
+    }
+}
+
+/// The resolutions `bdr.alter_node_set_log_config` accepts in its filter.
+pub const RESOLUTIONS: [&str; 3] = ["apply_remote", "skip", "error"];
+
+/// `bdr.maximum_clock_skew`: what to do with a remote commit at
+/// `remote_ts` when the local clock reads `now` (both in microseconds).
+/// Returns how far (microseconds) the remote commit is further in the future
+/// than the skew allows, or `None` when it is within bounds or the check is
+/// off (`max_skew_ms < 0`). With `WAIT`, the writer waits that long.
+pub fn clock_skew_excess(remote_ts: i64, now: i64, max_skew_ms: i32) -> Option<i64> {
+    if max_skew_ms < 0 {
+        return None;
+    }
+    let allowed = now.saturating_add(max_skew_ms as i64 * 1000);
+    (remote_ts > allowed).then(|| remote_ts - allowed)
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::*;
+
+    fn facts() -> Facts {
+        Facts::default()
+    }
+
+    #[test]
+    fn update_if_newer_follows_the_timestamp_rule() {
+        let t = ConflictType::InsertExists;
+        let newer = Facts {
+            remote_newer: true,
+            ..facts()
+        };
+        assert_eq!(resolve(t, Resolver::UpdateIfNewer, newer), Outcome::ApplyRemote);
+        assert_eq!(resolve(t, Resolver::UpdateIfNewer, facts()), Outcome::Skip);
+        assert_eq!(resolve(t, Resolver::Update, facts()), Outcome::ApplyRemote);
+        assert_eq!(resolve(t, Resolver::Skip, newer), Outcome::Skip);
+        assert_eq!(resolve(t, Resolver::Error, newer), Outcome::Error);
+    }
+
+    #[test]
+    fn update_missing_inserts_only_a_whole_row() {
+        let t = ConflictType::UpdateMissing;
+        let full = Facts {
+            full_row: true,
+            ..facts()
+        };
+        assert_eq!(resolve(t, Resolver::InsertOrSkip, full), Outcome::ApplyRemote);
+        assert_eq!(resolve(t, Resolver::InsertOrSkip, facts()), Outcome::Skip);
+        assert_eq!(resolve(t, Resolver::InsertOrError, facts()), Outcome::Error);
+        assert_eq!(resolve(t, Resolver::InsertOrError, full), Outcome::ApplyRemote);
+    }
+
+    #[test]
+    fn missing_columns_and_tables() {
+        let null = Facts {
+            value_is_null: true,
+            ..facts()
+        };
+        let t = ConflictType::TargetColumnMissing;
+        assert_eq!(resolve(t, Resolver::IgnoreIfNull, null), Outcome::ApplyRemote);
+        assert_eq!(resolve(t, Resolver::IgnoreIfNull, facts()), Outcome::Error);
+        assert_eq!(resolve(t, Resolver::Ignore, facts()), Outcome::ApplyRemote);
+        let dropped = Facts {
+            recently_dropped: true,
+            ..facts()
+        };
+        let t = ConflictType::TargetTableMissing;
+        assert_eq!(resolve(t, Resolver::SkipIfRecentlyDropped, dropped), Outcome::Skip);
+        assert_eq!(resolve(t, Resolver::SkipIfRecentlyDropped, facts()), Outcome::Error);
+    }
+
+    #[test]
+    fn a_resolver_that_does_not_fit_falls_back_to_the_default() {
+        let t = ConflictType::DeleteMissing;
+        assert_eq!(resolve(t, Resolver::Update, facts()), Outcome::Skip);
+    }
+
+    #[test]
+    fn log_filters() {
+        let mut c = ConflictConfig::default();
+        assert!(c.logs(ConflictType::InsertExists, Outcome::Skip));
+        c.log_types = Some(vec![ConflictType::DeleteMissing]);
+        assert!(!c.logs(ConflictType::InsertExists, Outcome::Skip));
+        assert!(c.logs(ConflictType::DeleteMissing, Outcome::Skip));
+        c.log_resolutions = Some(vec!["apply_remote".into()]);
+        assert!(!c.logs(ConflictType::DeleteMissing, Outcome::Skip));
+        c.set_resolver(ConflictType::DeleteMissing, Resolver::Error);
+        assert_eq!(c.resolver(ConflictType::DeleteMissing), Resolver::Error);
+        assert_eq!(
+            ConflictConfig::default().resolver(ConflictType::UpdateMissing),
+            Resolver::InsertOrSkip
+        );
+    }
+
+    #[test]
+    fn clock_skew() {
+        assert_eq!(clock_skew_excess(10_000_000, 0, -1), None);
+        assert_eq!(clock_skew_excess(5_000, 10_000, 0), None);
+        assert_eq!(clock_skew_excess(3_000_000, 0, 1000), Some(2_000_000));
+        assert_eq!(clock_skew_excess(1_000_000, 0, 1000), None);
+    }
+}

@@ -83,6 +83,9 @@ pub enum Status {
     /// Registered and validated; the feature behind it does not work yet.
     /// Setting a non-default value logs a WARNING that names the setting.
     NotYet,
+    /// The default value is honoured; other values are not implemented yet
+    /// and warn like `NotYet`.
+    DefaultOnly,
 }
 
 impl Status {
@@ -90,6 +93,7 @@ impl Status {
         match self {
             Status::Honoured => "honoured",
             Status::NotYet => "not yet implemented",
+            Status::DefaultOnly => "only the default value is implemented",
         }
     }
 }
@@ -218,7 +222,7 @@ pub const SETTINGS: &[Setting] = &[
     // Conflict handling
     e("bdr.default_conflict_detection", "row_origin",
         &["row_origin", "row_version", "column_commit_timestamp", "column_modify_timestamp"], &[],
-        Suset, NotYet, "Conflict detection method for tables that do not set their own."),
+        Suset, DefaultOnly, "Conflict detection method for tables that do not set their own."),
     // Global sequences
     e("bdr.default_sequence_kind", "distributed",
         &["distributed", "local", "timeshard", "galloc", "snowflakeid"], &[],
@@ -260,10 +264,10 @@ pub const SETTINGS: &[Setting] = &[
     b("bdr.permit_unsafe_commands", false, Suset, Honoured, "Override the safety checks on commands deemed unsafe."),
     i("bdr.batch_inserts", 1, 1, 1_000_000, Unit::None, Userset, NotYet,
         "Number of consecutive inserts to one table in one transaction after which they are applied as a batch."),
-    i("bdr.maximum_clock_skew", -1, -1, MAX_INT, Ms, Userset, NotYet,
+    i("bdr.maximum_clock_skew", -1, -1, MAX_INT, Ms, Userset, Honoured,
         "Largest difference allowed between a remote commit timestamp and the local clock; -1 disables the check."),
     e("bdr.maximum_clock_skew_action", "warn", &["warn", "wait"], &[],
-        Userset, NotYet, "What to do when bdr.maximum_clock_skew is exceeded."),
+        Userset, Honoured, "What to do when bdr.maximum_clock_skew is exceeded."),
     b("bdr.accept_connections", true, Suset, NotYet, "Accept replication connections from other BDR nodes."),
     i("bdr.writer_input_queue_size", 1024, 32, 1_048_576, Kb, Sighup, Honoured,
         "Size of the shared memory queue from a receiver to its writer."),
@@ -316,7 +320,7 @@ pub const SETTINGS: &[Setting] = &[
         "Log level at which BDR writes its debug messages."),
     e("bdr.trace_level", "debug2", LOG_LEVELS, &[], Postmaster, Honoured,
         "Log level at which BDR writes its trace messages."),
-    b("bdr.track_subscription_apply", true, Userset, NotYet, "Track apply statistics per subscription."),
+    b("bdr.track_subscription_apply", true, Userset, Honoured, "Track apply statistics per subscription."),
     b("bdr.track_relation_apply", false, Userset, NotYet, "Track apply statistics per relation."),
     b("bdr.track_apply_lock_timing", false, Userset, NotYet, "Track lock timing in the relation apply statistics."),
     // Raft
