@@ -544,8 +544,16 @@ fn an_older_update_waiting_behind_a_newer_one_loses() {
     assert!(
         log.lines().any(
             |l| l.contains("CONFLICT: update_origin_change on \"public\".\"kv\"")
-                && l.contains("resolution: skip")
+                && l.contains("resolution skip")
         ),
         "no conflict logged on node2"
+    );
+    assert_eq!(
+        one(
+            &mut n2,
+            "SELECT string_agg(conflict_resolution || ':' || (remote_tuple->>'v'), ',' ORDER BY 1)
+               FROM bdr.conflict_history WHERE relname = 'kv' AND key_tuple->>'id' = '1'"
+        ),
+        "apply_remote:node3 (newer),skip:node1 (older)"
     );
 }
