@@ -99,6 +99,8 @@ psql_on "${ports[2]}" -d bdrdemo -c "UPDATE accounts SET note = 'written on node
 wait
 wait_all
 show_all "SELECT id, owner, note, pg_xact_commit_timestamp(xmin) AS last_write FROM accounts WHERE id = 3"
+echo "    Each node logged the conflicts it met, and how they were resolved:"
+show_all "SELECT conflict_type, conflict_resolution, remote_tuple->>'note' AS incoming, local_tuple->>'note' AS local FROM bdr.conflict_history WHERE relname = 'accounts' ORDER BY local_time"
 
 echo
 echo "==> node2 goes down; node1 keeps writing; node2 comes back and catches up"
