@@ -40,6 +40,8 @@ enum PlanKey {
     Delete,
     /// The local row at a ctid as JSON (conflict history).
     LocalJson,
+    /// The key columns of the local row at a ctid, as text.
+    KeyAt,
     /// These remote columns' values as a JSON object (conflict history).
     Json(Vec<usize>),
 }
@@ -110,6 +112,7 @@ pub struct Stop {
     pub message: String,
     pub hint: String,
     pub code: PgSqlErrorCode,
+    conflict_type: ConflictType,
     history: Option<Vec<Option<String>>>,
 }
 
@@ -125,6 +128,8 @@ pub struct Applier {
     counts: TxnCounts,
     stop: Option<Stop>,
     history_plan: pg_sys::SPIPlanPtr,
+    /// Conflict history rows of the running transaction, written at commit.
+    pending_history: Vec<Vec<Option<String>>>,
     dropped_plan: pg_sys::SPIPlanPtr,
     /// When the last clock skew warning was logged.
     skew_warned_at: i64,
@@ -211,6 +216,10 @@ fn keep_plan(sql: &str, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
     }
 }
 
+/// The remote transaction (commit LSN) being applied, 0 between
+/// transactions: the writer's error accounting reads it.
+pub static CURRENT_REMOTE_LSN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Columns of `bdr.conflict_history` a writer fills, all passed as text.
 const HISTORY_COLUMNS: &str = "sub_id, local_xid, local_lsn, remote_xid, remote_commit_lsn,
     remote_commit_time, conflict_type, conflict_resolution, conflict_index, reloid, nspname,
@@ -288,7 +297,11 @@ unsafe fn first_text_and_free() -> Option<String> {
         None
     } else {
         let p = pg_sys::SPI_getvalue(*(*tt).vals, (*tt).tupdesc, 1);
-        (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+        (!p.is_null()).then(|| {
+            let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+            pg_sys::pfree(p as *mut std::ffi::c_void);
+            s
+        })
     };
     pg_sys::SPI_freetuptable(tt);
     v
@@ -302,9 +315,10 @@ unsafe fn first_text_and_free() -> Option<String> {
 ///
 /// # Safety
 /// Inside an SPI connection, with a snapshot.
-unsafe fn index_rows(oid: pg_sys::Oid) -> Vec<(pg_sys::Oid, String)> {
+unsafe fn index_rows(oid: pg_sys::Oid) -> Vec<(pg_sys::Oid, String, bool)> {
     let q = format!(
-        "SELECT i.indexrelid, pg_catalog.array_to_string(i.indkey::int2[], ' ')
+        "SELECT i.indexrelid, pg_catalog.array_to_string((i.indkey::int2[])[0:i.indnkeyatts - 1], ' '),
+                i.indisprimary
            FROM pg_catalog.pg_index i
           WHERE i.indrelid = {} AND i.indisunique AND i.indisvalid AND i.indimmediate
             AND i.indpred IS NULL AND i.indexprs IS NULL
@@ -312,7 +326,7 @@ unsafe fn index_rows(oid: pg_sys::Oid) -> Vec<(pg_sys::Oid, String)> {
         oid.to_u32()
     );
     let c = CString::new(q).unwrap_or_default();
-    let mut rows: Vec<(pg_sys::Oid, String)> = Vec::new();
+    let mut rows: Vec<(pg_sys::Oid, String, bool)> = Vec::new();
     spi_check(pg_sys::SPI_execute(c.as_ptr(), true, 0), "reading a table's indexes");
     let tt = pg_sys::SPI_tuptable;
     for i in 0..pg_sys::SPI_processed as usize {
@@ -320,9 +334,11 @@ unsafe fn index_rows(oid: pg_sys::Oid) -> Vec<(pg_sys::Oid, String)> {
         let mut isnull = false;
         let d = pg_sys::SPI_getbinval(tup, (*tt).tupdesc, 1, &mut isnull);
         let cols = pg_sys::SPI_getvalue(tup, (*tt).tupdesc, 2);
+        let primary = pg_sys::SPI_getbinval(tup, (*tt).tupdesc, 3, &mut isnull).value() != 0;
         rows.push((
             pg_sys::Oid::from(d.value() as u32),
             CStr::from_ptr(cols).to_string_lossy().into_owned(),
+            primary,
         ));
     }
     rows
@@ -333,35 +349,53 @@ unsafe fn index_rows(oid: pg_sys::Oid) -> Vec<(pg_sys::Oid, String)> {
 /// remote column indexes. Indexes on columns the peer does not send are
 /// left out.
 fn unique_indexes(
-    rows: Vec<(pg_sys::Oid, String)>,
+    rows: Vec<(pg_sys::Oid, String, bool)>,
     local: &[LocalCol],
     map: &[Option<usize>],
     key: &[usize],
-) -> (Option<pg_sys::Oid>, Vec<UniqueIndex>) {
-    let mut sorted_key = key.to_vec();
+) -> (Vec<usize>, Option<pg_sys::Oid>, Vec<UniqueIndex>) {
+    let resolved: Vec<(pg_sys::Oid, Vec<usize>, bool)> = rows
+        .into_iter()
+        .filter_map(|(ioid, cols, primary)| {
+            let remote: Option<Vec<usize>> = cols
+                .split_whitespace()
+                .map(|a| {
+                    let attnum: i16 = a.parse().ok()?;
+                    let li = local.iter().position(|l| l.attnum == attnum)?;
+                    map.iter().position(|m| *m == Some(li))
+                })
+                .collect();
+            remote
+                .filter(|r| !r.is_empty())
+                .map(|r| (ioid, r, primary))
+        })
+        .collect();
+    // REPLICA IDENTITY FULL marks no key columns; the primary key still
+    // identifies rows for conflicts.
+    let key: Vec<usize> = if key.is_empty() {
+        resolved
+            .iter()
+            .find(|r| r.2)
+            .map(|r| r.1.clone())
+            .unwrap_or_default()
+    } else {
+        key.to_vec()
+    };
+    let mut sorted_key = key.clone();
     sorted_key.sort_unstable();
     let mut key_index = None;
     let mut uniques = Vec::new();
-    for (ioid, cols) in rows {
-        let remote: Option<Vec<usize>> = cols
-            .split_whitespace()
-            .map(|a| {
-                let attnum: i16 = a.parse().ok()?;
-                let li = local.iter().position(|l| l.attnum == attnum)?;
-                map.iter().position(|m| *m == Some(li))
-            })
-            .collect();
-        let Some(mut remote) = remote else { continue };
-        let mut sorted = remote.clone();
+    for (ioid, mut cols, _) in resolved {
+        let mut sorted = cols.clone();
         sorted.sort_unstable();
         if key_index.is_none() && sorted == sorted_key {
             key_index = Some(ioid);
-        } else if !remote.is_empty() {
-            remote.dedup();
-            uniques.push(UniqueIndex { oid: ioid, cols: remote });
+        } else {
+            cols.dedup();
+            uniques.push(UniqueIndex { oid: ioid, cols });
         }
     }
-    (key_index, uniques)
+    (key, key_index, uniques)
 }
 
 thread_local! {
@@ -391,12 +425,60 @@ fn take_invalidated(oid: pg_sys::Oid) -> bool {
     })
 }
 
+/// Runs `f` in a subtransaction: on an ERROR it is rolled back and the
+/// error's message returned, and the enclosing transaction goes on.
+fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    // SAFETY: the pattern of PL/pgSQL's exception blocks: memory context and
+    // resource owner are restored on both paths; pgrx has copied and flushed
+    // the error before the catch closure runs.
+    unsafe {
+        let old_cxt = pg_sys::CurrentMemoryContext;
+        let old_owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(old_cxt);
+        let f = std::panic::AssertUnwindSafe(f);
+        let r = pgrx::PgTryBuilder::new(move || {
+            let f = f;
+            Ok((f.0)())
+        })
+        .catch_others(|e| {
+            Err(match e {
+                pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+                | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+                | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                    r.message().to_string()
+                }
+            })
+        })
+        .execute();
+        match r {
+            Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),
+            Err(_) => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
+        }
+        pg_sys::MemoryContextSwitchTo(old_cxt);
+        pg_sys::CurrentResourceOwner = old_owner;
+        r
+    }
+}
+
+fn same_tid(a: &pg_sys::ItemPointerData, b: &pg_sys::ItemPointerData) -> bool {
+    a.ip_blkid.bi_hi == b.ip_blkid.bi_hi
+        && a.ip_blkid.bi_lo == b.ip_blkid.bi_lo
+        && a.ip_posid == b.ip_posid
+}
+
 /// A relation name for log lines and the history.
 fn relname_of(oid: pg_sys::Oid) -> Option<String> {
     // SAFETY: returns NULL for an oid that is no relation.
     let p = unsafe { pg_sys::get_rel_name(oid) };
-    // SAFETY: a palloc'd C string when not NULL.
-    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    (!p.is_null()).then(|| {
+        // SAFETY: a palloc'd C string, freed once copied.
+        unsafe {
+            let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+            pg_sys::pfree(p as *mut std::ffi::c_void);
+            s
+        }
+    })
 }
 
 impl Applier {
@@ -437,6 +519,7 @@ impl Applier {
             counts: TxnCounts::default(),
             stop: None,
             history_plan: std::ptr::null_mut(),
+            pending_history: Vec::new(),
             dropped_plan: std::ptr::null_mut(),
             skew_warned_at: 0,
             rels: HashMap::new(),
@@ -469,6 +552,7 @@ impl Applier {
                 self.commit_ts = commit_time;
                 self.remote_xid = xid;
                 self.remote_final_lsn = final_lsn;
+                CURRENT_REMOTE_LSN.store(final_lsn, std::sync::atomic::Ordering::Relaxed);
                 // Streaming resumes at the origin's progress, so this only
                 // catches a peer that sends again what we already have.
                 self.skip_txn = final_lsn != 0 && final_lsn < self.applied_up_to;
@@ -508,7 +592,9 @@ impl Applier {
                 self.counts.ninsert += 1;
                 self.row(|a| {
                     if a.table_present(relid, &new) {
-                        a.insert(relid, &new, ConflictType::InsertExists)
+                        if let Some(cols) = a.present_cols(relid, &new, true) {
+                            a.insert(relid, &new, &cols, ConflictType::InsertExists, true)
+                        }
                     }
                 });
                 None
@@ -554,11 +640,16 @@ impl Applier {
 
     fn begin(&mut self) {
         // After a relcache reset every mapping may be stale.
-        let all = INVALIDATED.with(|i| std::mem::take(&mut i.borrow_mut().0));
-        if all {
-            let oids: Vec<u32> = self.rels.values().map(|r| r.local_oid.to_u32()).collect();
-            INVALIDATED.with(|i| i.borrow_mut().1.extend(oids));
-        }
+        let mapped: std::collections::HashSet<u32> =
+            self.rels.values().map(|r| r.local_oid.to_u32()).collect();
+        INVALIDATED.with(|i| {
+            let mut i = i.borrow_mut();
+            if std::mem::take(&mut i.0) {
+                i.1.extend(mapped.iter().copied());
+            }
+            // Other tables' invalidations do not concern us.
+            i.1.retain(|o| mapped.contains(o));
+        });
         // SAFETY: starts the local transaction the remote one is applied in.
         unsafe {
             pg_sys::SetCurrentStatementStartTimestamp();
@@ -580,6 +671,7 @@ impl Applier {
         unsafe { spi_check(pg_sys::SPI_connect(), "connecting to SPI") };
         self.in_txn = true;
         self.counts = TxnCounts::default();
+        self.pending_history.clear();
         self.key_locks.clear();
         self.escalated.clear();
     }
@@ -619,6 +711,7 @@ impl Applier {
     }
 
     fn commit(&mut self, end_lsn: u64, commit_time: i64) -> u64 {
+        self.flush_history();
         // SAFETY: ends the transaction begun in `begin`. Setting the origin's
         // LSN and timestamp first makes the commit record carry them, which
         // advances the origin atomically and gives the rows the remote time.
@@ -631,9 +724,8 @@ impl Applier {
         }
         self.in_txn = false;
         self.ncommits += 1;
-        if crate::guc::get_bool(crate::guc::TRACK_SUBSCRIPTION_APPLY) {
-            stats::add_commit(self.dboid, self.sub_id, &self.counts);
-        }
+        CURRENT_REMOTE_LSN.store(0, std::sync::atomic::Ordering::Relaxed);
+        stats::add_commit(self.dboid, self.sub_id, self.remote_final_lsn, &self.counts);
         // SAFETY: set by the commit just made (0 if it wrote no WAL).
         unsafe { pg_sys::XactLastCommitEnd }
     }
@@ -745,8 +837,8 @@ impl Applier {
             .filter(|(li, _)| !map.contains(&Some(*li)))
             .map(|(_, l)| l.name.clone())
             .collect();
-        let (key_index, uniques) = if missing {
-            (None, Vec::new())
+        let (key, key_index, uniques) = if missing {
+            (key, None, Vec::new())
         } else {
             unique_indexes(index_list, &local, &map, &key)
         };
@@ -769,6 +861,9 @@ impl Applier {
     /// target_table_missing conflict, resolved here; a table dropped and
     /// created again since it was described is described anew.
     fn table_present(&mut self, relid: u32, vals: &[Value]) -> bool {
+        if self.stop.is_some() {
+            return false;
+        }
         let (missing, oid) = {
             let r = self.rel(relid);
             (r.missing, r.local_oid)
@@ -865,7 +960,7 @@ impl Applier {
                 pg_sys::SPI_execute(q.as_ptr(), true, 1),
                 "looking up an origin",
             );
-            if pg_sys::SPI_processed == 0 {
+            let n = if pg_sys::SPI_processed == 0 {
                 0
             } else {
                 let mut isnull = false;
@@ -880,7 +975,11 @@ impl Applier {
                 } else {
                     d.value() as u32
                 }
+            };
+            if !pg_sys::SPI_tuptable.is_null() {
+                pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
             }
+            n
         };
         self.origin_nodes.insert(roident, node);
         node
@@ -893,14 +992,26 @@ impl Applier {
         }
     }
 
-    /// Applies an incoming row as an INSERT. `kind` is the conflict type to
-    /// report when its key is taken (insert_exists, or update_pkey_exists
-    /// for the new key of a key-changing UPDATE).
-    fn insert(&mut self, relid: u32, new: &[Value], kind: ConflictType) {
+    /// Applies an incoming row as an INSERT of remote columns `cols`. `kind`
+    /// is the conflict type to report when its key is taken (insert_exists,
+    /// or update_pkey_exists for the new key of a key-changing UPDATE).
+    /// `check_tombstone`: false when a resolver chose to insert over a newer
+    /// delete (update_recently_deleted with insert_or_*).
+    fn insert(
+        &mut self,
+        relid: u32,
+        new: &[Value],
+        cols: &[usize],
+        kind: ConflictType,
+        check_tombstone: bool,
+    ) {
         let key = self.rel(relid).key.clone();
         if key.is_empty() {
-            if let Some(cols) = self.present_cols(relid, new, true) {
-                self.exec_insert(relid, &cols, new);
+            let others = self.unique_collisions(relid, new, None);
+            if others.is_empty() {
+                self.exec_insert(relid, cols, new);
+            } else {
+                self.resolve_insert_collisions(relid, new, cols, kind, None, others);
             }
             return;
         }
@@ -909,9 +1020,9 @@ impl Applier {
         // or, if a local session inserted the key meanwhile, resolve against it.
         for _ in 0..4 {
             let pk = self.find(relid, &key, new, false);
-            let mut others = self.unique_collisions(relid, new, pk.as_ref().map(|f| f.ctid));
+            let others = self.unique_collisions(relid, new, pk.as_ref().map(|f| f.ctid));
             if !others.is_empty() {
-                self.resolve_unique_collisions(relid, new, kind, pk, &mut others);
+                self.resolve_insert_collisions(relid, new, cols, kind, pk, others);
                 return;
             }
             match pk {
@@ -938,21 +1049,20 @@ impl Applier {
                         },
                     );
                     if o == Outcome::ApplyRemote {
-                        self.apply_update(relid, f.ctid, new);
+                        self.exec_update(relid, f.ctid, cols, new);
                     }
                     return;
                 }
-                None if !locked => {
-                    locked = true;
-                    if self.lock_key(relid, &key, new) {
-                        continue;
-                    }
-                    if self.deleted_later(relid, &key, new) || self.try_insert(relid, new) {
-                        return;
-                    }
-                }
                 None => {
-                    if self.deleted_later(relid, &key, new) || self.try_insert(relid, new) {
+                    if !locked {
+                        locked = true;
+                        if self.lock_key(relid, &key, new) {
+                            continue;
+                        }
+                    }
+                    if (check_tombstone && self.deleted_later(relid, &key, new))
+                        || self.exec_insert(relid, cols, new)
+                    {
                         return;
                     }
                 }
@@ -962,23 +1072,6 @@ impl Applier {
             "a row replicated into {} conflicts with a local row on a unique index bdr cannot check (partial, on expressions or deferred)",
             self.rel(relid).qualified
         );
-    }
-
-    /// Inserts the row unless a unique index already holds its values;
-    /// true when the row is in (or a resolver dropped it).
-    fn try_insert(&mut self, relid: u32, new: &[Value]) -> bool {
-        match self.present_cols(relid, new, true) {
-            Some(cols) => self.exec_insert(relid, &cols, new),
-            None => true,
-        }
-    }
-
-    /// Updates the row at `ctid` with the incoming values, after the
-    /// missing-column checks.
-    fn apply_update(&mut self, relid: u32, ctid: pg_sys::ItemPointerData, new: &[Value]) {
-        if let Some(cols) = self.present_cols(relid, new, false) {
-            self.exec_update(relid, ctid, &cols, new);
-        }
     }
 
     /// Local rows other than `except` that hold the incoming row's values
@@ -994,24 +1087,21 @@ impl Applier {
             .uniques
             .iter()
             .filter(|u| {
-                u.cols
-                    .iter()
-                    .all(|&i| !matches!(new.get(i), None | Some(Value::Null) | Some(Value::UnchangedToast)))
+                u.cols.iter().all(|&i| {
+                    !matches!(
+                        new.get(i),
+                        None | Some(Value::Null) | Some(Value::UnchangedToast)
+                    )
+                })
             })
             .map(|u| (u.oid, u.cols.clone()))
             .collect();
         let mut found: Vec<(pg_sys::Oid, Found)> = Vec::new();
         for (oid, cols) in checks {
             if let Some(f) = self.find(relid, &cols, new, false) {
-                let same = |a: &pg_sys::ItemPointerData, b: &pg_sys::ItemPointerData| {
-                    a.ip_blkid.bi_hi == b.ip_blkid.bi_hi
-                        && a.ip_blkid.bi_lo == b.ip_blkid.bi_lo
-                        && a.ip_posid == b.ip_posid
-                };
-                if except.is_some_and(|e| same(&e, &f.ctid)) {
-                    continue;
-                }
-                if found.iter().any(|(_, g)| same(&g.ctid, &f.ctid)) {
+                if except.is_some_and(|e| same_tid(&e, &f.ctid))
+                    || found.iter().any(|(_, g)| same_tid(&g.ctid, &f.ctid))
+                {
                     continue;
                 }
                 found.push((oid, f));
@@ -1020,24 +1110,28 @@ impl Applier {
         found
     }
 
-    /// The incoming row collides on secondary unique indexes. One local row
-    /// and no row with its key: insert_exists (or `kind`) against that row.
-    /// More rows: multiple_unique_conflicts, which `update` resolves by
-    /// deleting the others and keeping the row with the incoming key.
-    fn resolve_unique_collisions(
+    /// An incoming INSERT collides on unique indexes other than its key's.
+    /// One local row and none with its key: `kind` (insert_exists) against
+    /// that row; if the incoming row wins, the local row is deleted (its key
+    /// noted as deleted) and the incoming one inserted, so that the nodes
+    /// agree whichever side they see it from. More rows:
+    /// multiple_unique_conflicts, which `update` resolves by deleting the
+    /// others and keeping the row with the incoming key.
+    fn resolve_insert_collisions(
         &mut self,
         relid: u32,
         new: &[Value],
+        cols: &[usize],
         kind: ConflictType,
         pk: Option<Found>,
-        others: &mut Vec<(pg_sys::Oid, Found)>,
+        mut others: Vec<(pg_sys::Oid, Found)>,
     ) {
         let key = self.rel(relid).key.clone();
         if pk.is_none() && others.len() == 1 {
             let (index, f) = others.remove(0);
             let newer = remote_wins(self.remote_writer(), f.writer);
             let detail = format!(
-                "a local row holds the same values in unique index {}: {}",
+                "a local row with another key holds the same values in unique index {}: {}",
                 relname_of(index).unwrap_or_default(),
                 self.local_desc(&f)
             );
@@ -1060,34 +1154,66 @@ impl Applier {
                 },
             );
             if o == Outcome::ApplyRemote {
-                self.apply_update(relid, f.ctid, new);
+                self.delete_row(relid, &f);
+                self.exec_insert(relid, cols, new);
             }
             return;
         }
-        let names: Vec<String> = others
-            .iter()
-            .map(|(i, _)| relname_of(*i).unwrap_or_default())
-            .collect();
-        let nrows = others.len() + usize::from(pk.is_some());
-        let detail = format!(
-            "the incoming row conflicts with {nrows} local rows (unique indexes {}{})",
-            if pk.is_some() { "of the key, " } else { "" },
-            names.join(", ")
-        );
         let local = pk.as_ref().or(others.first().map(|(_, f)| f));
         let index = if pk.is_some() {
             self.rel(relid).key_index
         } else {
             others.first().map(|(i, _)| *i)
         };
+        if self.multiple_unique(relid, new, &key, new, index, local, &others) {
+            for (_, f) in &others {
+                self.delete_row(relid, f);
+            }
+            match pk {
+                Some(f) => self.exec_update(relid, f.ctid, cols, new),
+                None => {
+                    self.exec_insert(relid, cols, new);
+                }
+            }
+        }
+    }
+
+    /// Reports multiple_unique_conflicts; true when the incoming change is
+    /// to be applied (resolver `update`).
+    #[allow(clippy::too_many_arguments)]
+    fn multiple_unique(
+        &mut self,
+        relid: u32,
+        new: &[Value],
+        key: &[usize],
+        key_vals: &[Value],
+        index: Option<pg_sys::Oid>,
+        local: Option<&Found>,
+        others: &[(pg_sys::Oid, Found)],
+    ) -> bool {
+        let mut names: Vec<String> = others
+            .iter()
+            .map(|(i, _)| relname_of(*i).unwrap_or_default())
+            .collect();
+        let mut nrows = others.len();
+        if let (Some(i), Some(_)) = (index, local) {
+            if !others.iter().any(|(o, _)| *o == i) {
+                names.insert(0, relname_of(i).unwrap_or_default());
+                nrows += 1;
+            }
+        }
+        let detail = format!(
+            "the incoming row collides with {nrows} local rows (unique indexes {})",
+            names.join(", ")
+        );
         let newer = remote_wins(self.remote_writer(), local.and_then(|f| f.writer));
-        let o = self.conflict(
+        self.conflict(
             Seen {
                 t: ConflictType::MultipleUniqueConflicts,
                 relid,
                 index,
-                key: &key,
-                key_vals: new,
+                key,
+                key_vals,
                 remote: Some(new),
                 local,
                 applies_row: true,
@@ -1098,19 +1224,128 @@ impl Applier {
                 full_row: true,
                 ..Facts::default()
             },
-        );
-        if o != Outcome::ApplyRemote {
+        ) == Outcome::ApplyRemote
+    }
+
+    /// An incoming UPDATE of the row `f` (found by `lookup`'s `key`) gives
+    /// it values another local row holds in a unique index (its key or
+    /// another). One such row: update_pkey_exists, by default the newer
+    /// write keeps the values and the other row is deleted; that is, when
+    /// the update loses, the updated row goes, as it does on the node where
+    /// the other row won. More rows: multiple_unique_conflicts.
+    #[allow(clippy::too_many_arguments)]
+    fn resolve_update_collisions(
+        &mut self,
+        relid: u32,
+        new: &[Value],
+        cols: &[usize],
+        key: &[usize],
+        lookup: &[Value],
+        f: &Found,
+        others: Vec<(pg_sys::Oid, Found)>,
+    ) {
+        if others.len() == 1 {
+            let (index, l) = &others[0];
+            let newer = remote_wins(self.remote_writer(), l.writer);
+            let detail = format!(
+                "the updated row would hold values another local row holds in unique index {}: {}",
+                relname_of(*index).unwrap_or_default(),
+                self.local_desc(l)
+            );
+            let o = self.conflict(
+                Seen {
+                    t: ConflictType::UpdatePkeyExists,
+                    relid,
+                    index: Some(*index),
+                    key,
+                    key_vals: lookup,
+                    remote: Some(new),
+                    local: Some(l),
+                    applies_row: true,
+                    detail,
+                },
+                Facts {
+                    remote_newer: newer,
+                    full_row: !new.contains(&Value::UnchangedToast),
+                    ..Facts::default()
+                },
+            );
+            match o {
+                Outcome::ApplyRemote => {
+                    self.delete_row(relid, l);
+                    self.exec_update(relid, f.ctid, cols, new);
+                }
+                Outcome::Skip
+                    if self.config.resolver(ConflictType::UpdatePkeyExists)
+                        == Resolver::UpdateIfNewer =>
+                {
+                    self.delete_row(relid, f);
+                }
+                _ => {}
+            }
             return;
         }
-        for (_, f) in others.drain(..) {
-            self.exec_delete(relid, f.ctid);
+        let (index, local) = (Some(others[0].0), Some(&others[0].1));
+        if self.multiple_unique(relid, new, key, lookup, index, local, &others) {
+            for (_, l) in &others {
+                self.delete_row(relid, l);
+            }
+            self.exec_update(relid, f.ctid, cols, new);
         }
-        match pk {
-            Some(f) => self.apply_update(relid, f.ctid, new),
-            None => {
-                self.try_insert(relid, new);
+    }
+
+    /// Deletes a local row that lost a unique-key conflict, noting its key
+    /// as deleted like any applied delete.
+    fn delete_row(&mut self, relid: u32, f: &Found) {
+        let key = self.rel(relid).key.clone();
+        let vals = if key.is_empty() {
+            Vec::new()
+        } else {
+            self.key_values_at(relid, &key, f.ctid)
+        };
+        self.exec_delete(relid, f.ctid);
+        if !key.is_empty() {
+            self.note_deleted(relid, &key, &vals);
+        }
+    }
+
+    /// The key columns of the local row at `ctid`, as text values placed at
+    /// their remote column indexes.
+    fn key_values_at(
+        &mut self,
+        relid: u32,
+        key: &[usize],
+        mut ctid: pg_sys::ItemPointerData,
+    ) -> Vec<Value> {
+        let plan = self.plan(relid, PlanKey::KeyAt);
+        let n = self.rel(relid).remote.columns.len();
+        let mut vals = vec![Value::Null; n];
+        let mut datums = [pg_sys::Datum::from(
+            &mut ctid as *mut pg_sys::ItemPointerData,
+        )];
+        let nulls = [b' ' as std::ffi::c_char];
+        // SAFETY: a kept plan with one tid parameter; the one result row is
+        // read (and its strings freed) before the result is freed.
+        unsafe {
+            spi_check(
+                pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 1),
+                "reading a local key",
+            );
+            let tt = pg_sys::SPI_tuptable;
+            if !tt.is_null() && pg_sys::SPI_processed > 0 {
+                for (j, &i) in key.iter().enumerate() {
+                    let p = pg_sys::SPI_getvalue(*(*tt).vals, (*tt).tupdesc, j as i32 + 1);
+                    if !p.is_null() {
+                        vals[i] = Value::Text(CStr::from_ptr(p).to_string_lossy().into_owned());
+                        pg_sys::pfree(p as *mut std::ffi::c_void);
+                    }
+                }
+            }
+            if !tt.is_null() {
+                pg_sys::SPI_freetuptable(tt);
             }
         }
+        vals
     }
 
     /// "written by node N at T" for log lines.
@@ -1128,6 +1363,9 @@ impl Applier {
     /// Resolves a conflict with this node's resolver for its type, counts
     /// it, and logs it as configured. An `error` outcome stops the apply.
     fn conflict(&mut self, s: Seen<'_>, facts: Facts) -> Outcome {
+        if self.stop.is_some() {
+            return Outcome::Error;
+        }
         let resolver = self.config.resolver(s.t);
         let outcome = conflict::resolve(s.t, resolver, facts);
         self.counts.conflict(s.t);
@@ -1148,7 +1386,18 @@ impl Applier {
         if logs && self.config.log_to_file {
             log!("{line}");
         }
-        let history = (logs && self.config.log_to_table).then(|| self.history_row(&s, outcome));
+        // Read-only, so the subtransaction takes no transaction id.
+        let history = if logs && self.config.log_to_table {
+            match in_subtransaction(|| self.history_row(&s, outcome)) {
+                Ok(row) => Some(row),
+                Err(msg) => {
+                    warning!("could not describe a conflict for bdr.conflict_history: {msg}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         if outcome == Outcome::Error {
             let code = match s.t {
                 ConflictType::MultipleUniqueConflicts
@@ -1168,10 +1417,11 @@ impl Applier {
                     bdr_core::lsn::format(self.remote_final_lsn)
                 ),
                 code,
+                conflict_type: s.t,
                 history,
             });
         } else if let Some(row) = history {
-            self.insert_history(&row);
+            self.pending_history.push(row);
         }
         outcome
     }
@@ -1234,44 +1484,32 @@ impl Applier {
         self.history_plan
     }
 
-    /// Records a conflict in `bdr.conflict_history` in a subtransaction, so
-    /// that a failure to log never undoes the applied change.
-    fn insert_history(&mut self, row: &[Option<String>]) {
+    /// Writes the conflicts this transaction logged to `bdr.conflict_history`,
+    /// in one subtransaction just before commit, so that a failure to log
+    /// never undoes the applied changes.
+    fn flush_history(&mut self) {
+        if self.pending_history.is_empty() {
+            return;
+        }
+        let rows = std::mem::take(&mut self.pending_history);
         let plan = self.history_plan();
         let cxt = self.row_cxt;
-        // SAFETY: the subtransaction pattern of PL/pgSQL's exception blocks:
-        // memory context and resource owner are restored on both paths.
-        unsafe {
-            let old_cxt = pg_sys::CurrentMemoryContext;
-            let old_owner = pg_sys::CurrentResourceOwner;
-            pg_sys::BeginInternalSubTransaction(std::ptr::null());
-            pg_sys::MemoryContextSwitchTo(old_cxt);
-            let row = row.to_vec();
-            let failed = pgrx::PgTryBuilder::new(|| {
-                exec_texts(plan, &row, cxt);
-                None
-            })
-            .catch_others(|e| {
-                Some(match e {
-                    pgrx::pg_sys::panic::CaughtError::PostgresError(r)
-                    | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
-                    | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                        r.message().to_string()
-                    }
-                })
-            })
-            .execute();
-            match failed {
-                None => pg_sys::ReleaseCurrentSubTransaction(),
-                Some(msg) => {
-                    pg_sys::RollbackAndReleaseCurrentSubTransaction();
-                    warning!(
-                        "could not record a conflict in bdr.conflict_history: {msg}; the change is applied all the same"
-                    );
-                }
+        // SAFETY: the inserts need a snapshot; popped right after.
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+        let r = in_subtransaction(|| {
+            for row in &rows {
+                exec_texts(plan, row, cxt);
             }
-            pg_sys::MemoryContextSwitchTo(old_cxt);
-            pg_sys::CurrentResourceOwner = old_owner;
+        });
+        // SAFETY: pushed above; the subtransaction restored the stack.
+        unsafe { pg_sys::PopActiveSnapshot() };
+        // SAFETY: the per-row context holds only the insert's parameters.
+        unsafe { pg_sys::MemoryContextReset(cxt) };
+        if let Err(msg) = r {
+            warning!(
+                "could not record {} conflict(s) in bdr.conflict_history: {msg}; the changes are applied all the same",
+                rows.len()
+            );
         }
     }
 
@@ -1387,18 +1625,14 @@ impl Applier {
                 pg_sys::MemoryContextReset(self.row_cxt);
             }
         }
-        let counts = self.counts;
+        // The conflict that stopped the apply counts once, not per retry;
+        // the others of this attempt count when the transaction commits.
         let lsn = self.remote_final_lsn;
+        let t = stop.conflict_type;
         stats::update(self.dboid, self.sub_id, |s| {
             s.nabort += 1;
-            for (a, b) in s.conflicts.iter_mut().zip(counts.conflicts.iter()) {
-                *a += b;
-            }
-            if s.last_failed_lsn == lsn {
-                s.retries_at_same_lsn += 1;
-            } else {
-                s.retries_at_same_lsn = 0;
-                s.last_failed_lsn = lsn;
+            if s.last_failed_lsn != lsn {
+                s.conflicts[t as usize] += 1;
             }
         });
     }
@@ -1462,11 +1696,14 @@ impl Applier {
     fn update(&mut self, relid: u32, old: Option<&[Value]>, new: &[Value]) {
         let lookup = old.unwrap_or(new);
         let (key, full) = self.identity(relid, lookup, "UPDATE");
-        let key_changed = !full
-            && old.is_some()
-            && key.iter().any(|&i| lookup.get(i) != new.get(i))
-            && !new.contains(&Value::UnchangedToast);
+        let key_changed =
+            !full && old.is_some() && key.iter().any(|&i| lookup.get(i) != new.get(i));
         let full_row = !new.contains(&Value::UnchangedToast);
+        // Missing columns are resolved first, so that nothing of the change
+        // is applied when it is to be skipped.
+        let Some(cols) = self.present_cols(relid, new, false) else {
+            return;
+        };
         match self.find_or_lock(relid, &key, lookup, full) {
             Some(f) => {
                 let newer = remote_wins(self.remote_writer(), f.writer);
@@ -1500,7 +1737,7 @@ impl Applier {
                 } else {
                     newer
                 };
-                if key_changed {
+                if key_changed && full_row {
                     // A key change is the old row going and the new one
                     // coming, each resolved on its own: the new key may be
                     // taken here by a newer row (update_pkey_exists), and then
@@ -1509,19 +1746,26 @@ impl Applier {
                         self.exec_delete(relid, f.ctid);
                         self.note_deleted(relid, &key, lookup);
                     }
-                    self.insert(relid, new, ConflictType::UpdatePkeyExists);
+                    self.insert(relid, new, &cols, ConflictType::UpdatePkeyExists, true);
                 } else if apply {
-                    let mut others = self.unique_collisions(relid, new, Some(f.ctid));
+                    // In place (also a key change that kept TOASTed values,
+                    // which only the local row has).
+                    let mut others = Vec::new();
+                    if key_changed {
+                        if let Some(p) = self.find(relid, &key, new, false) {
+                            let index = self.rel(relid).key_index.unwrap_or(pg_sys::InvalidOid);
+                            others.push((index, p));
+                        }
+                    }
+                    for (i, o) in self.unique_collisions(relid, new, Some(f.ctid)) {
+                        if !others.iter().any(|(_, g)| same_tid(&g.ctid, &o.ctid)) {
+                            others.push((i, o));
+                        }
+                    }
                     if others.is_empty() {
-                        self.apply_update(relid, f.ctid, new);
+                        self.exec_update(relid, f.ctid, &cols, new);
                     } else {
-                        self.resolve_unique_collisions(
-                            relid,
-                            new,
-                            ConflictType::MultipleUniqueConflicts,
-                            Some(f),
-                            &mut others,
-                        );
+                        self.resolve_update_collisions(relid, new, &cols, &key, lookup, &f, others);
                     }
                 }
             }
@@ -1566,7 +1810,7 @@ impl Applier {
                     } else {
                         ConflictType::InsertExists
                     };
-                    self.insert(relid, new, kind);
+                    self.insert(relid, new, &cols, kind, !recently_deleted);
                 }
             }
         }
@@ -1982,6 +2226,19 @@ impl Applier {
             PlanKey::Delete => {
                 types.push(pg_sys::TIDOID);
                 format!("DELETE FROM ONLY {} WHERE ctid = $1", r.qualified)
+            }
+            PlanKey::KeyAt => {
+                types.push(pg_sys::TIDOID);
+                let cols: Vec<String> = r
+                    .key
+                    .iter()
+                    .map(|&i| format!("{}::text", quote_ident(col(i).0)))
+                    .collect();
+                format!(
+                    "SELECT {} FROM ONLY {} WHERE ctid = $1",
+                    cols.join(", "),
+                    r.qualified
+                )
             }
             PlanKey::LocalJson => {
                 types.push(pg_sys::TIDOID);

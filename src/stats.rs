@@ -81,8 +81,12 @@ pub fn init() {
 }
 
 /// Runs `f` on the counters of subscription `subid` of database `dboid`,
-/// creating them on first use. Does nothing when the table is full.
+/// creating them on first use. Does nothing when the table is full, or
+/// when `bdr.track_subscription_apply` is off in this worker.
 pub fn update(dboid: u32, subid: u32, f: impl FnOnce(&mut SubStats)) {
+    if !crate::guc::get_bool(crate::guc::TRACK_SUBSCRIPTION_APPLY) {
+        return;
+    }
     let mut s = STATS.exclusive();
     let i = s
         .subs
@@ -103,9 +107,14 @@ pub fn update(dboid: u32, subid: u32, f: impl FnOnce(&mut SubStats)) {
     }
 }
 
-/// Adds one applied transaction's counts.
-pub fn add_commit(dboid: u32, subid: u32, c: &TxnCounts) {
+/// Adds one applied transaction's counts (`final_lsn`: its remote commit).
+pub fn add_commit(dboid: u32, subid: u32, final_lsn: u64, c: &TxnCounts) {
     update(dboid, subid, |s| {
+        if s.last_failed_lsn != 0 && final_lsn >= s.last_failed_lsn {
+            // Past the transaction that failed: the retries are over.
+            s.last_failed_lsn = 0;
+            s.retries_at_same_lsn = 0;
+        }
         s.ncommit += 1;
         s.curr_ncommit += 1;
         s.ninsert += c.ninsert;
@@ -114,6 +123,25 @@ pub fn add_commit(dboid: u32, subid: u32, c: &TxnCounts) {
         s.ntruncate += c.ntruncate;
         for (a, b) in s.conflicts.iter_mut().zip(c.conflicts.iter()) {
             *a += b;
+        }
+    });
+}
+
+/// Counts a writer that ended in an error while applying the remote
+/// transaction committed at `lsn` (0: between transactions).
+pub fn note_error(dboid: u32, subid: u32, lsn: u64, deadlock: bool) {
+    update(dboid, subid, |s| {
+        s.nerror += 1;
+        if deadlock {
+            s.ndeadlocks += 1;
+        }
+        if lsn != 0 {
+            if s.last_failed_lsn == lsn {
+                s.retries_at_same_lsn += 1;
+            } else {
+                s.last_failed_lsn = lsn;
+                s.retries_at_same_lsn = 0;
+            }
         }
     });
 }

@@ -21,9 +21,11 @@ CREATE TABLE dd (id int PRIMARY KEY, v text);
 CREATE TABLE pk (id int PRIMARY KEY, v text);
 CREATE TABLE mu (id int PRIMARY KEY, a text UNIQUE, b text UNIQUE);
 CREATE TABLE hot (id int PRIMARY KEY, wid bigint NOT NULL, node text NOT NULL, n int NOT NULL DEFAULT 0);
+CREATE TABLE rf (id int PRIMARY KEY, v text);
+ALTER TABLE rf REPLICA IDENTITY FULL;
 ";
 
-const TABLES: &[&str] = &["ii", "uq", "uu", "ud", "dd", "pk", "mu", "hot"];
+const TABLES: &[&str] = &["ii", "uq", "uu", "ud", "dd", "pk", "mu", "hot", "rf"];
 
 fn group(n: usize) -> Cluster {
     let c = Cluster::start(n, CONF);
@@ -112,7 +114,8 @@ fn two_nodes_resolve_every_row_conflict_the_same_way_and_log_it() {
         "INSERT INTO uu VALUES (1, 'base'), (2, 'base');
          INSERT INTO ud VALUES (1, 'base'), (2, 'base');
          INSERT INTO dd VALUES (1, 'base');
-         INSERT INTO pk VALUES (10, 'base');",
+         INSERT INTO pk VALUES (10, 'base');
+         INSERT INTO uq VALUES (5, 'e5@example.com', 'base');",
     )
     .unwrap();
     wait_for_replication(&c, DB);
@@ -126,7 +129,9 @@ fn two_nodes_resolve_every_row_conflict_the_same_way_and_log_it() {
          DELETE FROM ud WHERE id = 1;
          UPDATE ud SET v = 'node1' WHERE id = 2;
          DELETE FROM dd WHERE id = 1;
-         UPDATE pk SET id = 11, v = 'moved on node1' WHERE id = 10;",
+         UPDATE pk SET id = 11, v = 'moved on node1' WHERE id = 10;
+         UPDATE uq SET email = 'z@example.com' WHERE id = 5;
+         INSERT INTO rf VALUES (1, 'node1');",
     )
     .unwrap();
     n2.batch_execute(
@@ -136,7 +141,9 @@ fn two_nodes_resolve_every_row_conflict_the_same_way_and_log_it() {
          UPDATE ud SET v = 'node2' WHERE id = 1;
          DELETE FROM ud WHERE id = 2;
          DELETE FROM dd WHERE id = 1;
-         INSERT INTO pk VALUES (11, 'inserted on node2');",
+         INSERT INTO pk VALUES (11, 'inserted on node2');
+         INSERT INTO uq VALUES (6, 'z@example.com', 'node2');
+         INSERT INTO rf VALUES (1, 'node2');",
     )
     .unwrap();
     // A forced tie: both commits carry the same timestamp (the bdr_local
@@ -158,8 +165,15 @@ fn two_nodes_resolve_every_row_conflict_the_same_way_and_log_it() {
 
     for n in [&mut n1, &mut n2] {
         assert_eq!(rows(n, "SELECT * FROM ii"), "(1,node2)");
-        // The secondary unique key: the newer row replaces the older one.
-        assert_eq!(rows(n, "SELECT * FROM uq"), "(2,a@example.com,node2)");
+        // The secondary unique key: the newer row replaces the older one,
+        // inserted or updated (node1's update of row 5 lost against node2's
+        // newer row 6, so row 5 is gone everywhere).
+        assert_eq!(
+            rows(n, "SELECT * FROM uq"),
+            "(2,a@example.com,node2) (6,z@example.com,node2)"
+        );
+        // REPLICA IDENTITY FULL with a primary key: the key still decides.
+        assert_eq!(rows(n, "SELECT * FROM rf"), "(1,node2)");
         assert_eq!(
             rows(n, "SELECT * FROM uu"),
             format!(
@@ -178,15 +192,23 @@ fn two_nodes_resolve_every_row_conflict_the_same_way_and_log_it() {
     // node1's older ones and keeps its own.
     assert_eq!(history(&mut n1, "ii"), ["insert_exists:apply_remote"]);
     assert_eq!(history(&mut n2, "ii"), ["insert_exists:skip"]);
-    assert_eq!(history(&mut n1, "uq"), ["insert_exists:apply_remote"]);
-    assert_eq!(history(&mut n2, "uq"), ["insert_exists:skip"]);
+    assert_eq!(
+        history(&mut n1, "uq"),
+        ["insert_exists:apply_remote", "insert_exists:apply_remote"]
+    );
+    assert_eq!(
+        history(&mut n2, "uq"),
+        ["insert_exists:skip", "update_pkey_exists:skip"]
+    );
     assert_eq!(
         one(
             &mut n1,
-            "SELECT conflict_index::text FROM bdr.conflict_history WHERE relname = 'uq'"
+            "SELECT string_agg(DISTINCT conflict_index::text, ',') FROM bdr.conflict_history WHERE relname = 'uq'"
         ),
         "uq_email_key"
     );
+    assert_eq!(history(&mut n1, "rf"), ["insert_exists:apply_remote"]);
+    assert_eq!(history(&mut n2, "rf"), ["insert_exists:skip"]);
     // Row 1: node2's update is newer. Row 2: the tie goes to the higher id.
     let tie = |me: u32, other: u32| {
         if me > other {
@@ -306,7 +328,7 @@ fn conflict_history_is_readable_by_table_owners_only_and_logging_is_configurable
     wait_for("the history failure in node1's log", Duration::from_secs(30), || {
         c.node(0)
             .log()
-            .contains("could not record a conflict in bdr.conflict_history")
+            .contains("conflict(s) in bdr.conflict_history: new row for relation \"conflict_history\" violates check constraint")
             .then_some(())
     });
     // The server log has the conflict either way.
