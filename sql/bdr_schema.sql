@@ -125,3 +125,11 @@ CREATE TABLE bdr.dropped_relation (
     dropped_at timestamptz NOT NULL,
     PRIMARY KEY (nspname, relname)
 );
+
+-- Where a node that joined starts streaming from each member other than its
+-- join target: that member's earlier changes came with the copy of the
+-- target's data. Used until the subscription's origin has moved past it.
+CREATE TABLE bdr.subscription_start (
+    origin_node_id oid PRIMARY KEY,
+    start_lsn pg_lsn NOT NULL
+);

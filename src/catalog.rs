@@ -178,6 +178,7 @@ pub fn live_peers(node_id: u32, gid: u32) -> BdrResult<Vec<String>> {
 /// Removes every BDR catalog row of this database (dropping the local node).
 pub fn drop_all_metadata() -> BdrResult<()> {
     Spi::run("DELETE FROM bdr.subscription")?;
+    Spi::run("DELETE FROM bdr.subscription_start")?;
     Spi::run("DELETE FROM bdr.local_node")?;
     Spi::run("DELETE FROM bdr.node")?;
     Spi::run("DELETE FROM bdr.node_group")?;
@@ -187,6 +188,10 @@ pub fn drop_all_metadata() -> BdrResult<()> {
 pub fn drop_node_rows(node_id: u32) -> BdrResult<()> {
     Spi::run_with_args(
         "DELETE FROM bdr.subscription WHERE origin_node_id = $1 OR target_node_id = $1 OR source_node_id = $1",
+        &[oid(node_id).into()],
+    )?;
+    Spi::run_with_args(
+        "DELETE FROM bdr.subscription_start WHERE origin_node_id = $1",
         &[oid(node_id).into()],
     )?;
     Spi::run_with_args(

@@ -383,6 +383,57 @@ fn use_origin_until_end_of_transaction(origin_name: &str, lsn: u64) {
     register_xact_callback(PgXactCallbackEvent::Prepare, reset);
 }
 
+/// How long a join waits for its target to apply another member's changes.
+const CATCH_UP_TIMEOUT_MS: i64 = 300_000;
+
+/// Waits until the join target has applied member `m`'s changes up to
+/// `lsn` (the member's slot for the target has confirmed it).
+fn wait_until_applied_by_target(
+    conn: &Conn,
+    m: &Member,
+    target_name: &str,
+    target_slot: &str,
+    lsn: u64,
+) -> BdrResult<()> {
+    let deadline = crate::shmem::now() + CATCH_UP_TIMEOUT_MS * 1000;
+    loop {
+        let rows = remote(
+            &m.name,
+            "reading the join target's progress",
+            conn.query(
+                &format!(
+                    "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+                    literal(target_slot)
+                ),
+                1,
+            ),
+        )?;
+        let confirmed = rows
+            .first()
+            .and_then(|r| r[0].as_deref())
+            .and_then(lsn::parse)
+            .unwrap_or(0);
+        if confirmed >= lsn {
+            return Ok(());
+        }
+        if crate::shmem::now() > deadline {
+            return Err(BdrError::JoinRefused {
+                msg: format!(
+                    "the join target \"{target_name}\" has not applied the changes of node \"{}\" up to {} (it has confirmed {})",
+                    m.name,
+                    lsn::format(lsn),
+                    lsn::format(confirmed)
+                ),
+                hint: format!(
+                    "Check on \"{target_name}\" that it replicates from \"{}\" (bdr.subscription_summary, bdr.worker_errors), then join again.",
+                    m.name
+                ),
+            });
+        }
+        crate::workers::wait(None, 100);
+    }
+}
+
 fn join_impl(
     join_target_dsn: &str,
     node_group_name: Option<&str>,
@@ -525,12 +576,37 @@ fn join_impl(
         }
     }
 
-    // 2. Every member other than the target learns of us and keeps a slot for us.
+    // 2. Every member other than the target learns of us and keeps a slot
+    // for us. What a member commits from that slot's start on reaches us
+    // through it; what it committed before must be in the target's data
+    // when we copy it: so the target must have applied the member's changes
+    // up to the slot's start first.
+    let target_db = members
+        .iter()
+        .find(|m| m.name == target_name)
+        .map(|m| m.dbname.clone())
+        .unwrap_or_default();
+    let mut slot_starts: Vec<(Member, u64)> = Vec::new();
     for p in peers.iter().filter(|p| p.name != target_name) {
         let conn = connect(&format!("node \"{}\"", p.name), &p.dsn)?;
         register_on(&conn, p, &me, group_id)?;
         let slot = naming::slot_name(&p.dbname, &group, &me.name);
-        if !slot_exists_remote(&conn, &p.name, &slot)? {
+        let start = if slot_exists_remote(&conn, &p.name, &slot)? {
+            remote(
+                &p.name,
+                "looking up a slot",
+                conn.query(
+                    &format!(
+                        "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+                        literal(&slot)
+                    ),
+                    1,
+                ),
+            )?
+            .first()
+            .and_then(|r| r[0].as_deref())
+            .and_then(lsn::parse)
+        } else {
             remote(
                 &p.name,
                 "creating a slot",
@@ -541,8 +617,19 @@ fn join_impl(
                     ),
                     4,
                 ),
-            )?;
-        }
+            )?
+            .first()
+            .and_then(|r| r[1].as_deref())
+            .and_then(lsn::parse)
+        };
+        let start = start.ok_or_else(|| BdrError::PeerCommand {
+            what: "creating a slot".into(),
+            node: p.name.clone(),
+            msg: "no consistent point returned".into(),
+        })?;
+        let target_slot = naming::slot_name(&p.dbname, &group, &target_name);
+        wait_until_applied_by_target(&conn, p, &target_name, &target_slot, start)?;
+        slot_starts.push((p.clone(), start));
     }
 
     // 3. The target: its slot for us, and its data as of that slot's start.
@@ -564,6 +651,29 @@ fn join_impl(
             "dropping an unfinished slot",
             tconn.command(&format!("DROP_REPLICATION_SLOT {}", ident(&slot))),
         )?;
+    }
+    // How far the target has applied each other member, read before its
+    // snapshot exists: those changes are in the copy, so streaming from that
+    // member starts there (or at its slot's start, if that is later).
+    let mut stream_starts: Vec<(u32, u64)> = Vec::new();
+    for (p, slot_start) in &slot_starts {
+        let origin = naming::origin_name(&target_db, &group, &p.name);
+        let progress = remote(
+            &target.name,
+            "reading replication progress",
+            tconn.query(
+                &format!(
+                    "SELECT pg_catalog.pg_replication_origin_progress({}, true)::text",
+                    literal(&origin)
+                ),
+                1,
+            ),
+        )?
+        .first()
+        .and_then(|r| r[0].as_deref())
+        .and_then(lsn::parse)
+        .unwrap_or(0);
+        stream_starts.push((p.id, progress.max(*slot_start)));
     }
     remote(
         &target.name,
@@ -631,6 +741,16 @@ fn join_impl(
         )?;
     }
     catalog::set_node_group(me.id, group_id, NodeState::Active, members.len() as i32 + 1)?;
+    for (origin_node, start) in &stream_starts {
+        Spi::run_with_args(
+            "INSERT INTO bdr.subscription_start (origin_node_id, start_lsn) VALUES ($1, $2::pg_lsn)
+             ON CONFLICT (origin_node_id) DO UPDATE SET start_lsn = EXCLUDED.start_lsn",
+            &[
+                pg_sys::Oid::from(*origin_node).into(),
+                lsn::format(*start).as_str().into(),
+            ],
+        )?;
+    }
 
     for p in &peers {
         let conn = if p.name == target.name {

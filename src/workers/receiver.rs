@@ -145,7 +145,20 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
         shmem::update_task(idx, generation, |t| t.exit_kind = ExitKind::Stopped);
         return;
     };
-    let start = origin_progress(&sub.origin_name);
+    // A node that joined starts from where its copy of the group's data
+    // left each peer (bdr.subscription_start), until it has applied more.
+    let start = origin_progress(&sub.origin_name).max(
+        BackgroundWorker::transaction(|| {
+            Spi::get_one_with_args::<String>(
+                "SELECT start_lsn::text FROM bdr.subscription_start WHERE origin_node_id = $1",
+                &[pg_sys::Oid::from(sub.origin_node_id).into()],
+            )
+        })
+        .ok()
+        .flatten()
+        .and_then(|l| lsn::parse(&l))
+        .unwrap_or(0),
+    );
 
     let mut conn = Conn::connect(&sub.origin_dsn, &sub.sub_name).unwrap_or_else(|e| {
         error!(

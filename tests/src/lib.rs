@@ -357,8 +357,15 @@ pub fn table_contents(client: &mut Client, table: &str) -> Vec<String> {
 
 /// Asserts that `tables` hold the same rows in database `db` on every instance.
 pub fn assert_converged(cluster: &Cluster, db: &str, tables: &[&str]) {
+    let all: Vec<usize> = (0..cluster.nodes.len()).collect();
+    assert_converged_on(cluster, db, tables, &all);
+}
+
+/// Asserts that `tables` hold the same rows in database `db` on the
+/// instances numbered `nodes` (0-based).
+pub fn assert_converged_on(cluster: &Cluster, db: &str, tables: &[&str], nodes: &[usize]) {
     let mut first: Option<(String, Vec<Vec<String>>)> = None;
-    for n in &cluster.nodes {
+    for n in nodes.iter().map(|i| &cluster.nodes[*i]) {
         let mut c = n.connect(db);
         let contents: Vec<Vec<String>> = tables.iter().map(|t| table_contents(&mut c, t)).collect();
         match &first {
@@ -429,34 +436,53 @@ pub fn expect_error(client: &mut Client, sql: &str) -> (String, String, Option<S
 /// the group, the others join through node1, and every node then waits until
 /// it receives from all the others.
 pub fn form_group(cluster: &Cluster, db: &str, schema_sql: &str) {
-    for (i, n) in cluster.nodes.iter().enumerate() {
-        let mut c = n.connect("postgres");
-        c.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
-        let mut c = n.connect(db);
-        c.batch_execute(schema_sql).unwrap();
-        c.batch_execute("CREATE EXTENSION bdr").unwrap();
-        c.execute(
-            "SELECT bdr.create_node($1, $2)",
-            &[&format!("node{}", i + 1), &n.dsn(db)],
-        )
-        .unwrap();
+    form_group_of(cluster, db, schema_sql, cluster.nodes.len());
+}
+
+/// Creates database `db` with `schema_sql`, the extension and the node
+/// `node<i+1>` on instance `i`, without joining any group.
+pub fn prepare_node(cluster: &Cluster, i: usize, db: &str, schema_sql: &str) {
+    let n = &cluster.nodes[i];
+    let mut c = n.connect("postgres");
+    c.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+    let mut c = n.connect(db);
+    c.batch_execute(schema_sql).unwrap();
+    c.batch_execute("CREATE EXTENSION bdr").unwrap();
+    c.execute(
+        "SELECT bdr.create_node($1, $2)",
+        &[&format!("node{}", i + 1), &n.dsn(db)],
+    )
+    .unwrap();
+}
+
+/// As `form_group`, with the first `count` instances only.
+pub fn form_group_of(cluster: &Cluster, db: &str, schema_sql: &str, count: usize) {
+    for i in 0..count {
+        prepare_node(cluster, i, db, schema_sql);
     }
     let first = cluster.node(0);
     first
         .connect(db)
         .batch_execute("SELECT bdr.create_node_group('g')")
         .unwrap();
-    for n in cluster.nodes.iter().skip(1) {
+    for n in cluster.nodes.iter().take(count).skip(1) {
         n.connect(db)
             .execute("SELECT bdr.join_node_group($1, 'g')", &[&first.dsn(db)])
             .unwrap_or_else(|e| panic!("join of {} failed: {e:?}", n.name));
     }
-    wait_for_mesh(cluster, db);
+    let nodes: Vec<usize> = (0..count).collect();
+    wait_for_mesh_on(cluster, db, &nodes);
 }
 
 /// Waits until every node of `db` streams from every other.
 pub fn wait_for_mesh(cluster: &Cluster, db: &str) {
-    for n in &cluster.nodes {
+    let all: Vec<usize> = (0..cluster.nodes.len()).collect();
+    wait_for_mesh_on(cluster, db, &all);
+}
+
+/// Waits until every node of `nodes` (0-based) streams from every other.
+pub fn wait_for_mesh_on(cluster: &Cluster, db: &str, nodes: &[usize]) {
+    for n in nodes.iter().map(|i| &cluster.nodes[*i]) {
         let mut c = n.connect(db);
         c.batch_execute("SET statement_timeout = '90s'; SELECT bdr.wait_for_join_completion()")
             .unwrap_or_else(|e| panic!("{} did not complete its join: {e:?}", n.name));
@@ -466,7 +492,13 @@ pub fn wait_for_mesh(cluster: &Cluster, db: &str) {
 /// Waits until every node has applied everything every other node wrote so
 /// far: each node waits for its peers to confirm its current WAL position.
 pub fn wait_for_replication(cluster: &Cluster, db: &str) {
-    for n in &cluster.nodes {
+    let all: Vec<usize> = (0..cluster.nodes.len()).collect();
+    wait_for_replication_on(cluster, db, &all);
+}
+
+/// As `wait_for_replication`, for the instances numbered `nodes` (0-based).
+pub fn wait_for_replication_on(cluster: &Cluster, db: &str, nodes: &[usize]) {
+    for n in nodes.iter().map(|i| &cluster.nodes[*i]) {
         let mut c = n.connect(db);
         c.batch_execute(
             "SET statement_timeout = '120s'; SELECT bdr.wait_slot_confirm_lsn(NULL, NULL)",

@@ -1,0 +1,179 @@
+//! Node lifecycle under load: nodes join a group while every member keeps
+//! committing writes, and the group converges with nothing lost or applied
+//! twice.
+
+use bdr_tests::postgres::Client;
+use bdr_tests::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const DB: &str = "app";
+
+const SCHEMA: &str = "
+CREATE TABLE acc (id int PRIMARY KEY, node text NOT NULL, v int NOT NULL);
+CREATE TABLE dropped (id int PRIMARY KEY, a text, gone int, b text);
+ALTER TABLE dropped DROP COLUMN gone;
+CREATE TABLE big (id int PRIMARY KEY, payload text NOT NULL);
+";
+
+/// The joiners' tables: the same columns (a joiner never had the dropped one).
+const JOINER_SCHEMA: &str = "
+CREATE TABLE acc (id int PRIMARY KEY, node text NOT NULL, v int NOT NULL);
+CREATE TABLE dropped (id int PRIMARY KEY, a text, b text);
+CREATE TABLE big (id int PRIMARY KEY, payload text NOT NULL);
+";
+
+const TABLES: &[&str] = &["acc", "dropped", "big"];
+
+fn one(c: &mut Client, q: &str) -> String {
+    c.query_one(&format!("SELECT ({q})::text"), &[])
+        .unwrap_or_else(|e| panic!("{q}: {e:?}"))
+        .get::<_, Option<String>>(0)
+        .unwrap_or_default()
+}
+
+/// Commits small transactions on instance `i` until `stop`: inserts into its
+/// own key range, updates and deletes of its own rows, updates of a few
+/// shared rows, and large TOASTed values. Returns how many it committed.
+fn writer(dsn: String, i: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut c = bdr_tests::postgres::Client::connect(&dsn, bdr_tests::postgres::NoTls).unwrap();
+        let base = (i as i32 + 1) * 1_000_000;
+        let name = format!("node{}", i + 1);
+        let mut n: i32 = 0;
+        let mut committed = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let id = base + n;
+            let sql = match n % 6 {
+                0 => format!("UPDATE acc SET v = v + 1, node = '{name}' WHERE id = {}", n % 5),
+                1 => format!(
+                    "INSERT INTO big VALUES ({id}, repeat(md5('{id}'), 400) || '{name}')"
+                ),
+                2 => format!("UPDATE big SET payload = payload || 'x' WHERE id = {}", id - 1),
+                3 => format!("INSERT INTO dropped VALUES ({id}, 'a{id}', 'b{id}')"),
+                4 => format!("DELETE FROM dropped WHERE id = {}", id - 1),
+                _ => format!("INSERT INTO acc VALUES ({id}, '{name}', {n})"),
+            };
+            match c.batch_execute(&sql) {
+                Ok(()) => committed += 1,
+                // Two nodes updating a shared row may deadlock with a
+                // writer applying the other's update: that write is lost,
+                // as it would be for any application.
+                Err(e) if e.as_db_error().is_some() => {}
+                Err(e) => panic!("{name}: {e}"),
+            }
+            // Paces the load so that 2 cores can also run the join.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        committed
+    })
+}
+
+#[test]
+fn nodes_join_one_after_another_while_every_member_writes() {
+    let c = Cluster::start(4, "");
+    form_group_of(&c, DB, SCHEMA, 2);
+    {
+        let mut n1 = c.node(0).connect(DB);
+        n1.batch_execute("INSERT INTO acc SELECT g, 'seed', 0 FROM generate_series(0, 4) g")
+            .unwrap();
+        n1.batch_execute(
+            "INSERT INTO big SELECT g, repeat(md5(g::text), 500) FROM generate_series(1, 50) g",
+        )
+        .unwrap();
+    }
+    wait_for_replication_on(&c, DB, &[0, 1]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = vec![
+        writer(c.node(0).dsn(DB), 0, stop.clone()),
+        writer(c.node(1).dsn(DB), 1, stop.clone()),
+    ];
+
+    // node3 joins through node1, then node4 through node2, while every
+    // member keeps writing (node3 too, once it is in).
+    for (joiner, target) in [(2usize, 0usize), (3, 1)] {
+        prepare_node(&c, joiner, DB, JOINER_SCHEMA);
+        // For the first join, the target lags behind the other member:
+        // node1 stops receiving from node2 while node2 writes on, and
+        // resumes only once the join has made its slot on node2. What node2
+        // committed before that slot must reach the joiner through node1's
+        // data; the join has to wait for node1 to catch up first.
+        let resume = (joiner == 2).then(|| {
+            let mut n1 = c.node(0).connect(DB);
+            n1.batch_execute(
+                "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node2'",
+            )
+            .unwrap();
+            wait_for("node1 to stop receiving from node2", Duration::from_secs(60), || {
+                (one(
+                    &mut n1,
+                    "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
+                      WHERE w.task_key_worker_role_name IN ('receiver', 'writer')",
+                ) == "0")
+                    .then_some(())
+            });
+            let lag_from = one(&mut c.node(1).connect(DB), "SELECT count(*) FROM acc");
+            let n2_dsn = c.node(1).dsn(DB);
+            let n1_dsn = c.node(0).dsn(DB);
+            std::thread::spawn(move || {
+                let connect = |d: &str| bdr_tests::postgres::Client::connect(d, bdr_tests::postgres::NoTls).unwrap();
+                let mut n2 = connect(&n2_dsn);
+                wait_for("the join's slot on node2", Duration::from_secs(120), || {
+                    (one(
+                        &mut n2,
+                        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%node3'",
+                    ) == "1")
+                        .then_some(())
+                });
+                // node2 wrote on while node1 did not listen.
+                assert_ne!(one(&mut n2, "SELECT count(*) FROM acc"), lag_from);
+                connect(&n1_dsn)
+                    .batch_execute("SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary")
+                    .unwrap();
+            })
+        });
+        let mut j = c.node(joiner).connect(DB);
+        j.execute(
+            "SELECT bdr.join_node_group($1, 'g')",
+            &[&c.node(target).dsn(DB)],
+        )
+        .unwrap_or_else(|e| panic!("join of node{} failed: {e:?}", joiner + 1));
+        j.batch_execute("SET statement_timeout = '120s'; SELECT bdr.wait_for_join_completion()")
+            .unwrap();
+        if let Some(r) = resume {
+            r.join().unwrap();
+        }
+        writers.push(writer(c.node(joiner).dsn(DB), joiner, stop.clone()));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let committed: Vec<u64> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    assert!(committed.iter().all(|n| *n > 0), "{committed:?}");
+
+    wait_for_mesh(&c, DB);
+    wait_for_replication(&c, DB);
+    assert_converged(&c, DB, TABLES);
+
+    // Every insert each node committed is everywhere (none lost).
+    let mut n4 = c.node(3).connect(DB);
+    for i in 0..4 {
+        let lo = (i + 1) * 1_000_000;
+        let rows = one(
+            &mut n4,
+            &format!("SELECT count(*) FROM acc WHERE id > {lo} AND id < {}", lo + 1_000_000),
+        );
+        assert!(rows.parse::<i64>().unwrap() > 0, "no rows of node{} on node4", i + 1);
+    }
+    // The newest node's writes reach every other node.
+    n4.batch_execute("INSERT INTO acc VALUES (42, 'node4 after join', 1)")
+        .unwrap();
+    wait_for_replication(&c, DB);
+    assert_converged(&c, DB, TABLES);
+    assert_eq!(
+        one(&mut c.node(0).connect(DB), "SELECT node FROM acc WHERE id = 42"),
+        "node4 after join"
+    );
+}
