@@ -295,12 +295,7 @@ BEGIN
         USING ERRCODE = 'feature_not_supported', HINT = hint;
 END $$;
 
-CREATE FUNCTION bdr.part_node(node_name text, wait_for_completion boolean DEFAULT true,
-    force boolean DEFAULT false) RETURNS void
-LANGUAGE sql AS $$ SELECT bdr._not_implemented('bdr.part_node') $$;
 
-CREATE FUNCTION bdr.alter_node_interface(node_name text, interface_dsn text) RETURNS void
-LANGUAGE sql AS $$ SELECT bdr._not_implemented('bdr.alter_node_interface') $$;
 
 REVOKE ALL ON FUNCTION bdr.create_node(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.create_node_group(text, text, boolean, text) FROM PUBLIC;
@@ -419,3 +414,36 @@ END $$;
 -- whole instance, so it may exist already.
 SELECT pg_catalog.pg_replication_origin_create('bdr_local')
  WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = 'bdr_local');
+
+-- Drops replication slots and origins of parted nodes (named by the
+-- manager), skipping those still in use; returns how many it dropped.
+CREATE FUNCTION bdr._drop_parted_artifacts(slots text[], origins text[]) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer := 0;
+    s text;
+BEGIN
+    FOREACH s IN ARRAY slots LOOP
+        BEGIN
+            PERFORM pg_catalog.pg_terminate_backend(active_pid)
+               FROM pg_catalog.pg_replication_slots WHERE slot_name = s AND active_pid IS NOT NULL;
+            IF EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = s AND NOT active) THEN
+                PERFORM pg_catalog.pg_drop_replication_slot(s);
+                n := n + 1;
+            END IF;
+        EXCEPTION WHEN object_in_use OR undefined_object THEN
+            NULL;
+        END;
+    END LOOP;
+    FOREACH s IN ARRAY origins LOOP
+        BEGIN
+            IF EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = s) THEN
+                PERFORM pg_catalog.pg_replication_origin_drop(s);
+                n := n + 1;
+            END IF;
+        EXCEPTION WHEN object_in_use OR undefined_object THEN
+            NULL;
+        END;
+    END LOOP;
+    RETURN n;
+END $$;

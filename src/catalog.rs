@@ -201,6 +201,31 @@ pub fn drop_node_rows(node_id: u32) -> BdrResult<()> {
     Ok(())
 }
 
+/// Replication slots and origins on this node that belong to parted nodes
+/// (all of them, when the local node itself is parted): what the manager
+/// drops once parting is done.
+pub fn parted_artifacts(local: &LocalNode) -> BdrResult<(Vec<String>, Vec<String>)> {
+    if local.node_group_id == 0 {
+        return Ok((vec![], vec![]));
+    }
+    let group = group_name(local.node_group_id)?.unwrap_or_default();
+    let mydb = select_first("SELECT current_database()::text", &[], |r| text_col(r, 1))?
+        .unwrap_or_default();
+    let me_parted = node_by_id(local.node_id)?.is_some_and(|n| n.node_state == NodeState::Parted);
+    let gone: Vec<NodeRow> = group_peers(local)?
+        .into_iter()
+        .filter(|p| me_parted || p.node_state == NodeState::Parted)
+        .collect();
+    Ok((
+        gone.iter()
+            .map(|p| naming::slot_name(&mydb, &group, &p.node_name))
+            .collect(),
+        gone.iter()
+            .map(|p| naming::origin_name(&mydb, &group, &p.node_name))
+            .collect(),
+    ))
+}
+
 /// A subscription of the local node to a peer, with what a receiver needs.
 #[derive(Debug, Clone)]
 pub struct SubRow {
@@ -265,9 +290,11 @@ pub fn sync_subscriptions(local: &LocalNode) -> BdrResult<bool> {
     let group = group_name(local.node_group_id)?.unwrap_or_default();
     let mydb = select_first("SELECT current_database()::text", &[], |r| text_col(r, 1))?
         .unwrap_or_default();
+    // A parted local node receives from nobody.
+    let me_parted = node_by_id(local.node_id)?.is_some_and(|n| n.node_state == NodeState::Parted);
     let peers: Vec<NodeRow> = group_peers(local)?
         .into_iter()
-        .filter(|p| p.node_state == NodeState::Active)
+        .filter(|p| p.node_state.is_streamed_from() && !me_parted)
         .collect();
     let existing = local_subscriptions()?;
     let mut changed = false;

@@ -3,4 +3,5 @@
 pub mod join;
 pub mod monitor;
 pub mod node;
+pub mod part;
 pub mod conflicts;

@@ -147,6 +147,9 @@ fn drop_node_impl(node_name: &str, _cascade: bool, force: bool) -> BdrResult<()>
             return Err(BdrError::NodeStillActive(node_name.to_string()));
         }
         catalog::drop_node_rows(target.node_id)?;
+        if target.node_state == NodeState::Parted {
+            super::part::drop_everywhere(&target, force)?;
+        }
     }
     wake_workers_at_commit();
     Ok(())

@@ -67,6 +67,23 @@ fn purge_tombstones(dboid: u32, subs: &[SubRow]) {
     }
 }
 
+/// Drops the slots and origins of parted nodes that still exist here. A slot
+/// still used by a walsender, or an origin by a writer that has not exited
+/// yet, is tried again on the next round.
+fn drop_parted_artifacts(slots: &[String], origins: &[String]) {
+    let r = BackgroundWorker::transaction(|| {
+        Spi::get_one_with_args::<i32>(
+            "SELECT bdr._drop_parted_artifacts($1, $2)",
+            &[slots.to_vec().into(), origins.to_vec().into()],
+        )
+    });
+    match r {
+        Ok(Some(n)) if n > 0 => tracing::info!("dropped {n} replication slot(s) and origin(s) of parted nodes"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("could not drop what parted nodes left: {e}"),
+    }
+}
+
 /// Forgets conflicts older than 30 days (BDR 4 keeps a month of history)
 /// and dropped tables older than a day (skip_if_recently_dropped).
 fn purge_history() {
@@ -95,7 +112,7 @@ fn purge_history() {
 }
 
 enum Seen {
-    Node(LocalNode, Vec<SubRow>),
+    Node(LocalNode, Vec<SubRow>, (Vec<String>, Vec<String>)),
     NoNode,
 }
 
@@ -110,7 +127,8 @@ fn read_catalogs() -> Result<Seen, String> {
             };
             catalog::sync_subscriptions(&local)?;
             let subs = catalog::local_subscriptions()?;
-            Ok(Seen::Node(local, subs))
+            let parted = catalog::parted_artifacts(&local)?;
+            Ok(Seen::Node(local, subs, parted))
         };
         inner().map_err(|e| e.to_string())
     })
@@ -136,12 +154,15 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
     let mut last_purge = crate::shmem::now();
     loop {
         match read_catalogs() {
-            Ok(Seen::Node(local, subs)) => {
+            Ok(Seen::Node(local, subs, (slots, origins))) => {
                 if !announced {
                     tracing::info!("manager started for local node \"{}\"", local.node_name);
                     announced = true;
                 }
                 tend_receivers(dboid, &subs, &mut receivers, &mut jitter);
+                if !slots.is_empty() || !origins.is_empty() {
+                    drop_parted_artifacts(&slots, &origins);
+                }
                 if crate::shmem::now() - last_purge > PURGE_EVERY_US {
                     last_purge = crate::shmem::now();
                     purge_tombstones(dboid, &subs);

@@ -177,3 +177,123 @@ fn nodes_join_one_after_another_while_every_member_writes() {
         "node4 after join"
     );
 }
+
+fn count(c: &mut Client, q: &str) -> i64 {
+    one(c, q).parse().unwrap()
+}
+
+#[test]
+fn part_a_live_node_and_a_stopped_node_then_rejoin_under_the_same_name() {
+    let mut c = Cluster::start(4, "");
+    form_group(&c, DB, JOINER_SCHEMA);
+    let mut n1 = c.node(0).connect(DB);
+    let mut n2 = c.node(1).connect(DB);
+    let mut n3 = c.node(2).connect(DB);
+
+    // node3's last change reaches node1 only: node2 is not listening.
+    n2.batch_execute(
+        "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node3'",
+    )
+    .unwrap();
+    wait_for("node2 to stop receiving from node3", Duration::from_secs(60), || {
+        (count(
+            &mut n2,
+            "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
+              WHERE w.sub_name LIKE '%node3_node2'",
+        ) == 0)
+            .then_some(())
+    });
+    n3.batch_execute("INSERT INTO acc VALUES (300, 'node3, last words', 1)")
+        .unwrap();
+    wait_for("node1 to get node3's change", Duration::from_secs(60), || {
+        (count(&mut n1, "SELECT count(*) FROM acc WHERE id = 300") == 1).then_some(())
+    });
+    assert_eq!(count(&mut n2, "SELECT count(*) FROM acc WHERE id = 300"), 0);
+
+    // Parting a live node: its last changes reach every member first.
+    n1.batch_execute("SET statement_timeout = '300s'; SELECT bdr.part_node('node3')").unwrap();
+    assert_eq!(count(&mut n2, "SELECT count(*) FROM acc WHERE id = 300"), 1);
+    for (i, n) in [(0usize, &mut n1), (1, &mut n2)] {
+        assert_eq!(
+            one(n, "SELECT peer_state_name FROM bdr.node_summary WHERE node_name = 'node3'"),
+            "PARTED",
+            "on node{}",
+            i + 1
+        );
+    }
+    for i in [0usize, 1, 3] {
+        let mut n = c.node(i).connect(DB);
+        assert_eq!(
+            count(&mut n, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%node3'"),
+            0,
+            "slot for node3 left on node{}",
+            i + 1
+        );
+        assert_eq!(
+            count(&mut n, "SELECT count(*) FROM pg_replication_origin WHERE roname LIKE '%node3'"),
+            0,
+            "origin for node3 left on node{}",
+            i + 1
+        );
+    }
+    assert_eq!(
+        count(&mut n3, "SELECT count(*) FROM pg_replication_slots WHERE plugin = 'bdr'"),
+        0
+    );
+    wait_for("node3's workers to stop", Duration::from_secs(60), || {
+        (count(
+            &mut n3,
+            "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
+              WHERE w.task_key_worker_role_name IN ('receiver', 'writer')",
+        ) == 0)
+            .then_some(())
+    });
+    // A parted node's writes go nowhere.
+    n3.batch_execute("INSERT INTO acc VALUES (301, 'after parting', 1)")
+        .unwrap();
+
+    // A node that is down: refused without force, parted with it.
+    c.node_mut(3).stop("immediate");
+    let (code, msg, hint) = expect_error(&mut n1, "SELECT bdr.part_node('node4')");
+    assert_eq!(code, "55000", "{msg}");
+    assert!(hint.unwrap_or_default().contains("force"));
+    n1.batch_execute("SELECT bdr.part_node('node4', force := true)")
+        .unwrap();
+    for n in [&mut n1, &mut n2] {
+        assert_eq!(
+            count(n, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%node4'"),
+            0
+        );
+    }
+
+    // The remaining two go on and agree.
+    n1.batch_execute("INSERT INTO acc VALUES (400, 'node1 after the parts', 1)")
+        .unwrap();
+    n2.batch_execute("UPDATE acc SET v = 2 WHERE id = 300").unwrap();
+    wait_for_replication_on(&c, DB, &[0, 1]);
+    assert_converged_on(&c, DB, TABLES, &[0, 1]);
+    assert_eq!(count(&mut n1, "SELECT count(*) FROM acc WHERE id = 301"), 0);
+
+    // node3 comes back under its name, in a fresh database, once dropped.
+    n1.batch_execute("SELECT bdr.drop_node('node3')").unwrap();
+    for n in [&mut n1, &mut n2] {
+        assert_eq!(
+            count(n, "SELECT count(*) FROM bdr.node WHERE node_name = 'node3'"),
+            0
+        );
+    }
+    drop(n3);
+    c.node(2)
+        .connect("postgres")
+        .batch_execute(&format!("DROP DATABASE {DB} WITH (FORCE)"))
+        .unwrap();
+    prepare_node(&c, 2, DB, JOINER_SCHEMA);
+    let mut n3 = c.node(2).connect(DB);
+    n3.execute("SELECT bdr.join_node_group($1, 'g')", &[&c.node(1).dsn(DB)])
+        .unwrap();
+    wait_for_mesh_on(&c, DB, &[0, 1, 2]);
+    n3.batch_execute("INSERT INTO acc VALUES (500, 'node3 is back', 1)")
+        .unwrap();
+    wait_for_replication_on(&c, DB, &[0, 1, 2]);
+    assert_converged_on(&c, DB, TABLES, &[0, 1, 2]);
+}

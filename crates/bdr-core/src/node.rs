@@ -46,6 +46,16 @@ impl NodeState {
         self as u32
     }
 
+    /// Whether the local node receives from a peer in this state: active
+    /// peers, and parting ones until they are parted (their last changes
+    /// must still arrive).
+    pub fn is_streamed_from(self) -> bool {
+        matches!(
+            self,
+            NodeState::Active | NodeState::PartStart | NodeState::Parting | NodeState::PartCatchup
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             NodeState::None => "NONE",
@@ -188,5 +198,19 @@ mod tests {
         assert!(node_id_for("") >= 16384);
         // FNV-1a reference value
         assert_eq!(fnv1a32(b"a"), 0xe40c292c);
+    }
+}
+
+#[cfg(test)]
+mod part_tests {
+    use super::NodeState;
+
+    #[test]
+    fn parting_peers_are_still_streamed_from_until_parted() {
+        assert!(NodeState::Active.is_streamed_from());
+        assert!(NodeState::PartStart.is_streamed_from());
+        assert!(NodeState::Parting.is_streamed_from());
+        assert!(!NodeState::Parted.is_streamed_from());
+        assert!(!NodeState::Joining.is_streamed_from());
     }
 }

@@ -1,0 +1,327 @@
+//! Parting a node from its group (`bdr.part_node`) and removing parted
+//! nodes' rows everywhere (`bdr.drop_node` of a remote node), and changing a
+//! node's connection string everywhere (`bdr.alter_node_interface`).
+//!
+//! Catalogs are local to each node, so each step is made on every member
+//! through its own connection (committed there at once), the local node
+//! included: its manager then acts without waiting for the caller's commit.
+
+use crate::catalog::{self, NodeRow};
+use crate::error::{BdrError, BdrResult, OrRaise};
+use crate::walrcv::Conn;
+use bdr_core::lsn;
+use bdr_core::naming;
+use bdr_core::node::NodeState;
+use bdr_core::quote::literal;
+use pgrx::prelude::*;
+
+/// How long parting waits for the parting node's changes to reach every
+/// member, and for the members to drop what belonged to it.
+const PART_TIMEOUT_US: i64 = 120_000_000;
+
+fn connect(node: &NodeRow) -> BdrResult<Conn> {
+    Conn::connect(&node.node_dsn, "bdr part").map_err(|msg| BdrError::PeerUnreachable {
+        what: format!("node \"{}\"", node.node_name),
+        dsn: node.node_dsn.clone(),
+        msg,
+    })
+}
+
+fn remote<T>(node: &NodeRow, what: &str, r: Result<T, String>) -> BdrResult<T> {
+    r.map_err(|msg| BdrError::PeerCommand {
+        what: what.to_string(),
+        node: node.node_name.clone(),
+        msg,
+    })
+}
+
+fn first_text(rows: Vec<Vec<Option<String>>>) -> Option<String> {
+    rows.into_iter().next().and_then(|r| r.into_iter().next().flatten())
+}
+
+fn set_state(conn: &Conn, on: &NodeRow, node_id: u32, state: NodeState) -> BdrResult<()> {
+    remote(
+        on,
+        "recording the parting node's state",
+        conn.query(
+            &format!(
+                "SELECT bdr._set_node_state({node_id}, {})::text",
+                state.oid()
+            ),
+            1,
+        ),
+    )
+    .map(|_| ())
+}
+
+/// Polls `sql` (one text column: "t" when done, else what is still
+/// missing) on `conn` until it is done.
+fn wait_until(conn: &Conn, on: &NodeRow, sql: &str, what: &str) -> BdrResult<()> {
+    let deadline = crate::shmem::now() + PART_TIMEOUT_US;
+    loop {
+        let state = first_text(remote(on, what, conn.query(sql, 1))?).unwrap_or_default();
+        if state == "t" {
+            return Ok(());
+        }
+        if crate::shmem::now() > deadline {
+            return Err(BdrError::Prerequisite {
+                msg: format!("timed out on node \"{}\" {what} ({state})", on.node_name),
+                hint: format!(
+                    "See bdr.subscription_summary and bdr.worker_errors on node \"{}\"; part_node can be run again.",
+                    on.node_name
+                ),
+            });
+        }
+        crate::workers::wait(None, 100);
+    }
+}
+
+fn part_impl(node_name: &str, wait_for_completion: bool, force: bool) -> BdrResult<()> {
+    let local = catalog::local_node()?.ok_or(BdrError::NoLocalNode)?;
+    let group = catalog::group_name(local.node_group_id)?.ok_or_else(|| BdrError::Prerequisite {
+        msg: format!("local node \"{}\" is not a member of a node group", local.node_name),
+        hint: "Run bdr.part_node on a member of the parting node's group.".into(),
+    })?;
+    let parting = catalog::node_by_name(node_name)?
+        .filter(|n| n.node_group_id == local.node_group_id)
+        .ok_or_else(|| BdrError::NoSuchNode(node_name.to_string()))?;
+    if parting.node_state == NodeState::Parted {
+        notice!("node \"{node_name}\" is already parted");
+        return Ok(());
+    }
+    let mut everyone = catalog::group_peers(&local)?;
+    everyone.push(catalog::node_by_id(local.node_id)?.ok_or(BdrError::NoLocalNode)?);
+    let members: Vec<NodeRow> = everyone
+        .iter()
+        .filter(|n| n.node_id != parting.node_id && n.node_state != NodeState::Parted)
+        .cloned()
+        .collect();
+    if members.is_empty() {
+        return Err(BdrError::Prerequisite {
+            msg: format!("node \"{node_name}\" is the last member of node group \"{group}\""),
+            hint: "There is nothing to part from; remove the node with bdr.drop_node().".into(),
+        });
+    }
+    // Every remaining member must hear of it; the parting node only if it can.
+    let conns: Vec<(NodeRow, Conn)> = members
+        .iter()
+        .map(|m| connect(m).map(|c| (m.clone(), c)))
+        .collect::<BdrResult<_>>()?;
+    let pconn = match connect(&parting) {
+        Ok(c) => Some(c),
+        Err(_) if force => {
+            notice!(
+                "node \"{node_name}\" is unreachable; parting it without catching up its last changes"
+            );
+            None
+        }
+        Err(e) => {
+            return Err(BdrError::Prerequisite {
+                msg: e.to_string(),
+                hint: "If the node will not come back, part it with force => true.".into(),
+            })
+        }
+    };
+
+    for (m, c) in &conns {
+        set_state(c, m, parting.node_id, NodeState::PartStart)?;
+    }
+    if let Some(pc) = &pconn {
+        set_state(pc, &parting, parting.node_id, NodeState::PartStart)?;
+        // Catch-up: everything the parting node committed so far reaches
+        // every member before it goes, so that a change it sent to some
+        // members only is not lost on the others.
+        for (m, c) in &conns {
+            remote(
+                m,
+                "resuming the subscription from the parting node",
+                c.query(
+                    &format!(
+                        "SELECT bdr._set_subscription_enabled(sub_name, true)::text FROM bdr.subscription_summary WHERE origin_name = {}",
+                        literal(&parting.node_name)
+                    ),
+                    1,
+                ),
+            )?;
+        }
+        let end = first_text(remote(
+            &parting,
+            "reading its WAL position",
+            pc.query("SELECT bdr._wal_insert_end_lsn()::text", 1),
+        )?)
+        .and_then(|l| lsn::parse(&l))
+        .unwrap_or(0);
+        for (m, _) in &conns {
+            let slot = naming::slot_name(&parting.dbname, &group, &m.node_name);
+            wait_until(
+                pc,
+                &parting,
+                &format!(
+                    "SELECT COALESCE((SELECT CASE WHEN confirmed_flush_lsn >= {0}::pg_lsn THEN 't'
+                                                  ELSE format('slot %s has confirmed %s of %s; active: %s', slot_name, confirmed_flush_lsn, {0}, active) END
+                                        FROM pg_catalog.pg_replication_slots WHERE slot_name = {1}), 't')",
+                    literal(&lsn::format(end)),
+                    literal(&slot)
+                ),
+                &format!(
+                    "waiting for node \"{}\" to receive the last changes of node \"{node_name}\"",
+                    m.node_name
+                ),
+            )?;
+        }
+    }
+    for (m, c) in &conns {
+        set_state(c, m, parting.node_id, NodeState::Parted)?;
+    }
+    if let Some(pc) = &pconn {
+        set_state(pc, &parting, parting.node_id, NodeState::Parted)?;
+    }
+    if !wait_for_completion {
+        return Ok(());
+    }
+    // Each member's manager drops its slot for the parted node and its
+    // origin for it; the parted node drops all of its own.
+    for (m, c) in &conns {
+        let slot = naming::slot_name(&m.dbname, &group, &parting.node_name);
+        let origin = naming::origin_name(&m.dbname, &group, &parting.node_name);
+        wait_until(
+            c,
+            m,
+            &format!(
+                "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = {0})
+                              AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = {1})
+                        THEN 't' ELSE 'slot ' || {0} || ' or origin ' || {1} || ' still exists' END",
+                literal(&slot),
+                literal(&origin)
+            ),
+            &format!("waiting for the slot and origin of node \"{node_name}\" to be dropped"),
+        )?;
+    }
+    if let Some(pc) = &pconn {
+        let prefix = naming::slot_name(&parting.dbname, &group, "");
+        wait_until(
+            pc,
+            &parting,
+            &format!(
+                "SELECT COALESCE('slots left: ' || string_agg(slot_name::text, ', '), 't')
+                   FROM pg_catalog.pg_replication_slots
+                  WHERE database = current_database() AND plugin = 'bdr'
+                    AND starts_with(slot_name::text, {})",
+                literal(&prefix)
+            ),
+            "waiting for its slots to be dropped",
+        )?;
+    }
+    Ok(())
+}
+
+/// Removes a node from its group: its last changes reach every member,
+/// then every member forgets it and drops the replication slot and origin
+/// that served it, and its own workers stop.
+#[pg_extern(volatile, parallel_unsafe)]
+fn part_node(
+    node_name: &str,
+    wait_for_completion: default!(bool, true),
+    force: default!(bool, false),
+) {
+    part_impl(node_name, wait_for_completion, force).or_raise()
+}
+
+/// Sets a node's state here; called by the node running a part.
+#[pg_extern(volatile)]
+fn _set_node_state(node_id: i64, state: i32) -> bool {
+    let r: BdrResult<()> = (|| {
+        Spi::run_with_args(
+            "UPDATE bdr.node SET node_state = $2, target_state = $2 WHERE node_id = $1",
+            &[
+                pg_sys::Oid::from(node_id as u32).into(),
+                pg_sys::Oid::from(state as u32).into(),
+            ],
+        )?;
+        super::node::wake_workers_at_commit();
+        Ok(())
+    })();
+    r.or_raise();
+    true
+}
+
+/// Removes node `node_id`'s rows here; called by `bdr.drop_node` on the
+/// other members.
+#[pg_extern(volatile)]
+fn _drop_node_rows(node_id: i64) -> bool {
+    catalog::drop_node_rows(node_id as u32).or_raise();
+    super::node::wake_workers_at_commit();
+    true
+}
+
+/// After dropping a parted node's rows locally, drops them on every other
+/// member too, so that the name can join again.
+pub fn drop_everywhere(node: &NodeRow, force: bool) -> BdrResult<()> {
+    let Some(local) = catalog::local_node()? else {
+        return Ok(());
+    };
+    for m in catalog::group_peers(&local)?
+        .into_iter()
+        .filter(|m| m.node_id != node.node_id && m.node_state != NodeState::Parted)
+    {
+        match connect(&m) {
+            Ok(c) => {
+                remote(
+                    &m,
+                    "dropping the node",
+                    c.query(&format!("SELECT bdr._drop_node_rows({})::text", node.node_id), 1),
+                )?;
+            }
+            Err(e) if force => warning!("{e}; drop node \"{}\" there later", node.node_name),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn alter_interface_impl(node_name: &str, interface_dsn: &str) -> BdrResult<()> {
+    bdr_core::dsn::Dsn::parse(interface_dsn).map_err(|err| BdrError::BadDsn {
+        dsn: interface_dsn.to_string(),
+        err,
+    })?;
+    let node = catalog::node_by_name(node_name)?
+        .ok_or_else(|| BdrError::NoSuchNode(node_name.to_string()))?;
+    let local = catalog::local_node()?.ok_or(BdrError::NoLocalNode)?;
+    let set = format!(
+        "SELECT bdr._set_node_dsn({}, {})::text",
+        node.node_id,
+        literal(interface_dsn)
+    );
+    // Every other member first (they connect to the node with it), then here.
+    for m in catalog::group_peers(&local)?
+        .into_iter()
+        .filter(|m| m.node_state != NodeState::Parted)
+    {
+        let c = connect(&m)?;
+        remote(&m, "changing the node's interface", c.query(&set, 1))?;
+    }
+    set_dsn(node.node_id, interface_dsn)
+}
+
+fn set_dsn(node_id: u32, dsn: &str) -> BdrResult<()> {
+    Spi::run_with_args(
+        "UPDATE bdr.node SET node_dsn = $2 WHERE node_id = $1",
+        &[pg_sys::Oid::from(node_id).into(), dsn.into()],
+    )?;
+    super::node::wake_workers_at_commit();
+    Ok(())
+}
+
+/// Sets a node's connection string here; called by `bdr.alter_node_interface`.
+#[pg_extern(volatile)]
+fn _set_node_dsn(node_id: i64, dsn: &str) -> bool {
+    set_dsn(node_id as u32, dsn).or_raise();
+    true
+}
+
+/// Changes the connection string other nodes use to reach `node_name`, on
+/// every member of the group. Receivers reconnect with it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn alter_node_interface(node_name: &str, interface_dsn: &str) {
+    alter_interface_impl(node_name, interface_dsn).or_raise()
+}
