@@ -156,7 +156,12 @@ SELECT n.dbname AS target_dbname,
        pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), sr.sent_lsn)) AS sent_lag_size,
        pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), sr.write_lsn)) AS write_lag_size,
        pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), COALESCE(sr.flush_lsn, sl.confirmed_flush_lsn))) AS flush_lag_size,
-       pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), sr.replay_lsn)) AS replay_lag_size
+       pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), sr.replay_lsn)) AS replay_lag_size,
+       -- WAL this node keeps for the peer (from the slot's restart_lsn).
+       pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), sl.restart_lsn)::bigint AS retained_wal_bytes,
+       pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), sl.restart_lsn)) AS retained_wal_size,
+       sl.wal_status,
+       sl.safe_wal_size
   FROM bdr.local_node l
   JOIN bdr.node lo ON lo.node_id = l.node_id
   JOIN bdr.node_group g ON g.node_group_id = lo.node_group_id
