@@ -16,11 +16,11 @@ INSERT INTO t SELECT g, 'before ' || g, ARRAY['x', g::text] FROM generate_series
 
 \c repl_b
 SET client_min_messages = warning;
-CREATE TABLE t (id int PRIMARY KEY, v text, tags text[]);
-CREATE TABLE nokey (a int, b text);
+-- An empty database: the join copies the schema too (synchronize_structure 'all').
 CREATE EXTENSION bdr;
 SELECT bdr.create_node('b', 'host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_b') IS NOT NULL AS created;
 SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_a', 'rg');
+\d t
 
 \c repl_c
 SET client_min_messages = warning;
@@ -29,10 +29,11 @@ CREATE TABLE t (id int PRIMARY KEY, v text, tags text[]);
 CREATE EXTENSION bdr;
 SELECT bdr.create_node('c', 'host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_c') IS NOT NULL AS created;
 SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_b', 'rg', synchronize_structure := 'none');
+-- With tables of its own, the schema cannot be copied.
 SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_b', 'rg');
 CREATE TABLE nokey (a int, b text);
 -- Any member can be the join target.
-SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_b', 'rg');
+SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_b', 'rg', synchronize_structure := 'none');
 SET statement_timeout = '60s';
 SELECT bdr.wait_for_join_completion();
 SELECT node_name, peer_state_name FROM bdr.node_summary ORDER BY 1;
@@ -101,12 +102,12 @@ CREATE TABLE nokey (a int, b text);
 INSERT INTO t VALUES (1, 'already here', NULL);
 CREATE EXTENSION bdr;
 SELECT bdr.create_node('d', 'host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_d') IS NOT NULL AS created;
-SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_a', 'rg');
+SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_a', 'rg', synchronize_structure := 'none');
 -- So must a node's name be new to the group.
 DELETE FROM t;
 SELECT bdr.drop_node('d');
 SELECT bdr.create_node('b', 'host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_d') IS NOT NULL AS created;
-SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_a', 'rg');
+SELECT bdr.join_node_group('host=127.0.0.1 port=' || current_setting('port') || ' dbname=repl_a', 'rg', synchronize_structure := 'none');
 
 -- Any role may write replicated tables: deletes are noted through bdr's
 -- trigger, which runs with the extension owner's rights.

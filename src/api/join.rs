@@ -27,7 +27,7 @@ use bdr_core::quote::{self, ident, literal};
 use pgrx::callbacks::{register_xact_callback, PgXactCallbackEvent};
 use pgrx::prelude::*;
 use std::cell::RefCell;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 
 #[derive(Debug, Clone)]
 struct Member {
@@ -157,6 +157,112 @@ fn check_local_tables(tables: &[Table], synchronize_structure: &str) -> BdrResul
         let _ = oid;
     }
     Ok(())
+}
+
+/// `synchronize_structure => 'all'` copies the schema, so the joining
+/// database must not have tables of its own.
+fn check_no_local_tables() -> BdrResult<()> {
+    // A read-only query: Spi::get_one would assign a transaction id, and
+    // then this transaction could not create its slots.
+    let names: Option<String> = Spi::connect(|c| {
+        c.select(
+            "SELECT string_agg(format('%I.%I', n.nspname, c.relname), ', ' ORDER BY 1)
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bdr')
+                AND n.nspname NOT LIKE 'pg\\_%'",
+            None,
+            &[],
+        )?
+        .first()
+        .get_one::<String>()
+    })?;
+    match names {
+        None => Ok(()),
+        Some(names) => Err(BdrError::JoinRefused {
+            msg: format!(
+                "the joining database already has tables ({names}); synchronize_structure 'all' copies the group's schema into an empty database"
+            ),
+            hint: "Join from a database that has only the bdr extension and its node, or keep these tables (they must match the group's) with synchronize_structure => 'none'.".into(),
+        }),
+    }
+}
+
+/// The directory of this server's programs (pg_dump is there).
+fn bin_dir() -> std::path::PathBuf {
+    // SAFETY: my_exec_path is a NUL-terminated path set at backend start.
+    let exe = unsafe {
+        CStr::from_ptr(std::ptr::addr_of!(pg_sys::my_exec_path) as *const std::ffi::c_char)
+    };
+    std::path::Path::new(&*exe.to_string_lossy())
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default()
+}
+
+/// Copies the join target's schema as of `snapshot` (exported from the
+/// transaction the data is copied in): pg_dump --schema-only, run inside
+/// this transaction. bdr's own objects are the extension's and not dumped;
+/// the tombstone triggers are made by bdr's event trigger as the tables are
+/// created here.
+fn copy_schema(target: &Member, snapshot: &str) -> BdrResult<()> {
+    let pg_dump = bin_dir().join("pg_dump");
+    let out = std::process::Command::new(&pg_dump)
+        .args([
+            "--schema-only",
+            "--no-publications",
+            "--no-subscriptions",
+            // bdr's schema comes with the extension, which exists here.
+            "--exclude-schema=bdr",
+            "--snapshot",
+            snapshot,
+            "--dbname",
+            &target.dsn,
+        ])
+        .output()
+        .map_err(|e| BdrError::Prerequisite {
+            msg: format!("could not run {}: {e}", pg_dump.display()),
+            hint: "synchronize_structure 'all' needs pg_dump next to the postgres program; or create the tables yourself and join with synchronize_structure => 'none'.".into(),
+        })?;
+    if !out.status.success() {
+        return Err(BdrError::PeerCommand {
+            what: "dumping the schema".into(),
+            node: target.name.clone(),
+            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    let dump = String::from_utf8_lossy(&out.stdout);
+    let sql = schema_script(&dump);
+    Spi::run(&sql).map_err(|e| BdrError::JoinRefused {
+        msg: format!("could not create the group's schema here: {e}"),
+        hint: "Roles that own or are granted objects must exist on the joining node; create them and join again.".into(),
+    })?;
+    Ok(())
+}
+
+/// pg_dump's script made fit to run in this transaction: settings only for
+/// the transaction, no psql meta-commands, no tombstone triggers (bdr's
+/// event trigger adds them).
+fn schema_script(dump: &str) -> String {
+    let mut out = String::with_capacity(dump.len());
+    for line in dump.lines() {
+        if line.starts_with('\\')
+            || line.starts_with("CREATE TRIGGER bdr_tombstone ")
+            || line.starts_with("CREATE EXTENSION IF NOT EXISTS bdr ")
+            || line.starts_with("COMMENT ON EXTENSION bdr ")
+        {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("SET ") {
+            out.push_str("SET LOCAL ");
+            out.push_str(rest);
+        } else if line.starts_with("SELECT pg_catalog.set_config(") {
+            out.push_str(&line.replace(", false);", ", true);"));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn slot_exists_local(name: &str) -> BdrResult<bool> {
@@ -480,10 +586,11 @@ fn join_impl(
         "reading the group",
         tconn.query(
             "SELECT n.node_id::text, n.node_name::text, g.node_group_id::text, g.node_group_name::text,
-                    g.node_group_uuid::text, bdr.bdr_version_num()::text
+                    g.node_group_uuid::text, bdr.bdr_version_num()::text,
+                    current_setting('server_version_num')
                FROM bdr.local_node l JOIN bdr.node n USING (node_id)
                LEFT JOIN bdr.node_group g ON g.node_group_id = n.node_group_id",
-            6,
+            7,
         ),
     )
     .map_err(|e| match e {
@@ -515,6 +622,17 @@ fn join_impl(
                 hint: "Pass the join target's group name, or NULL.".into(),
             });
         }
+    }
+    let pg_version: u32 = text(&t[6]).parse().unwrap_or(0);
+    if pg_version / 10000 != pg_sys::PG_VERSION_NUM / 10000 {
+        return Err(BdrError::JoinRefused {
+            msg: format!(
+                "the join target runs PostgreSQL {}; this node runs PostgreSQL {}",
+                pg_version / 10000,
+                pg_sys::PG_VERSION_NUM / 10000
+            ),
+            hint: "Every node of a group runs the same PostgreSQL major version.".into(),
+        });
     }
     let version: i32 = text(&t[5]).parse().unwrap_or(0);
     if version / 10000 != bdr_core::version::VERSION_NUM / 10000 {
@@ -558,8 +676,21 @@ fn join_impl(
         .filter(|m| m.id != me.id && m.state == NodeState::Active)
         .cloned()
         .collect();
+    // Refusals come before anything is created anywhere.
+    let target = peers
+        .iter()
+        .find(|p| p.name == target_name)
+        .cloned()
+        .ok_or_else(|| BdrError::JoinRefused {
+            msg: format!("the join target node \"{target_name}\" is not active in its group"),
+            hint: "Join through an active node of the group.".into(),
+        })?;
     let tables = target_tables(&tconn, &target_name)?;
-    check_local_tables(&tables, &sync)?;
+    if sync == "all" {
+        check_no_local_tables()?;
+    } else {
+        check_local_tables(&tables, &sync)?;
+    }
 
     // 1. Slots here for every member: before this transaction writes anything.
     for p in &peers {
@@ -632,15 +763,8 @@ fn join_impl(
         slot_starts.push((p.clone(), start));
     }
 
-    // 3. The target: its slot for us, and its data as of that slot's start.
-    let target = peers
-        .iter()
-        .find(|p| p.name == target_name)
-        .cloned()
-        .ok_or_else(|| BdrError::JoinRefused {
-            msg: format!("the join target node \"{target_name}\" is not active in its group"),
-            hint: "Join through an active node of the group.".into(),
-        })?;
+    // 3. The target: its slot for us, and its schema and data as of that
+    // slot's start.
     register_on(&tconn, &target, &me, group_id)?;
     let slot = naming::slot_name(&target.dbname, &group, &me.name);
     if slot_exists_remote(&tconn, &target.name, &slot)? {
@@ -701,6 +825,17 @@ fn join_impl(
             msg: "no consistent point returned".into(),
         })?;
 
+    if sync == "all" {
+        let snapshot = remote(
+            &target.name,
+            "exporting the copy's snapshot",
+            tconn.query("SELECT pg_catalog.pg_export_snapshot()", 1),
+        )?
+        .first()
+        .and_then(|r| r[0].clone())
+        .unwrap_or_default();
+        copy_schema(&target, &snapshot)?;
+    }
     let target_origin = naming::origin_name(&me.dbname, &group, &target.name);
     use_origin_until_end_of_transaction(&target_origin, start);
     // Rows arrive in any order: foreign keys and triggers are the target's

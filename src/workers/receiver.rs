@@ -149,10 +149,15 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
     // left each peer (bdr.subscription_start), until it has applied more.
     let start = origin_progress(&sub.origin_name).max(
         BackgroundWorker::transaction(|| {
-            Spi::get_one_with_args::<String>(
-                "SELECT start_lsn::text FROM bdr.subscription_start WHERE origin_node_id = $1",
-                &[pg_sys::Oid::from(sub.origin_node_id).into()],
-            )
+            Spi::connect(|c| {
+                c.select(
+                    "SELECT start_lsn::text FROM bdr.subscription_start WHERE origin_node_id = $1",
+                    None,
+                    &[pg_sys::Oid::from(sub.origin_node_id).into()],
+                )?
+                .first()
+                .get_one::<String>()
+            })
         })
         .ok()
         .flatten()

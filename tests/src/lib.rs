@@ -432,9 +432,9 @@ pub fn expect_error(client: &mut Client, sql: &str) -> (String, String, Option<S
 }
 
 /// Makes database `db` on every instance a node of group `g`: `schema_sql`
-/// runs first on each (the tables must exist before joining), node1 creates
-/// the group, the others join through node1, and every node then waits until
-/// it receives from all the others.
+/// runs first on each, node1 creates the group, the others join through
+/// node1 with their own tables (`synchronize_structure => 'none'`), and every
+/// node then waits until it receives from all the others.
 pub fn form_group(cluster: &Cluster, db: &str, schema_sql: &str) {
     form_group_of(cluster, db, schema_sql, cluster.nodes.len());
 }
@@ -467,7 +467,10 @@ pub fn form_group_of(cluster: &Cluster, db: &str, schema_sql: &str, count: usize
         .unwrap();
     for n in cluster.nodes.iter().take(count).skip(1) {
         n.connect(db)
-            .execute("SELECT bdr.join_node_group($1, 'g')", &[&first.dsn(db)])
+            .execute(
+                "SELECT bdr.join_node_group($1, 'g', synchronize_structure => 'none')",
+                &[&first.dsn(db)],
+            )
             .unwrap_or_else(|e| panic!("join of {} failed: {e:?}", n.name));
     }
     let nodes: Vec<usize> = (0..count).collect();

@@ -94,8 +94,10 @@ fn nodes_join_one_after_another_while_every_member_writes() {
 
     // node3 joins through node1, then node4 through node2, while every
     // member keeps writing (node3 too, once it is in).
-    for (joiner, target) in [(2usize, 0usize), (3, 1)] {
-        prepare_node(&c, joiner, DB, JOINER_SCHEMA);
+    // node3 starts from an empty database and gets the schema with the
+    // data (synchronize_structure 'all'); node4 has the tables already.
+    for (joiner, target, sync) in [(2usize, 0usize, "all"), (3, 1, "none")] {
+        prepare_node(&c, joiner, DB, if sync == "all" { "" } else { JOINER_SCHEMA });
         // For the first join, the target lags behind the other member:
         // node1 stops receiving from node2 while node2 writes on, and
         // resumes only once the join has made its slot on node2. What node2
@@ -137,8 +139,8 @@ fn nodes_join_one_after_another_while_every_member_writes() {
         });
         let mut j = c.node(joiner).connect(DB);
         j.execute(
-            "SELECT bdr.join_node_group($1, 'g')",
-            &[&c.node(target).dsn(DB)],
+            "SELECT bdr.join_node_group($1, 'g', synchronize_structure => $2)",
+            &[&c.node(target).dsn(DB), &sync],
         )
         .unwrap_or_else(|e| panic!("join of node{} failed: {e:?}", joiner + 1));
         j.batch_execute("SET statement_timeout = '120s'; SELECT bdr.wait_for_join_completion()")
@@ -146,6 +148,11 @@ fn nodes_join_one_after_another_while_every_member_writes() {
         if let Some(r) = resume {
             r.join().unwrap();
         }
+        // Every table came with its tombstone trigger, made here.
+        assert_eq!(
+            one(&mut j, "SELECT count(*) FROM pg_trigger WHERE tgname = 'bdr_tombstone'"),
+            "3"
+        );
         writers.push(writer(c.node(joiner).dsn(DB), joiner, stop.clone()));
     }
     std::thread::sleep(Duration::from_secs(2));
@@ -287,7 +294,7 @@ fn part_a_live_node_and_a_stopped_node_then_rejoin_under_the_same_name() {
         .connect("postgres")
         .batch_execute(&format!("DROP DATABASE {DB} WITH (FORCE)"))
         .unwrap();
-    prepare_node(&c, 2, DB, JOINER_SCHEMA);
+    prepare_node(&c, 2, DB, "");
     let mut n3 = c.node(2).connect(DB);
     n3.execute("SELECT bdr.join_node_group($1, 'g')", &[&c.node(1).dsn(DB)])
         .unwrap();
@@ -296,4 +303,118 @@ fn part_a_live_node_and_a_stopped_node_then_rejoin_under_the_same_name() {
         .unwrap();
     wait_for_replication_on(&c, DB, &[0, 1, 2]);
     assert_converged_on(&c, DB, TABLES, &[0, 1, 2]);
+}
+
+/// What a refused join must not leave: on the joiner no slot, origin,
+/// group or other node; on the members no row or slot for it.
+fn assert_nothing_left(c: &Cluster, joiner: usize, members: &[usize]) {
+    let mut j = c.node(joiner).connect(DB);
+    assert_eq!(count(&mut j, "SELECT count(*) FROM pg_replication_slots"), 0);
+    assert_eq!(
+        count(&mut j, "SELECT count(*) FROM pg_replication_origin WHERE roname <> 'bdr_local'"),
+        0
+    );
+    assert_eq!(count(&mut j, "SELECT count(*) FROM bdr.node"), 1);
+    assert_eq!(count(&mut j, "SELECT count(*) FROM bdr.node_group"), 0);
+    assert_eq!(count(&mut j, "SELECT count(*) FROM bdr.subscription"), 0);
+    for &m in members {
+        let mut n = c.node(m).connect(DB);
+        assert_eq!(
+            count(&mut n, "SELECT count(*) FROM bdr.node WHERE node_name = 'node3' OR dbname = 'joiner'"),
+            0,
+            "a row for the joiner on node{}",
+            m + 1
+        );
+        assert_eq!(
+            count(&mut n, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%node3'"),
+            0,
+            "a slot for the joiner on node{}",
+            m + 1
+        );
+    }
+}
+
+#[test]
+fn refused_joins_leave_nothing_behind() {
+    let c = Cluster::start(3, "");
+    form_group_of(&c, DB, JOINER_SCHEMA, 2);
+    prepare_node(&c, 2, DB, "");
+    let mut j = c.node(2).connect(DB);
+    let n1 = c.node(0).dsn(DB);
+    let join = |j: &mut Client, dsn: &str, group: &str| {
+        expect_error(
+            j,
+            &format!("SELECT bdr.join_node_group('{dsn}', '{group}')"),
+        )
+    };
+
+    // An unreachable target.
+    let (code, msg, _) = join(&mut j, "host=127.0.0.1 port=1 dbname=app", "g");
+    assert_eq!(code, "08001", "{msg}");
+    assert_nothing_left(&c, 2, &[0, 1]);
+
+    // A target that is not a bdr node.
+    c.node(0)
+        .connect("postgres")
+        .batch_execute("CREATE DATABASE plain")
+        .unwrap();
+    let (code, msg, _) = join(&mut j, &c.node(0).dsn("plain"), "g");
+    assert_eq!(code, "55000", "{msg}");
+    assert!(msg.contains("not a BDR node"), "{msg}");
+    assert_nothing_left(&c, 2, &[0, 1]);
+
+    // A group name that does not exist.
+    let (code, msg, _) = join(&mut j, &n1, "nosuchgroup");
+    assert_eq!(code, "55000", "{msg}");
+    assert_nothing_left(&c, 2, &[0, 1]);
+
+    // Tables of its own, with synchronize_structure 'all'.
+    j.batch_execute("CREATE TABLE mine (id int PRIMARY KEY)").unwrap();
+    let (code, msg, hint) = join(&mut j, &n1, "g");
+    assert_eq!(code, "55000", "{msg}");
+    assert!(msg.contains("already has tables"), "{msg}");
+    assert!(hint.unwrap_or_default().contains("'none'"));
+    j.batch_execute("DROP TABLE mine").unwrap();
+    assert_nothing_left(&c, 2, &[0, 1]);
+
+    // A node name the group has already.
+    j.batch_execute(&format!(
+        "SELECT bdr.drop_node('node3'); SELECT bdr.create_node('node2', '{}')",
+        c.node(2).dsn(DB)
+    ))
+    .unwrap();
+    let (code, msg, _) = join(&mut j, &n1, "g");
+    assert_eq!(code, "42710", "{msg}");
+    let mut n2 = c.node(1).connect(DB);
+    assert_eq!(
+        count(&mut n2, "SELECT count(*) FROM bdr.node WHERE node_name = 'node2'"),
+        1
+    );
+    j.batch_execute(&format!(
+        "SELECT bdr.drop_node('node2'); SELECT bdr.create_node('node3', '{}')",
+        c.node(2).dsn(DB)
+    ))
+    .unwrap();
+    assert_nothing_left(&c, 2, &[0, 1]);
+
+    // A target that is not active: node2, once parted.
+    c.node(0)
+        .connect(DB)
+        .batch_execute("SELECT bdr.part_node('node2')")
+        .unwrap();
+    let (code, msg, _) = join(&mut j, &c.node(1).dsn(DB), "g");
+    assert_eq!(code, "55000", "{msg}");
+    assert!(msg.contains("not active"), "{msg}");
+    assert_nothing_left(&c, 2, &[0]);
+
+    // After all that, the join works, schema and all.
+    c.node(0)
+        .connect(DB)
+        .batch_execute("INSERT INTO acc VALUES (1, 'node1', 1)")
+        .unwrap();
+    j.batch_execute(&format!("SELECT bdr.join_node_group('{n1}', 'g')"))
+        .unwrap();
+    wait_for_mesh_on(&c, DB, &[0, 2]);
+    wait_for_replication_on(&c, DB, &[0, 2]);
+    assert_converged_on(&c, DB, TABLES, &[0, 2]);
 }
