@@ -183,7 +183,7 @@ class Bdr(System):
             n.sql(f"SELECT bdr.create_node('node{i + 1}', '{n.dsn()}')")
         self.provider.sql("SELECT bdr.create_node_group('benchgroup')")
         for n in self.nodes[1:]:
-            n.sql(f"SELECT bdr.join_node_group('{self.provider.dsn()}', 'benchgroup')")
+            n.sql(f"SELECT bdr.join_node_group('{self.provider.dsn()}', 'benchgroup', synchronize_structure => 'none')")
         for n in self.nodes:
             n.sql("SET statement_timeout = '300s'; SELECT bdr.wait_for_join_completion()")
         self.sync()

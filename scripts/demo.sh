@@ -49,8 +49,9 @@ schema="CREATE TABLE accounts (id int PRIMARY KEY, owner text NOT NULL, balance 
 for i in 1 2 3; do
     port=${ports[$((i-1))]}
     psql_on "$port" -d postgres -c "CREATE DATABASE bdrdemo"
-    # Until DDL replicates, every node gets the same tables before it joins.
-    psql_on "$port" -d bdrdemo -c "$schema" -c "CREATE EXTENSION bdr" \
+    # Only node1 creates the table: the others get the schema when they join.
+    if [ "$i" = 1 ]; then psql_on "$port" -d bdrdemo -c "$schema"; fi
+    psql_on "$port" -d bdrdemo -c "CREATE EXTENSION bdr" \
         -c "SELECT bdr.create_node('node$i', 'host=127.0.0.1 port=$port dbname=bdrdemo')" >/dev/null
 done
 dsn1="host=127.0.0.1 port=${ports[0]} dbname=bdrdemo"
@@ -58,6 +59,7 @@ psql_on "${ports[0]}" -d bdrdemo -c "SELECT bdr.create_node_group('demo_group')"
 psql_on "${ports[0]}" -d bdrdemo -c "INSERT INTO accounts VALUES (1, 'alice', 100), (2, 'bob', 50)"
 echo
 echo "==> node1 created group demo_group with two accounts; node2 and node3 join through node1"
+echo "    (their databases are empty: the join copies the schema and the rows)"
 for i in 2 3; do
     psql_on "${ports[$((i-1))]}" -d bdrdemo -c "SET client_min_messages = warning" \
         -c "SELECT bdr.join_node_group('$dsn1', 'demo_group')" >/dev/null
