@@ -133,3 +133,16 @@ CREATE TABLE bdr.subscription_start (
     origin_node_id oid PRIMARY KEY,
     start_lsn pg_lsn NOT NULL
 );
+
+-- A join requested with wait_for_completion => false: the manager of this
+-- database runs it. last_error is set when it failed (it is not retried;
+-- bdr.join_node_group again replaces the request).
+CREATE TABLE bdr.join_request (
+    node_id oid PRIMARY KEY,
+    join_target_dsn text NOT NULL,
+    node_group_name name,
+    synchronize_structure text NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    last_error text,
+    last_error_at timestamptz
+);

@@ -496,6 +496,7 @@ const CATCH_UP_TIMEOUT_MS: i64 = 300_000;
 /// `lsn` (the member's slot for the target has confirmed it).
 fn wait_until_applied_by_target(
     conn: &Conn,
+    tconn: &Conn,
     m: &Member,
     target_name: &str,
     target_slot: &str,
@@ -503,6 +504,8 @@ fn wait_until_applied_by_target(
 ) -> BdrResult<()> {
     let deadline = crate::shmem::now() + CATCH_UP_TIMEOUT_MS * 1000;
     loop {
+        // A target that went away will never catch up: fail at once.
+        remote(target_name, "waiting for the join target", tconn.query("SELECT 1", 1))?;
         let rows = remote(
             &m.name,
             "reading the join target's progress",
@@ -759,7 +762,20 @@ fn join_impl(
             msg: "no consistent point returned".into(),
         })?;
         let target_slot = naming::slot_name(&p.dbname, &group, &target_name);
-        wait_until_applied_by_target(&conn, p, &target_name, &target_slot, start)?;
+        // Shown in the member's bdr.node_summary while the target catches up.
+        remote(
+            &p.name,
+            "recording the joining node's state",
+            conn.query(
+                &format!(
+                    "SELECT bdr._set_node_state({}, {})::text",
+                    me.id,
+                    NodeState::Catchup.oid()
+                ),
+                1,
+            ),
+        )?;
+        wait_until_applied_by_target(&conn, &tconn, p, &target_name, &target_slot, start)?;
         slot_starts.push((p.clone(), start));
     }
 
@@ -942,9 +958,18 @@ fn join_node_group(
     wait_for_completion: default!(bool, true),
     synchronize_structure: default!(&str, "'all'"),
 ) {
+    if !wait_for_completion {
+        request_join(
+            join_target_dsn,
+            node_group_name,
+            pause_in_standby,
+            synchronize_structure,
+        )
+        .or_raise();
+        return;
+    }
     // The join is complete when this returns; the connections to the peers
     // start when the transaction commits (see bdr.wait_for_join_completion).
-    let _ = wait_for_completion;
     join_impl(
         join_target_dsn,
         node_group_name,
@@ -952,6 +977,160 @@ fn join_node_group(
         synchronize_structure,
     )
     .or_raise()
+}
+
+/// `wait_for_completion => false`: checks what can be checked here, and
+/// leaves the join to this database's manager once this transaction
+/// commits. The local node is JOIN_START until it is done.
+fn request_join(
+    join_target_dsn: &str,
+    node_group_name: Option<&str>,
+    pause_in_standby: bool,
+    synchronize_structure: &str,
+) -> BdrResult<()> {
+    prereq::check()?;
+    if pause_in_standby {
+        return Err(BdrError::NotSupported(
+            "joining as a standby (pause_in_standby)".into(),
+        ));
+    }
+    let sync = synchronize_structure.to_ascii_lowercase();
+    if sync != "all" && sync != "none" {
+        return Err(BdrError::InvalidValue {
+            what: "synchronize_structure",
+            msg: format!("\"{synchronize_structure}\" is not one of 'all', 'none'"),
+        });
+    }
+    bdr_core::dsn::Dsn::parse(join_target_dsn).map_err(|err| BdrError::BadDsn {
+        dsn: join_target_dsn.to_string(),
+        err,
+    })?;
+    let local = catalog::local_node()?.ok_or(BdrError::NoLocalNode)?;
+    if let Some(g) = catalog::group_name(local.node_group_id)? {
+        return Err(BdrError::AlreadyInGroup {
+            node: local.node_name,
+            group: g,
+        });
+    }
+    Spi::run_with_args(
+        "INSERT INTO bdr.join_request (node_id, join_target_dsn, node_group_name, synchronize_structure)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (node_id) DO UPDATE SET join_target_dsn = EXCLUDED.join_target_dsn,
+             node_group_name = EXCLUDED.node_group_name,
+             synchronize_structure = EXCLUDED.synchronize_structure,
+             requested_at = now(), last_error = NULL, last_error_at = NULL",
+        &[
+            pg_sys::Oid::from(local.node_id).into(),
+            join_target_dsn.into(),
+            node_group_name.into(),
+            sync.as_str().into(),
+        ],
+    )?;
+    Spi::run_with_args(
+        "UPDATE bdr.node SET node_state = $2, target_state = $3 WHERE node_id = $1",
+        &[
+            pg_sys::Oid::from(local.node_id).into(),
+            pg_sys::Oid::from(NodeState::JoinStart.oid()).into(),
+            pg_sys::Oid::from(NodeState::Active.oid()).into(),
+        ],
+    )?;
+    super::node::wake_workers_at_commit();
+    pgrx::notice!("the join runs in the background; bdr.wait_for_join_completion() waits for it");
+    Ok(())
+}
+
+/// A join requested with `wait_for_completion => false`, not failed yet.
+struct JoinRequest {
+    dsn: String,
+    group: Option<String>,
+    sync: String,
+}
+
+fn pending_request() -> BdrResult<Option<JoinRequest>> {
+    Ok(Spi::connect(|c| -> BdrResult<Option<JoinRequest>> {
+        let t = c.select(
+            "SELECT r.join_target_dsn, r.node_group_name::text, r.synchronize_structure
+               FROM bdr.join_request r JOIN bdr.local_node l USING (node_id)
+              WHERE r.last_error IS NULL",
+            None,
+            &[],
+        )?;
+        for row in t {
+            return Ok(Some(JoinRequest {
+                dsn: row.get::<String>(1)?.unwrap_or_default(),
+                group: row.get::<String>(2)?,
+                sync: row.get::<String>(3)?.unwrap_or_default(),
+            }));
+        }
+        Ok(None)
+    })?)
+}
+
+/// Run by the manager of a database whose local node is in no group: does
+/// the join a session requested with `wait_for_completion => false`, in a
+/// transaction of its own. A failure is recorded in `bdr.join_request`,
+/// which `bdr.wait_for_join_completion()` reports.
+pub fn run_requested_join() {
+    let req = pgrx::bgworkers::BackgroundWorker::transaction(pending_request);
+    let req = match req {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!("could not read the join request: {e}");
+            return;
+        }
+    };
+    tracing::info!("joining through {} (requested with wait_for_completion => false)", req.dsn);
+    // SAFETY: the join's own transaction, committed or aborted below.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let outcome = pgrx::PgTryBuilder::new(|| {
+        join_impl(&req.dsn, req.group.as_deref(), false, &req.sync)
+            .and_then(|()| {
+                Spi::run("DELETE FROM bdr.join_request").map_err(BdrError::from)
+            })
+            .map_err(|e| e.to_string())
+    })
+    .catch_others(|e| {
+        Err(match e {
+            pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+            | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+            | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+        })
+    })
+    .execute();
+    match outcome {
+        Ok(()) => {
+            // SAFETY: ends the transaction begun above.
+            unsafe {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            tracing::info!("joined through {}", req.dsn);
+        }
+        Err(msg) => {
+            // SAFETY: undoes whatever the join did here (its snapshot too).
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            tracing::warn!("the join through {} failed: {msg}", req.dsn);
+            let r = pgrx::bgworkers::BackgroundWorker::transaction(|| {
+                Spi::run_with_args(
+                    "UPDATE bdr.join_request SET last_error = $1, last_error_at = now()",
+                    &[msg.as_str().into()],
+                )?;
+                Spi::run_with_args(
+                    "UPDATE bdr.node n SET node_state = $1, target_state = $1
+                       FROM bdr.local_node l WHERE n.node_id = l.node_id",
+                    &[pg_sys::Oid::from(NodeState::Created.oid()).into()],
+                )
+            });
+            if let Err(e) = r {
+                tracing::warn!("could not record the failed join: {e}");
+            }
+        }
+    }
 }
 
 fn register_impl(
@@ -1019,10 +1198,57 @@ fn _join_activate(node_id: i64) {
 /// from every peer.
 #[pg_extern(volatile, parallel_unsafe)]
 fn wait_for_join_completion(verbose_progress: default!(bool, false)) {
-    let local = catalog::local_node()
+    let mut local = catalog::local_node()
         .or_raise()
         .ok_or(BdrError::NoLocalNode)
         .or_raise();
+    // A join running in the background (wait_for_completion => false):
+    // wait for it to finish, or report why it failed.
+    let mut announced = false;
+    while local.node_group_id == 0 {
+        // SAFETY: a new snapshot per round, popped below.
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+        let req: Option<(String, Option<String>)> = Spi::connect(|c| {
+            let t = c.select(
+                "SELECT r.join_target_dsn, r.last_error FROM bdr.join_request r
+                   JOIN bdr.local_node l USING (node_id)",
+                None,
+                &[],
+            )?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            t.first()
+                .get_two::<String, String>()
+                .map(|(d, e)| d.map(|d| (d, e)))
+        })
+        .map_err(BdrError::from)
+        .or_raise();
+        local = catalog::local_node()
+            .or_raise()
+            .ok_or(BdrError::NoLocalNode)
+            .or_raise();
+        // SAFETY: pops the snapshot pushed above.
+        unsafe { pg_sys::PopActiveSnapshot() };
+        if local.node_group_id != 0 {
+            break;
+        }
+        match req {
+            None => break,
+            Some((dsn, Some(err))) => BdrError::JoinRefused {
+                msg: format!("the join through \"{dsn}\" failed: {err}"),
+                hint: "Fix the cause and call bdr.join_node_group() again.".into(),
+            }
+            .raise(),
+            Some((dsn, None)) => {
+                if verbose_progress && !announced {
+                    pgrx::notice!("waiting for the join through \"{dsn}\" to finish");
+                    announced = true;
+                }
+                crate::workers::wait(None, 200);
+            }
+        }
+    }
     if local.node_group_id == 0 {
         BdrError::JoinRefused {
             msg: format!("node \"{}\" is not joining a group", local.node_name),

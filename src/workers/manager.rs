@@ -159,6 +159,9 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                     tracing::info!("manager started for local node \"{}\"", local.node_name);
                     announced = true;
                 }
+                if local.node_group_id == 0 {
+                    crate::api::join::run_requested_join();
+                }
                 tend_receivers(dboid, &subs, &mut receivers, &mut jitter);
                 if !slots.is_empty() || !origins.is_empty() {
                     drop_parted_artifacts(&slots, &origins);

@@ -418,3 +418,152 @@ fn refused_joins_leave_nothing_behind() {
     wait_for_replication_on(&c, DB, &[0, 2]);
     assert_converged_on(&c, DB, TABLES, &[0, 2]);
 }
+
+/// Runs `join_node_group` on instance `joiner` in a thread; the result is
+/// the error message, if it failed.
+fn join_in_background(
+    c: &Cluster,
+    joiner: usize,
+    target: usize,
+) -> std::thread::JoinHandle<Option<String>> {
+    let dsn = c.node(joiner).dsn(DB);
+    let target_dsn = c.node(target).dsn(DB);
+    std::thread::spawn(move || {
+        let mut j = bdr_tests::postgres::Client::connect(&dsn, bdr_tests::postgres::NoTls).unwrap();
+        j.execute("SELECT bdr.join_node_group($1, 'g')", &[&target_dsn])
+            .err()
+            .map(|e| e.to_string())
+    })
+}
+
+#[test]
+fn a_join_interrupted_by_a_crash_of_the_joiner_or_the_target_can_be_retried() {
+    let mut c = Cluster::start(3, "");
+    prepare_node(&c, 0, DB, JOINER_SCHEMA);
+    {
+        let mut n1 = c.node(0).connect(DB);
+        n1.batch_execute(
+            "SELECT bdr.create_node_group('g');
+             INSERT INTO acc SELECT g, 'node1', g FROM generate_series(10, 1000000) g;",
+        )
+        .unwrap();
+    }
+
+    // 1. The joiner crashes while it copies the data.
+    prepare_node(&c, 1, DB, "");
+    let join = join_in_background(&c, 1, 0);
+    let mut n1 = c.node(0).connect(DB);
+    wait_for("the join's COPY on node1", Duration::from_secs(120), || {
+        (count(
+            &mut n1,
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender' AND query LIKE 'COPY%'",
+        ) > 0)
+            .then_some(())
+    });
+    c.node(1).crash();
+    assert!(join.join().unwrap().is_some(), "the join survived a crash");
+    c.node_mut(1).start();
+    let mut n2 = c.node(1).connect(DB);
+    n2.execute("SELECT bdr.join_node_group($1, 'g')", &[&c.node(0).dsn(DB)])
+        .unwrap();
+    wait_for_mesh_on(&c, DB, &[0, 1]);
+
+    // 2. The target crashes while the join waits for it to catch up with
+    // another member (node1 does not listen to node2 for a while).
+    n1.batch_execute(
+        "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node2'",
+    )
+    .unwrap();
+    n2.batch_execute("INSERT INTO acc VALUES (2, 'node2 while node1 is deaf', 2)")
+        .unwrap();
+    prepare_node(&c, 2, DB, "");
+    let join = join_in_background(&c, 2, 0);
+    wait_for("the join's slot on node2", Duration::from_secs(120), || {
+        (count(
+            &mut n2,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%node3'",
+        ) == 1)
+            .then_some(())
+    });
+    drop(n1);
+    c.node(0).crash();
+    assert!(join.join().unwrap().is_some(), "the join survived its target's crash");
+    c.node_mut(0).start();
+    let mut n1 = c.node(0).connect(DB);
+    n1.batch_execute("SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary")
+        .unwrap();
+    let mut n3 = c.node(2).connect(DB);
+    n3.execute("SELECT bdr.join_node_group($1, 'g')", &[&c.node(0).dsn(DB)])
+        .unwrap();
+    wait_for_mesh(&c, DB);
+    n3.batch_execute("INSERT INTO acc VALUES (3, 'node3', 3)").unwrap();
+    wait_for_replication(&c, DB);
+    assert_converged(&c, DB, TABLES);
+    assert_eq!(count(&mut n3, "SELECT count(*) FROM acc"), 1_000_000 - 9 + 2);
+}
+
+#[test]
+fn a_background_join_returns_at_once_and_shows_its_progress() {
+    let c = Cluster::start(3, "");
+    form_group_of(&c, DB, JOINER_SCHEMA, 2);
+    let mut n1 = c.node(0).connect(DB);
+    let mut n2 = c.node(1).connect(DB);
+    prepare_node(&c, 2, DB, "");
+    let mut n3 = c.node(2).connect(DB);
+
+    // A background join that cannot succeed says why when waited for.
+    n3.batch_execute(
+        "SELECT bdr.join_node_group('host=127.0.0.1 port=1 dbname=app', 'g', wait_for_completion => false)",
+    )
+    .unwrap();
+    let (code, msg, _) = expect_error(
+        &mut n3,
+        "SET statement_timeout = '60s'; SELECT bdr.wait_for_join_completion()",
+    );
+    assert_eq!(code, "55000", "{msg}");
+    assert!(msg.contains("could not connect"), "{msg}");
+    assert_eq!(
+        one(&mut n3, "SELECT peer_state_name FROM bdr.local_node_summary"),
+        "CREATED"
+    );
+
+    // The target lags behind node2, so the join waits for it: meanwhile
+    // the call has returned, this node is JOIN_START, and node2 shows it
+    // catching up.
+    n1.batch_execute(
+        "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node2'",
+    )
+    .unwrap();
+    n2.batch_execute("INSERT INTO acc VALUES (2, 'node2', 2)").unwrap();
+    n3.execute(
+        "SELECT bdr.join_node_group($1, 'g', wait_for_completion => false)",
+        &[&c.node(0).dsn(DB)],
+    )
+    .unwrap();
+    assert_eq!(
+        one(&mut n3, "SELECT peer_state_name FROM bdr.local_node_summary"),
+        "JOIN_START"
+    );
+    wait_for("node2 to show node3 catching up", Duration::from_secs(60), || {
+        (one(&mut n2, "SELECT peer_state_name FROM bdr.node_summary WHERE node_name = 'node3'")
+            == "CATCHUP")
+            .then_some(())
+    });
+    n1.batch_execute("SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary")
+        .unwrap();
+    n3.batch_execute(
+        "SET statement_timeout = '120s'; SELECT bdr.wait_for_join_completion(verbose_progress => true)",
+    )
+    .unwrap();
+    for n in [&mut n1, &mut n2, &mut n3] {
+        assert_eq!(
+            one(n, "SELECT peer_state_name FROM bdr.node_summary WHERE node_name = 'node3'"),
+            "ACTIVE"
+        );
+    }
+    wait_for_mesh(&c, DB);
+    n3.batch_execute("INSERT INTO acc VALUES (3, 'node3', 3)").unwrap();
+    wait_for_replication(&c, DB);
+    assert_converged(&c, DB, TABLES);
+    assert_eq!(count(&mut n3, "SELECT count(*) FROM acc"), 2);
+}
