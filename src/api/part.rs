@@ -132,6 +132,10 @@ fn part_impl(node_name: &str, wait_for_completion: bool, force: bool) -> BdrResu
         // every member before it goes, so that a change it sent to some
         // members only is not lost on the others.
         for (m, c) in &conns {
+            set_state(c, m, parting.node_id, NodeState::Parting)?;
+        }
+        set_state(pc, &parting, parting.node_id, NodeState::Parting)?;
+        for (m, c) in &conns {
             remote(
                 m,
                 "resuming the subscription from the parting node",

@@ -566,4 +566,40 @@ fn a_background_join_returns_at_once_and_shows_its_progress() {
     wait_for_replication(&c, DB);
     assert_converged(&c, DB, TABLES);
     assert_eq!(count(&mut n3, "SELECT count(*) FROM acc"), 2);
+
+    // node3 gets a new connection string, everywhere; receivers use it.
+    let new_dsn = format!("host=localhost port={} dbname={DB} user=postgres", c.node(2).port);
+    n1.execute("SELECT bdr.alter_node_interface('node3', $1)", &[&new_dsn])
+        .unwrap();
+    for n in [&mut n1, &mut n2, &mut n3] {
+        assert_eq!(
+            one(n, "SELECT interface_connstr FROM bdr.node_summary WHERE node_name = 'node3'"),
+            new_dsn
+        );
+    }
+    let (code, _, _) =
+        expect_error(&mut n1, "SELECT bdr.alter_node_interface('node3', 'nonsense_option=1')");
+    assert_eq!(code, "22023");
+    // Reconnect the receivers from node3, which then use the new DSN.
+    for n in [&mut n1, &mut n2] {
+        n.batch_execute(
+            "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node3'",
+        )
+        .unwrap();
+        wait_for("the receiver from node3 to stop", Duration::from_secs(60), || {
+            (count(
+                n,
+                "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
+                  WHERE w.sub_name LIKE '%node3\\_node_' AND w.task_key_worker_role_name = 'receiver'",
+            ) == 0)
+                .then_some(())
+        });
+        n.batch_execute("SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary")
+            .unwrap();
+    }
+    wait_for_mesh(&c, DB);
+    n3.batch_execute("INSERT INTO acc VALUES (4, 'node3 via its new interface', 4)")
+        .unwrap();
+    wait_for_replication(&c, DB);
+    assert_converged(&c, DB, TABLES);
 }
