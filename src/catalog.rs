@@ -179,6 +179,7 @@ pub fn live_peers(node_id: u32, gid: u32) -> BdrResult<Vec<String>> {
 pub fn drop_all_metadata() -> BdrResult<()> {
     Spi::run("DELETE FROM bdr.subscription")?;
     Spi::run("DELETE FROM bdr.subscription_start")?;
+    Spi::run("DELETE FROM bdr.join_request")?;
     Spi::run("DELETE FROM bdr.local_node")?;
     Spi::run("DELETE FROM bdr.node")?;
     Spi::run("DELETE FROM bdr.node_group")?;

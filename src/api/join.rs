@@ -204,6 +204,14 @@ fn bin_dir() -> std::path::PathBuf {
 /// this transaction. bdr's own objects are the extension's and not dumped;
 /// the tombstone triggers are made by bdr's event trigger as the tables are
 /// created here.
+/// This database's encoding, which the dump is asked to use.
+fn server_encoding() -> String {
+    // SAFETY: returns a static string for the database's encoding.
+    unsafe { CStr::from_ptr(pg_sys::GetDatabaseEncodingName()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 fn copy_schema(target: &Member, snapshot: &str) -> BdrResult<()> {
     let pg_dump = bin_dir().join("pg_dump");
     let out = std::process::Command::new(&pg_dump)
@@ -213,6 +221,8 @@ fn copy_schema(target: &Member, snapshot: &str) -> BdrResult<()> {
             "--no-subscriptions",
             // bdr's schema comes with the extension, which exists here.
             "--exclude-schema=bdr",
+            "--encoding",
+            &server_encoding(),
             "--snapshot",
             snapshot,
             "--dbname",
@@ -231,38 +241,12 @@ fn copy_schema(target: &Member, snapshot: &str) -> BdrResult<()> {
         });
     }
     let dump = String::from_utf8_lossy(&out.stdout);
-    let sql = schema_script(&dump);
+    let sql = bdr_core::dump::schema_script(&dump);
     Spi::run(&sql).map_err(|e| BdrError::JoinRefused {
         msg: format!("could not create the group's schema here: {e}"),
         hint: "Roles that own or are granted objects must exist on the joining node; create them and join again.".into(),
     })?;
     Ok(())
-}
-
-/// pg_dump's script made fit to run in this transaction: settings only for
-/// the transaction, no psql meta-commands, no tombstone triggers (bdr's
-/// event trigger adds them).
-fn schema_script(dump: &str) -> String {
-    let mut out = String::with_capacity(dump.len());
-    for line in dump.lines() {
-        if line.starts_with('\\')
-            || line.starts_with("CREATE TRIGGER bdr_tombstone ")
-            || line.starts_with("CREATE EXTENSION IF NOT EXISTS bdr ")
-            || line.starts_with("COMMENT ON EXTENSION bdr ")
-        {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("SET ") {
-            out.push_str("SET LOCAL ");
-            out.push_str(rest);
-        } else if line.starts_with("SELECT pg_catalog.set_config(") {
-            out.push_str(&line.replace(", false);", ", true);"));
-        } else {
-            out.push_str(line);
-        }
-        out.push('\n');
-    }
-    out
 }
 
 fn slot_exists_local(name: &str) -> BdrResult<bool> {
@@ -1202,6 +1186,22 @@ fn wait_for_join_completion(verbose_progress: default!(bool, false)) {
         .or_raise()
         .ok_or(BdrError::NoLocalNode)
         .or_raise();
+    // The manager's subscriptions become visible only to new snapshots, and
+    // only once the join has committed.
+    // SAFETY: reads transaction state of this backend.
+    let (repeatable, wrote) = unsafe {
+        (
+            pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32,
+            pg_sys::GetTopTransactionIdIfAny() != pg_sys::InvalidTransactionId,
+        )
+    };
+    if repeatable || wrote {
+        BdrError::JoinRefused {
+            msg: "bdr.wait_for_join_completion() cannot wait inside this transaction".into(),
+            hint: "Call it in its own READ COMMITTED transaction, after the transaction that joined has committed.".into(),
+        }
+        .raise();
+    }
     // A join running in the background (wait_for_completion => false):
     // wait for it to finish, or report why it failed.
     let mut announced = false;
@@ -1253,22 +1253,6 @@ fn wait_for_join_completion(verbose_progress: default!(bool, false)) {
         BdrError::JoinRefused {
             msg: format!("node \"{}\" is not joining a group", local.node_name),
             hint: "Call bdr.join_node_group() first.".into(),
-        }
-        .raise();
-    }
-    // The manager's subscriptions become visible only to new snapshots, and
-    // only once the join has committed.
-    // SAFETY: reads transaction state of this backend.
-    let (repeatable, wrote) = unsafe {
-        (
-            pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32,
-            pg_sys::GetTopTransactionIdIfAny() != pg_sys::InvalidTransactionId,
-        )
-    };
-    if repeatable || wrote {
-        BdrError::JoinRefused {
-            msg: "bdr.wait_for_join_completion() cannot wait inside this transaction".into(),
-            hint: "Call it in its own READ COMMITTED transaction, after the transaction that joined has committed.".into(),
         }
         .raise();
     }

@@ -146,6 +146,9 @@ fn drop_node_impl(node_name: &str, _cascade: bool, force: bool) -> BdrResult<()>
         if target.node_state != NodeState::Parted && !force && target.node_group_id != 0 {
             return Err(BdrError::NodeStillActive(node_name.to_string()));
         }
+        if target.node_state == NodeState::Parted {
+            super::part::drop_artifacts_of(&target)?;
+        }
         catalog::drop_node_rows(target.node_id)?;
         if target.node_state == NodeState::Parted {
             super::part::drop_everywhere(&target, force)?;

@@ -155,7 +155,9 @@ fn part_impl(node_name: &str, wait_for_completion: bool, force: bool) -> BdrResu
         )?)
         .and_then(|l| lsn::parse(&l))
         .unwrap_or(0);
-        for (m, _) in &conns {
+        // Members still joining do not stream from it yet: their join
+        // brings them its changes.
+        for (m, _) in conns.iter().filter(|(m, _)| m.node_state.is_streamed_from()) {
             let slot = naming::slot_name(&parting.dbname, &group, &m.node_name);
             wait_until(
                 pc,
@@ -249,13 +251,44 @@ fn _set_node_state(node_id: i64, state: i32) -> bool {
     true
 }
 
-/// Removes node `node_id`'s rows here; called by `bdr.drop_node` on the
-/// other members.
+/// Removes node `node_id`'s rows here, and the slot and origin that served
+/// it if the manager has not dropped them yet; called by `bdr.drop_node` on
+/// the other members.
 #[pg_extern(volatile)]
 fn _drop_node_rows(node_id: i64) -> bool {
-    catalog::drop_node_rows(node_id as u32).or_raise();
+    let r: BdrResult<()> = (|| {
+        if let Some(n) = catalog::node_by_id(node_id as u32)? {
+            drop_artifacts_of(&n)?;
+        }
+        catalog::drop_node_rows(node_id as u32)
+    })();
+    r.or_raise();
     super::node::wake_workers_at_commit();
     true
+}
+
+/// Drops this node's slot for `node` and its origin for it, once its row
+/// goes: nothing would name them afterwards.
+pub fn drop_artifacts_of(node: &NodeRow) -> BdrResult<()> {
+    let Some(local) = catalog::local_node()? else {
+        return Ok(());
+    };
+    let Some(group) = catalog::group_name(local.node_group_id)? else {
+        return Ok(());
+    };
+    let db: String = Spi::connect(|c| {
+        c.select("SELECT current_database()::text", None, &[])?
+            .first()
+            .get_one::<String>()
+    })?
+    .unwrap_or_default();
+    let slot = naming::slot_name(&db, &group, &node.node_name);
+    let origin = naming::origin_name(&db, &group, &node.node_name);
+    Spi::run_with_args(
+        "SELECT bdr._drop_parted_artifacts(ARRAY[$1], ARRAY[$2])",
+        &[slot.as_str().into(), origin.as_str().into()],
+    )?;
+    Ok(())
 }
 
 /// After dropping a parted node's rows locally, drops them on every other

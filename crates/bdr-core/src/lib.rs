@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod conflict;
 pub mod dsn;
+pub mod dump;
 pub mod lsn;
 pub mod naming;
 pub mod node;
