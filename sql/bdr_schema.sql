@@ -111,6 +111,9 @@ CREATE TABLE bdr.conflict_history (
     local_tuple_commit_time timestamptz
 );
 CREATE INDEX conflict_history_local_time ON bdr.conflict_history (local_time);
+-- No key; bdr_replica_identity_check (FOR ALL TABLES) would refuse deletes
+-- (the purge, or a user's).
+ALTER TABLE bdr.conflict_history REPLICA IDENTITY FULL;
 ALTER TABLE bdr.conflict_history ENABLE ROW LEVEL SECURITY;
 CREATE POLICY conflict_history_table_owner ON bdr.conflict_history FOR SELECT
     USING (EXISTS (SELECT 1 FROM pg_catalog.pg_class c
@@ -146,3 +149,20 @@ CREATE TABLE bdr.join_request (
     last_error text,
     last_error_at timestamptz
 );
+
+-- Who really last wrote (or deleted) the rows a join copied here: copied
+-- rows commit with the earliest timestamp, so the writers look them up here
+-- to resolve a conflict as the join target would. Filled from the target in
+-- the join's snapshot; purged with old tombstones.
+CREATE TABLE bdr.copied_row (
+    relid oid NOT NULL,
+    key_hash text NOT NULL,
+    -- microseconds since 2000-01-01, as PostgreSQL counts; NULL: unknown
+    commit_us bigint,
+    node_id oid,
+    deleted boolean NOT NULL,
+    copied_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE INDEX copied_row_key ON bdr.copied_row (relid, key_hash);
+-- No key; bdr_replica_identity_check (FOR ALL TABLES) would refuse deletes.
+ALTER TABLE bdr.copied_row REPLICA IDENTITY FULL;

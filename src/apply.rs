@@ -128,6 +128,7 @@ pub struct Applier {
     counts: TxnCounts,
     stop: Option<Stop>,
     history_plan: pg_sys::SPIPlanPtr,
+    copied_plan: pg_sys::SPIPlanPtr,
     /// Conflict history rows of the running transaction, written at commit.
     pending_history: Vec<Vec<Option<String>>>,
     dropped_plan: pg_sys::SPIPlanPtr,
@@ -219,6 +220,9 @@ fn keep_plan(sql: &str, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
 /// The remote transaction (commit LSN) being applied, 0 between
 /// transactions: the writer's error accounting reads it.
 pub static CURRENT_REMOTE_LSN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The commit timestamp of rows a join copied (see `bdr.copied_row`).
+const COPIED_COMMIT_TS: i64 = 1;
 
 /// Columns of `bdr.conflict_history` a writer fills, all passed as text.
 const HISTORY_COLUMNS: &str = "sub_id, local_xid, local_lsn, remote_xid, remote_commit_lsn,
@@ -519,6 +523,7 @@ impl Applier {
             counts: TxnCounts::default(),
             stop: None,
             history_plan: std::ptr::null_mut(),
+            copied_plan: std::ptr::null_mut(),
             pending_history: Vec::new(),
             dropped_plan: std::ptr::null_mut(),
             skew_warned_at: 0,
@@ -2024,7 +2029,11 @@ impl Applier {
             .exec_oid_text(self.tomb_find, local_oid, &text, "looking up a deleted row")
             .map(commit_ts_of);
         match found {
-            None => false,
+            // Deletes the join target remembered when this node joined.
+            None => match self.copied_writer(relid, key, vals, true) {
+                Some(Some(tomb)) => !remote_wins(self.remote_writer(), Some(tomb)),
+                _ => false,
+            },
             Some((None, _)) => false,
             Some((Some(commit_ts), ro)) => {
                 let tomb = Writer {
@@ -2326,14 +2335,80 @@ impl Applier {
                 Some((ctid, ts, ro, xmin.value() as u32))
             }
         };
-        found.map(|(ctid, ts, ro, xmin)| Found {
-            ctid,
-            xmin,
-            writer: ts.map(|commit_ts| Writer {
-                commit_ts,
-                node_id: self.node_of_origin(ro),
-            }),
-        })
+        let (ctid, ts, ro, xmin) = found?;
+        let mut writer = ts.map(|commit_ts| Writer {
+            commit_ts,
+            node_id: self.node_of_origin(ro),
+        });
+        if ts == Some(COPIED_COMMIT_TS) && !full {
+            // A row a join copied here: its real writer was copied too.
+            let key_vals;
+            let (key_cols, vals) = if key == self.rel(relid).key.as_slice() {
+                (key.to_vec(), vals)
+            } else {
+                let k = self.rel(relid).key.clone();
+                key_vals = self.key_values_at(relid, &k, ctid);
+                (k, key_vals.as_slice())
+            };
+            if !key_cols.is_empty() {
+                writer = self.copied_writer(relid, &key_cols, vals, false).flatten();
+            }
+        }
+        Some(Found { ctid, xmin, writer })
+    }
+
+    /// The real writer of a row (or, `deleted`, of a delete) a join copied
+    /// here, from `bdr.copied_row`: `None` when there is no such entry,
+    /// `Some(None)` when its writer was not known either.
+    fn copied_writer(
+        &mut self,
+        relid: u32,
+        key: &[usize],
+        vals: &[Value],
+        deleted: bool,
+    ) -> Option<Option<Writer>> {
+        let text = self.key_text(relid, key, vals);
+        let local_oid = self.rel(relid).local_oid;
+        if self.copied_plan.is_null() {
+            self.copied_plan = keep_plan(
+                "SELECT c.commit_us::text || ' ' || COALESCE(c.node_id, 0)::text FROM bdr.copied_row c
+                  WHERE c.relid = $1::oid AND c.key_hash = pg_catalog.md5($2) AND c.deleted = $3::bool
+                  LIMIT 1",
+                &mut [pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
+            );
+        }
+        let params = [
+            Some(local_oid.to_u32().to_string()),
+            Some(text),
+            Some(deleted.to_string()),
+        ];
+        // SAFETY: a kept plan with three text parameters; the result is read
+        // as text right after.
+        let row = unsafe {
+            let cxt = self.row_cxt;
+            let old = pg_sys::MemoryContextSwitchTo(cxt);
+            let mut args: Vec<pg_sys::Datum> = params
+                .iter()
+                .map(|p| {
+                    let c = CString::new(p.as_deref().unwrap_or_default()).unwrap_or_default();
+                    pg_sys::Datum::from(pg_sys::cstring_to_text(c.as_ptr()))
+                })
+                .collect();
+            pg_sys::MemoryContextSwitchTo(old);
+            spi_check(
+                pg_sys::SPI_execute_plan(self.copied_plan, args.as_mut_ptr(), std::ptr::null(), false, 1),
+                "looking up a copied row",
+            );
+            first_text_and_free()
+        };
+        let row = row?;
+        let mut it = row.split(' ');
+        let ts = it.next().and_then(|t| t.parse::<i64>().ok());
+        let node = it.next().and_then(|n| n.parse::<u32>().ok()).unwrap_or(0);
+        Some(ts.map(|commit_ts| Writer {
+            commit_ts,
+            node_id: node,
+        }))
     }
 
     /// The remote columns an insert or update sets here, after resolving the

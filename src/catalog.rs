@@ -180,6 +180,7 @@ pub fn drop_all_metadata() -> BdrResult<()> {
     Spi::run("DELETE FROM bdr.subscription")?;
     Spi::run("DELETE FROM bdr.subscription_start")?;
     Spi::run("DELETE FROM bdr.join_request")?;
+    Spi::run("DELETE FROM bdr.copied_row")?;
     Spi::run("DELETE FROM bdr.local_node")?;
     Spi::run("DELETE FROM bdr.node")?;
     Spi::run("DELETE FROM bdr.node_group")?;

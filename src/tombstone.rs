@@ -117,3 +117,23 @@ fn _tombstone_trigger<'a>(
     }
     Ok(None)
 }
+
+/// The key text of a row of `rel` (a whole-row value of its type), as the
+/// trigger computes it. The caller fixes the output settings first (see
+/// `with_canonical_output`); a join copying many rows sets them once.
+#[pg_extern(stable, parallel_safe)]
+fn _key_text(rel: pg_sys::Oid, row: pgrx::AnyElement) -> Option<String> {
+    // SAFETY: `row` is a composite datum of the relation's row type (the
+    // caller passes the table's whole-row variable); detoasted before use,
+    // and the relation is opened and closed with a share lock.
+    unsafe {
+        let td = pg_sys::pg_detoast_datum(row.datum().cast_mut_ptr()) as pg_sys::HeapTupleHeader;
+        let mut tuple: pg_sys::HeapTupleData = std::mem::zeroed();
+        tuple.t_len = pgrx::htup::heap_tuple_header_get_datum_length(td) as u32;
+        tuple.t_data = td;
+        let r = pg_sys::relation_open(rel, pg_sys::AccessShareLock as i32);
+        let key = tuple_key(r, &mut tuple);
+        pg_sys::relation_close(r, pg_sys::AccessShareLock as i32);
+        key
+    }
+}

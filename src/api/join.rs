@@ -343,14 +343,17 @@ unsafe extern "C-unwind" fn copy_read(
 
 /// Copies one table from the target's COPY stream into the local table.
 fn copy_table(conn: &mut Conn, target: &str, t: &Table) -> BdrResult<u64> {
+    let source = format!("COPY {} ({}) TO STDOUT", t.qualified(), t.column_list());
+    copy_into(conn, target, t, &source)
+}
+
+/// Copies what the target's `source` (a COPY ... TO STDOUT) sends into the
+/// local table `t` (its `columns`).
+fn copy_into(conn: &mut Conn, target: &str, t: &Table, source: &str) -> BdrResult<u64> {
     remote(
         target,
         &format!("copying {}", t.qualified()),
-        conn.start_copy(&format!(
-            "COPY {} ({}) TO STDOUT",
-            t.qualified(),
-            t.column_list()
-        )),
+        conn.start_copy(source),
     )?;
     let qualified = CString::new(t.qualified()).unwrap_or_default();
     COPY_SRC.with(|s| {
@@ -429,6 +432,92 @@ fn copy_table(conn: &mut Conn, target: &str, t: &Table) -> BdrResult<u64> {
         *s.borrow_mut() = None;
     });
     Ok(n)
+}
+
+/// The copied rows commit here with the earliest timestamp (any later
+/// change must win against them), but a change that streams in later may
+/// be older than a row's real last write on the target. So the real writer
+/// (commit time and node) of every copied row, and of every delete the
+/// target still remembers, is copied too (`bdr.copied_row`): the writers
+/// resolve against it as the target does. Runs in the copy's snapshot.
+fn copy_row_writers(tconn: &mut Conn, target: &Member, tables: &[Table]) -> BdrResult<()> {
+    // Keys print as the tombstone trigger prints them.
+    for (name, value) in [
+        ("TimeZone", "UTC"),
+        ("DateStyle", "ISO, YMD"),
+        ("IntervalStyle", "postgres"),
+        ("extra_float_digits", "3"),
+        ("bytea_output", "hex"),
+        ("lc_monetary", "C"),
+    ] {
+        remote(
+            &target.name,
+            "preparing the copy",
+            tconn.command(&format!("SET LOCAL {name} = {}", literal(value))),
+        )?;
+    }
+    let dest = Table {
+        schema: "bdr".into(),
+        name: "copied_row".into(),
+        columns: ["relid", "key_hash", "commit_us", "node_id", "deleted"]
+            .map(String::from)
+            .to_vec(),
+    };
+    // The node behind a row's replication origin on the target; rows the
+    // target copied at its own join have their real writer in its
+    // bdr.copied_row.
+    let writer = |ts: &str, origin: &str| {
+        format!(
+            "((EXTRACT(epoch FROM {ts}) - 946684800) * 1000000)::int8,
+             CASE WHEN {origin} = 0 THEN {0}::oid
+                  ELSE (SELECT CASE WHEN o.roname = 'bdr_local' THEN {0}::oid ELSE s.origin_node_id END
+                          FROM pg_catalog.pg_replication_origin o
+                          LEFT JOIN bdr.subscription s ON s.origin_name = o.roname
+                         WHERE o.roident = {origin}) END",
+            target.id
+        )
+    };
+    for t in tables {
+        let local: Option<pg_sys::Oid> = Spi::connect(|c| {
+            c.select(
+                &format!("SELECT pg_catalog.to_regclass({})::oid", literal(&t.qualified())),
+                None,
+                &[],
+            )?
+            .first()
+            .get_one::<pg_sys::Oid>()
+        })?;
+        let Some(local) = local else { continue };
+        let rel = literal(&t.qualified());
+        let source = format!(
+            "COPY (
+               SELECT {local}, h.key_hash, COALESCE(c.commit_us, w.commit_us), COALESCE(c.node_id, w.node_id), false
+                 FROM ONLY {q} t
+                 CROSS JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(t.xmin) x
+                 CROSS JOIN LATERAL (SELECT pg_catalog.md5(bdr._key_text({rel}::regclass, t)) AS key_hash) h
+                 CROSS JOIN LATERAL (SELECT {w}) AS w(commit_us, node_id)
+                 LEFT JOIN LATERAL (SELECT c.commit_us, c.node_id FROM bdr.copied_row c
+                                     WHERE c.relid = {rel}::regclass AND c.key_hash = h.key_hash
+                                       AND NOT c.deleted AND x.timestamp = '2000-01-01 00:00:00.000001+00'
+                                     LIMIT 1) c ON true
+                WHERE h.key_hash IS NOT NULL
+               UNION ALL
+               SELECT {local}, tb.key_hash, w.commit_us, w.node_id, true
+                 FROM bdr.tombstone tb
+                 CROSS JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(tb.xmin) x
+                 CROSS JOIN LATERAL (SELECT {w}) AS w(commit_us, node_id)
+                WHERE tb.relid = {rel}::regclass
+               UNION ALL
+               SELECT {local}, c.key_hash, c.commit_us, c.node_id, true
+                 FROM bdr.copied_row c WHERE c.relid = {rel}::regclass AND c.deleted
+             ) TO STDOUT",
+            local = local.to_u32(),
+            q = t.qualified(),
+            w = writer("x.timestamp", "x.roident"),
+        );
+        copy_into(tconn, &target.name, &dest, &source)?;
+    }
+    Ok(())
 }
 
 /// Until this transaction ends, everything it writes is tagged with the join
@@ -845,6 +934,7 @@ fn join_impl(
     for t in &tables {
         copied += copy_table(&mut tconn, &target.name, t)?;
     }
+    copy_row_writers(&mut tconn, &target, &tables)?;
     remote(&target.name, "finishing the copy", tconn.command("COMMIT"))?;
     Spi::run("SELECT pg_catalog.set_config('session_replication_role', 'origin', true)")?;
     pgrx::notice!(

@@ -60,6 +60,23 @@ fn purge_tombstones(dboid: u32, subs: &[SubRow]) {
                   WHERE COALESCE(pg_catalog.pg_xact_commit_timestamp(xmin), '-infinity') < now() - interval '{TOMBSTONE_RETENTION}'"
             ))?;
         }
+        // What a join copied is settled by the same time.
+        let copied = Spi::connect(|c| {
+            c.select(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM bdr.copied_row WHERE copied_at < now() - interval '{TOMBSTONE_RETENTION}')"
+                ),
+                None,
+                &[],
+            )?
+            .first()
+            .get_one::<bool>()
+        })?;
+        if copied == Some(true) {
+            Spi::run(&format!(
+                "DELETE FROM bdr.copied_row WHERE copied_at < now() - interval '{TOMBSTONE_RETENTION}'"
+            ))?;
+        }
         Ok::<(), pgrx::spi::Error>(())
     });
     if let Err(e) = r {

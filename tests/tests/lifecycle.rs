@@ -153,6 +153,21 @@ fn nodes_join_one_after_another_while_every_member_writes() {
             one(&mut j, "SELECT count(*) FROM pg_trigger WHERE tgname = 'bdr_tombstone'"),
             "3"
         );
+        if joiner == 2 {
+            // The real last writer of every row copied from node1 came
+            // along (the copied rows themselves commit with the earliest
+            // timestamp), and so did node1's tombstones.
+            let copied = one(
+                &mut j,
+                "SELECT count(*) FROM bdr.copied_row WHERE relid = 'acc'::regclass AND NOT deleted
+                    AND commit_us IS NOT NULL AND node_id IS NOT NULL",
+            );
+            assert!(copied.parse::<i64>().unwrap() > 0);
+            assert!(
+                count(&mut j, "SELECT count(*) FROM bdr.copied_row WHERE relid = 'dropped'::regclass AND deleted") > 0,
+                "node1's deletes were not copied"
+            );
+        }
         writers.push(writer(c.node(joiner).dsn(DB), joiner, stop.clone()));
     }
     std::thread::sleep(Duration::from_secs(2));
