@@ -1155,6 +1155,9 @@ pub fn run_requested_join() {
         }
     };
     tracing::info!("joining through {} (requested with wait_for_completion => false)", req.dsn);
+    // A join can take minutes: let a shutdown end it (it is retried when
+    // the manager starts again), as any backend's statement would be.
+    crate::workers::attach_die_handlers();
     // SAFETY: the join's own transaction, committed or aborted below.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
@@ -1205,6 +1208,10 @@ pub fn run_requested_join() {
             }
         }
     }
+    // Back to the manager's own signal handling.
+    pgrx::bgworkers::BackgroundWorker::attach_signal_handlers(
+        pgrx::bgworkers::SignalWakeFlags::SIGHUP | pgrx::bgworkers::SignalWakeFlags::SIGTERM,
+    );
 }
 
 fn register_impl(
