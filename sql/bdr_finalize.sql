@@ -452,3 +452,67 @@ BEGIN
     END LOOP;
     RETURN n;
 END $$;
+
+-- Catch-up of a parted node's last changes from the most advanced member
+-- (bdr.part_node with force, the node being down): applies, on this node,
+-- one row as that member has it, written by the parted node at ts, unless
+-- this node holds a newer version or a newer delete of it. The caller runs
+-- it under the bdr_local origin with ts as the commit timestamp, and with
+-- the canonical output settings of bdr._key_text.
+CREATE FUNCTION bdr._catchup_row(rel regclass, r jsonb, ts timestamptz) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    pk text[];
+    cols text[];
+    keycond text;
+    cur timestamptz;
+    tomb timestamptz;
+    hit boolean;
+BEGIN
+    SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO pk
+      FROM pg_catalog.pg_index i
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+     WHERE i.indrelid = rel AND i.indisprimary;
+    IF pk IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO cols
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
+    SELECT string_agg(format('t.%I = s.%I', k, k), ' AND ') INTO keycond FROM unnest(pk) k;
+    EXECUTE format('SELECT true, pg_catalog.pg_xact_commit_timestamp(t.xmin) FROM ONLY %s t, pg_catalog.jsonb_populate_record(NULL::%s, $1) s WHERE %s FOR UPDATE OF t',
+                   rel, rel, keycond)
+       INTO hit, cur USING r;
+    IF hit THEN
+        IF cur IS NOT NULL AND cur >= ts THEN
+            RETURN;
+        END IF;
+        EXECUTE format('UPDATE ONLY %s t SET %s FROM pg_catalog.jsonb_populate_record(NULL::%s, $1) s WHERE %s',
+                       rel, (SELECT string_agg(format('%I = s.%I', c, c), ', ') FROM unnest(cols) c), rel, keycond)
+           USING r;
+    ELSE
+        EXECUTE format('SELECT pg_catalog.pg_xact_commit_timestamp(tb.xmin) FROM bdr.tombstone tb
+                         WHERE tb.relid = %s::regclass AND tb.key_hash = pg_catalog.md5(bdr._key_text(%s::regclass,
+                               pg_catalog.jsonb_populate_record(NULL::%s, $1)))',
+                       pg_catalog.quote_literal(rel::text), pg_catalog.quote_literal(rel::text), rel)
+           INTO tomb USING r;
+        IF tomb IS NOT NULL AND tomb >= ts THEN
+            RETURN;
+        END IF;
+        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM pg_catalog.jsonb_populate_record(NULL::%s, $1) s',
+                       rel, (SELECT string_agg(format('%I', c), ', ') FROM unnest(cols) c),
+                       (SELECT string_agg(format('s.%I', c), ', ') FROM unnest(cols) c), rel)
+           USING r;
+    END IF;
+END $$;
+
+-- The same for a delete the parted node made: the row goes unless this
+-- node holds a newer version of it.
+CREATE FUNCTION bdr._catchup_delete(rel regclass, key_hash text, ts timestamptz) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('DELETE FROM ONLY %s t WHERE pg_catalog.md5(bdr._key_text(%s::regclass, t)) = $1
+                      AND COALESCE(pg_catalog.pg_xact_commit_timestamp(t.xmin), ''-infinity'') < $2',
+                   rel, pg_catalog.quote_literal(rel::text))
+       USING key_hash, ts;
+END $$;

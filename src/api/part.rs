@@ -176,6 +176,14 @@ fn part_impl(node_name: &str, wait_for_completion: bool, force: bool) -> BdrResu
             )?;
         }
     }
+    if pconn.is_none() {
+        // Down: what it sent to some members but not to others comes from
+        // the member that received the most of it.
+        for (m, c) in &conns {
+            set_state(c, m, parting.node_id, NodeState::PartCatchup)?;
+        }
+        catch_up_from_most_advanced(&parting, &group, &conns)?;
+    }
     for (m, c) in &conns {
         set_state(c, m, parting.node_id, NodeState::Parted)?;
     }
@@ -217,6 +225,170 @@ fn part_impl(node_name: &str, wait_for_completion: bool, force: bool) -> BdrResu
             ),
             "waiting for its slots to be dropped",
         )?;
+    }
+    Ok(())
+}
+
+/// The parting node is down: finds the member that has applied the most of
+/// its stream (the streams are ordered, so that member has everything any
+/// member has), and replays on every other member the rows and deletes
+/// whose last writer there is the parting node. Each is applied with the
+/// parting node's commit timestamp (under the `bdr_local` origin, so it also
+/// replicates) unless the member holds a newer version: applying what a
+/// member already has changes nothing.
+fn catch_up_from_most_advanced(
+    parting: &NodeRow,
+    group: &str,
+    conns: &[(NodeRow, Conn)],
+) -> BdrResult<()> {
+    let mut best: Option<(usize, u64, String)> = None;
+    for (i, (m, c)) in conns.iter().enumerate() {
+        let origin = naming::origin_name(&m.dbname, group, &parting.node_name);
+        let rows = remote(
+            m,
+            "reading replication progress",
+            c.query(
+                &format!(
+                    "SELECT COALESCE(pg_catalog.pg_replication_origin_progress(o.roname, true), '0/0')::text, o.roident::text
+                       FROM pg_catalog.pg_replication_origin o WHERE o.roname = {}",
+                    literal(&origin)
+                ),
+                2,
+            ),
+        )?;
+        let Some(r) = rows.into_iter().next() else { continue };
+        let lsn = r[0].as_deref().and_then(lsn::parse).unwrap_or(0);
+        let roident = r[1].clone().unwrap_or_default();
+        if best.as_ref().is_none_or(|b| lsn > b.1) {
+            best = Some((i, lsn, roident));
+        }
+    }
+    let Some((ai, _, roident)) = best else {
+        return Ok(());
+    };
+    let (a, ac) = &conns[ai];
+    let tables: Vec<String> = remote(
+        a,
+        "listing tables",
+        ac.query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind = 'r' AND c.relpersistence = 'p'
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bdr') AND n.nspname NOT LIKE 'pg\\_%'",
+            1,
+        ),
+    )?
+    .into_iter()
+    .filter_map(|r| r.into_iter().next().flatten())
+    .collect();
+    // (table, row as jsonb text or key hash, commit time, is a delete)
+    let mut changes: Vec<(String, String, String, bool)> = Vec::new();
+    for t in &tables {
+        for r in remote(
+            a,
+            "reading the parted node's rows",
+            ac.query(
+                &format!(
+                    "SELECT to_jsonb(t)::text, x.timestamp::text FROM ONLY {t} t
+                      CROSS JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(t.xmin) x
+                     WHERE x.roident = {roident}"
+                ),
+                2,
+            ),
+        )? {
+            if let (Some(row), Some(ts)) = (r[0].clone(), r[1].clone()) {
+                changes.push((t.clone(), row, ts, false));
+            }
+        }
+    }
+    for r in remote(
+        a,
+        "reading the parted node's deletes",
+        ac.query(
+            &format!(
+                "SELECT format('%I.%I', n.nspname, c.relname), tb.key_hash, x.timestamp::text
+                   FROM bdr.tombstone tb
+                   JOIN pg_catalog.pg_class c ON c.oid = tb.relid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  CROSS JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(tb.xmin) x
+                  WHERE x.roident = {roident}"
+            ),
+            3,
+        ),
+    )? {
+        if let (Some(t), Some(k), Some(ts)) = (r[0].clone(), r[1].clone(), r[2].clone()) {
+            changes.push((t, k, ts, true));
+        }
+    }
+    // Oldest first, as the parted node committed them.
+    changes.sort_by(|x, y| x.2.cmp(&y.2));
+    if changes.is_empty() {
+        return Ok(());
+    }
+    for (i, (m, c)) in conns.iter().enumerate() {
+        if i == ai {
+            continue;
+        }
+        // walrcv_exec wants the exact column count of what returns rows.
+        let run = |sql: &str| {
+            let r = if sql.starts_with("SELECT") {
+                c.query(sql, 1).map(|_| ())
+            } else {
+                c.command(sql)
+            };
+            remote(m, "catching up the parted node's changes", r)
+        };
+        run("SELECT pg_catalog.pg_replication_origin_session_setup('bdr_local')")?;
+        let mut result = Ok(());
+        for (t, v, ts, deleted) in &changes {
+            let apply = if *deleted {
+                format!(
+                    "SELECT bdr._catchup_delete({}::regclass, {}, {}::timestamptz)",
+                    literal(t),
+                    literal(v),
+                    literal(ts)
+                )
+            } else {
+                format!(
+                    "SELECT bdr._catchup_row({}::regclass, {}::jsonb, {}::timestamptz)",
+                    literal(t),
+                    literal(v),
+                    literal(ts)
+                )
+            };
+            result = (|| {
+                run("BEGIN")?;
+                for (name, value) in [
+                    ("TimeZone", "UTC"),
+                    ("DateStyle", "ISO, YMD"),
+                    ("IntervalStyle", "postgres"),
+                    ("extra_float_digits", "3"),
+                    ("bytea_output", "hex"),
+                    ("lc_monetary", "C"),
+                ] {
+                    run(&format!("SET LOCAL {name} = {}", literal(value)))?;
+                }
+                run(&format!(
+                    "SELECT pg_catalog.pg_replication_origin_xact_setup('0/0', {}::timestamptz)",
+                    literal(ts)
+                ))?;
+                run(&apply)?;
+                run("COMMIT")
+            })();
+            if result.is_err() {
+                let _ = run("ROLLBACK");
+                break;
+            }
+        }
+        let _ = run("SELECT pg_catalog.pg_replication_origin_session_reset()");
+        result?;
+        notice!(
+            "node \"{}\" caught up {} change(s) of node \"{}\" from node \"{}\"",
+            m.node_name,
+            changes.len(),
+            parting.node_name,
+            a.node_name
+        );
     }
     Ok(())
 }

@@ -274,7 +274,37 @@ fn part_a_live_node_and_a_stopped_node_then_rejoin_under_the_same_name() {
     n3.batch_execute("INSERT INTO acc VALUES (301, 'after parting', 1)")
         .unwrap();
 
-    // A node that is down: refused without force, parted with it.
+    // A node that goes down after sending its last changes to node1 only:
+    // refused without force, parted with it, and node2 gets those changes
+    // from node1 (the most advanced member).
+    n1.batch_execute("INSERT INTO acc VALUES (700, 'to be deleted by node4', 1)")
+        .unwrap();
+    wait_for_replication_on(&c, DB, &[0, 1, 3]);
+    n2.batch_execute(
+        "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node4'",
+    )
+    .unwrap();
+    wait_for("node2 to stop receiving from node4", Duration::from_secs(60), || {
+        (count(
+            &mut n2,
+            "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
+              WHERE w.sub_name LIKE '%node4_node2'",
+        ) == 0)
+            .then_some(())
+    });
+    c.node(3)
+        .connect(DB)
+        .batch_execute(
+            "INSERT INTO acc VALUES (600, 'node4, last words', 1);
+             DELETE FROM acc WHERE id = 700;
+             UPDATE acc SET v = 44 WHERE id = 300;",
+        )
+        .unwrap();
+    wait_for("node1 to get node4's last changes", Duration::from_secs(60), || {
+        (count(&mut n1, "SELECT count(*) FROM acc WHERE id = 600 OR (id = 300 AND v = 44)") == 2
+            && count(&mut n1, "SELECT count(*) FROM acc WHERE id = 700") == 0)
+            .then_some(())
+    });
     c.node_mut(3).stop("immediate");
     let (code, msg, hint) = expect_error(&mut n1, "SELECT bdr.part_node('node4')");
     assert_eq!(code, "55000", "{msg}");
@@ -287,6 +317,9 @@ fn part_a_live_node_and_a_stopped_node_then_rejoin_under_the_same_name() {
             0
         );
     }
+    assert_eq!(count(&mut n2, "SELECT count(*) FROM acc WHERE id = 600"), 1);
+    assert_eq!(count(&mut n2, "SELECT count(*) FROM acc WHERE id = 700"), 0);
+    assert_eq!(one(&mut n2, "SELECT v FROM acc WHERE id = 300"), "44");
 
     // The remaining two go on and agree.
     n1.batch_execute("INSERT INTO acc VALUES (400, 'node1 after the parts', 1)")
