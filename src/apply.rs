@@ -331,7 +331,10 @@ unsafe fn index_rows(oid: pg_sys::Oid) -> Vec<(pg_sys::Oid, String, bool)> {
     );
     let c = CString::new(q).unwrap_or_default();
     let mut rows: Vec<(pg_sys::Oid, String, bool)> = Vec::new();
-    spi_check(pg_sys::SPI_execute(c.as_ptr(), true, 0), "reading a table's indexes");
+    spi_check(
+        pg_sys::SPI_execute(c.as_ptr(), true, 0),
+        "reading a table's indexes",
+    );
     let tt = pg_sys::SPI_tuptable;
     for i in 0..pg_sys::SPI_processed as usize {
         let tup = *(*tt).vals.add(i);
@@ -369,9 +372,7 @@ fn unique_indexes(
                     map.iter().position(|m| *m == Some(li))
                 })
                 .collect();
-            remote
-                .filter(|r| !r.is_empty())
-                .map(|r| (ioid, r, primary))
+            remote.filter(|r| !r.is_empty()).map(|r| (ioid, r, primary))
         })
         .collect();
     // REPLICA IDENTITY FULL marks no key columns; the primary key still
@@ -914,7 +915,10 @@ impl Applier {
         let c = CString::new(q).unwrap_or_default();
         // SAFETY: a read-only query in the apply transaction's SPI connection.
         unsafe {
-            spi_check(pg_sys::SPI_execute(c.as_ptr(), true, 1), "looking up a table");
+            spi_check(
+                pg_sys::SPI_execute(c.as_ptr(), true, 1),
+                "looking up a table",
+            );
             first_datum_and_free().is_some()
         }
     }
@@ -933,8 +937,12 @@ impl Applier {
             );
         }
         let window = format!("{} microseconds", conflict::RECENTLY_DROPPED_US);
-        exec_texts(self.dropped_plan, &[Some(nsp), Some(name), Some(window)], self.row_cxt)
-            .is_some()
+        exec_texts(
+            self.dropped_plan,
+            &[Some(nsp), Some(name), Some(window)],
+            self.row_cxt,
+        )
+        .is_some()
     }
 
     fn rel(&mut self, relid: u32) -> &mut RelMap {
@@ -1477,8 +1485,12 @@ impl Applier {
             local_json,
             apply_json,
             s.local.map(|f| f.xmin.to_string()),
-            s.local.and_then(|f| f.writer).map(|w| w.node_id.to_string()),
-            s.local.and_then(|f| f.writer).map(|w| w.commit_ts.to_string()),
+            s.local
+                .and_then(|f| f.writer)
+                .map(|w| w.node_id.to_string()),
+            s.local
+                .and_then(|f| f.writer)
+                .map(|w| w.commit_ts.to_string()),
         ]
     }
 
@@ -1551,9 +1563,15 @@ impl Applier {
                 let old = pg_sys::MemoryContextSwitchTo(self.row_cxt);
                 let text = match vals.get(i) {
                     Some(Value::Text(v)) => Some(CString::new(v.as_str()).unwrap_or_default()),
-                    Some(Value::Binary(b)) if types[i] != 0 && types[i] < pg_sys::FirstGenbkiObjectId => {
-                        let (mut recv, mut param, mut out, mut varlena) =
-                            (pg_sys::InvalidOid, pg_sys::InvalidOid, pg_sys::InvalidOid, false);
+                    Some(Value::Binary(b))
+                        if types[i] != 0 && types[i] < pg_sys::FirstGenbkiObjectId =>
+                    {
+                        let (mut recv, mut param, mut out, mut varlena) = (
+                            pg_sys::InvalidOid,
+                            pg_sys::InvalidOid,
+                            pg_sys::InvalidOid,
+                            false,
+                        );
                         pg_sys::getTypeBinaryInputInfo(t, &mut recv, &mut param);
                         pg_sys::getTypeOutputInfo(t, &mut out, &mut varlena);
                         let buf = pg_sys::makeStringInfo();
@@ -2396,7 +2414,13 @@ impl Applier {
                 .collect();
             pg_sys::MemoryContextSwitchTo(old);
             spi_check(
-                pg_sys::SPI_execute_plan(self.copied_plan, args.as_mut_ptr(), std::ptr::null(), false, 1),
+                pg_sys::SPI_execute_plan(
+                    self.copied_plan,
+                    args.as_mut_ptr(),
+                    std::ptr::null(),
+                    false,
+                    1,
+                ),
                 "looking up a copied row",
             );
             first_text_and_free()
@@ -2477,7 +2501,11 @@ impl Applier {
                 "column{} {} of this node {} not sent by node {}; {}",
                 if source_missing.len() > 1 { "s" } else { "" },
                 source_missing.join(", "),
-                if source_missing.len() > 1 { "are" } else { "is" },
+                if source_missing.len() > 1 {
+                    "are"
+                } else {
+                    "is"
+                },
                 self.remote_node_id,
                 if inserting {
                     "the row gets their default values"

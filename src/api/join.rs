@@ -480,7 +480,10 @@ fn copy_row_writers(tconn: &mut Conn, target: &Member, tables: &[Table]) -> BdrR
     for t in tables {
         let local: Option<pg_sys::Oid> = Spi::connect(|c| {
             c.select(
-                &format!("SELECT pg_catalog.to_regclass({})::oid", literal(&t.qualified())),
+                &format!(
+                    "SELECT pg_catalog.to_regclass({})::oid",
+                    literal(&t.qualified())
+                ),
                 None,
                 &[],
             )?
@@ -578,7 +581,11 @@ fn wait_until_applied_by_target(
     let deadline = crate::shmem::now() + CATCH_UP_TIMEOUT_MS * 1000;
     loop {
         // A target that went away will never catch up: fail at once.
-        remote(target_name, "waiting for the join target", tconn.query("SELECT 1", 1))?;
+        remote(
+            target_name,
+            "waiting for the join target",
+            tconn.query("SELECT 1", 1),
+        )?;
         let rows = remote(
             &m.name,
             "reading the join target's progress",
@@ -700,26 +707,17 @@ fn join_impl(
         }
     }
     let pg_version: u32 = text(&t[6]).parse().unwrap_or(0);
-    if pg_version / 10000 != pg_sys::PG_VERSION_NUM / 10000 {
-        return Err(BdrError::JoinRefused {
-            msg: format!(
-                "the join target runs PostgreSQL {}; this node runs PostgreSQL {}",
-                pg_version / 10000,
-                pg_sys::PG_VERSION_NUM / 10000
-            ),
-            hint: "Every node of a group runs the same PostgreSQL major version.".into(),
-        });
-    }
     let version: i32 = text(&t[5]).parse().unwrap_or(0);
-    if version / 10000 != bdr_core::version::VERSION_NUM / 10000 {
-        return Err(BdrError::JoinRefused {
-            msg: format!(
-                "the join target runs bdr version number {version}; this node runs {}",
-                bdr_core::version::VERSION_NUM
-            ),
-            hint: "Join nodes of the same bdr major version.".into(),
-        });
-    }
+    bdr_core::version::join_compatible(
+        pg_sys::PG_VERSION_NUM,
+        pg_version,
+        bdr_core::version::VERSION_NUM,
+        version,
+    )
+    .map_err(|msg| BdrError::JoinRefused {
+        msg,
+        hint: "Every node of a group runs the same PostgreSQL and bdr major versions.".into(),
+    })?;
     let members: Vec<Member> = remote(
         &target_name,
         "reading the members",
@@ -1154,7 +1152,10 @@ pub fn run_requested_join() {
             return;
         }
     };
-    tracing::info!("joining through {} (requested with wait_for_completion => false)", req.dsn);
+    tracing::info!(
+        "joining through {} (requested with wait_for_completion => false)",
+        req.dsn
+    );
     // A join can take minutes: let a shutdown end it (it is retried when
     // the manager starts again), as any backend's statement would be.
     crate::workers::attach_die_handlers();
@@ -1166,16 +1167,16 @@ pub fn run_requested_join() {
     }
     let outcome = pgrx::PgTryBuilder::new(|| {
         join_impl(&req.dsn, req.group.as_deref(), false, &req.sync)
-            .and_then(|()| {
-                Spi::run("DELETE FROM bdr.join_request").map_err(BdrError::from)
-            })
+            .and_then(|()| Spi::run("DELETE FROM bdr.join_request").map_err(BdrError::from))
             .map_err(|e| e.to_string())
     })
     .catch_others(|e| {
         Err(match e {
             pgrx::pg_sys::panic::CaughtError::PostgresError(r)
             | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
-            | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+            | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                r.message().to_string()
+            }
         })
     })
     .execute();

@@ -1,7 +1,7 @@
 //! SQL-callable functions, one file per area.
 
+pub mod conflicts;
 pub mod join;
 pub mod monitor;
 pub mod node;
 pub mod part;
-pub mod conflicts;

@@ -36,7 +36,9 @@ fn remote<T>(node: &NodeRow, what: &str, r: Result<T, String>) -> BdrResult<T> {
 }
 
 fn first_text(rows: Vec<Vec<Option<String>>>) -> Option<String> {
-    rows.into_iter().next().and_then(|r| r.into_iter().next().flatten())
+    rows.into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next().flatten())
 }
 
 fn set_state(conn: &Conn, on: &NodeRow, node_id: u32, state: NodeState) -> BdrResult<()> {
@@ -78,10 +80,14 @@ fn wait_until(conn: &Conn, on: &NodeRow, sql: &str, what: &str) -> BdrResult<()>
 
 fn part_impl(node_name: &str, wait_for_completion: bool, force: bool) -> BdrResult<()> {
     let local = catalog::local_node()?.ok_or(BdrError::NoLocalNode)?;
-    let group = catalog::group_name(local.node_group_id)?.ok_or_else(|| BdrError::Prerequisite {
-        msg: format!("local node \"{}\" is not a member of a node group", local.node_name),
-        hint: "Run bdr.part_node on a member of the parting node's group.".into(),
-    })?;
+    let group =
+        catalog::group_name(local.node_group_id)?.ok_or_else(|| BdrError::Prerequisite {
+            msg: format!(
+                "local node \"{}\" is not a member of a node group",
+                local.node_name
+            ),
+            hint: "Run bdr.part_node on a member of the parting node's group.".into(),
+        })?;
     let parting = catalog::node_by_name(node_name)?
         .filter(|n| n.node_group_id == local.node_group_id)
         .ok_or_else(|| BdrError::NoSuchNode(node_name.to_string()))?;
@@ -157,7 +163,10 @@ fn part_impl(node_name: &str, wait_for_completion: bool, force: bool) -> BdrResu
         .unwrap_or(0);
         // Members still joining do not stream from it yet: their join
         // brings them its changes.
-        for (m, _) in conns.iter().filter(|(m, _)| m.node_state.is_streamed_from()) {
+        for (m, _) in conns
+            .iter()
+            .filter(|(m, _)| m.node_state.is_streamed_from())
+        {
             let slot = naming::slot_name(&parting.dbname, &group, &m.node_name);
             wait_until(
                 pc,
@@ -256,7 +265,9 @@ fn catch_up_from_most_advanced(
                 2,
             ),
         )?;
-        let Some(r) = rows.into_iter().next() else { continue };
+        let Some(r) = rows.into_iter().next() else {
+            continue;
+        };
         let lsn = r[0].as_deref().and_then(lsn::parse).unwrap_or(0);
         let roident = r[1].clone().unwrap_or_default();
         if best.as_ref().is_none_or(|b| lsn > b.1) {
@@ -478,7 +489,10 @@ pub fn drop_everywhere(node: &NodeRow, force: bool) -> BdrResult<()> {
                 remote(
                     &m,
                     "dropping the node",
-                    c.query(&format!("SELECT bdr._drop_node_rows({})::text", node.node_id), 1),
+                    c.query(
+                        &format!("SELECT bdr._drop_node_rows({})::text", node.node_id),
+                        1,
+                    ),
                 )?;
             }
             Err(e) if force => warning!("{e}; drop node \"{}\" there later", node.node_name),

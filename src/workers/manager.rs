@@ -95,7 +95,9 @@ fn drop_parted_artifacts(slots: &[String], origins: &[String]) {
         )
     });
     match r {
-        Ok(Some(n)) if n > 0 => tracing::info!("dropped {n} replication slot(s) and origin(s) of parted nodes"),
+        Ok(Some(n)) if n > 0 => {
+            tracing::info!("dropped {n} replication slot(s) and origin(s) of parted nodes")
+        }
         Ok(_) => {}
         Err(e) => tracing::warn!("could not drop what parted nodes left: {e}"),
     }
@@ -118,8 +120,12 @@ fn purge_history() {
             .get_one::<bool>()
         })?;
         if old == Some(true) {
-            Spi::run("DELETE FROM bdr.conflict_history WHERE local_time < now() - interval '30 days'")?;
-            Spi::run("DELETE FROM bdr.dropped_relation WHERE dropped_at < now() - interval '1 day'")?;
+            Spi::run(
+                "DELETE FROM bdr.conflict_history WHERE local_time < now() - interval '30 days'",
+            )?;
+            Spi::run(
+                "DELETE FROM bdr.dropped_relation WHERE dropped_at < now() - interval '1 day'",
+            )?;
         }
         Ok::<(), pgrx::spi::Error>(())
     });

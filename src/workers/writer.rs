@@ -32,7 +32,8 @@ pub extern "C-unwind" fn bdr_writer_main(arg: pg_sys::Datum) {
                     pgrx::pg_sys::panic::CaughtError::PostgresError(r)
                     | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
                         if r.sql_error_code() == PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED);
-                let lsn = crate::apply::CURRENT_REMOTE_LSN.load(std::sync::atomic::Ordering::Relaxed);
+                let lsn =
+                    crate::apply::CURRENT_REMOTE_LSN.load(std::sync::atomic::Ordering::Relaxed);
                 stats::note_error(dboid, subid, lsn, deadlock);
                 e.rethrow()
             })

@@ -80,11 +80,9 @@ fn pause(c: &Cluster) {
             "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary",
         )
         .unwrap();
-        wait_for(
-            "the apply workers to stop",
-            Duration::from_secs(60),
-            || (running_apply_workers(&mut n) == 0).then_some(()),
-        );
+        wait_for("the apply workers to stop", Duration::from_secs(60), || {
+            (running_apply_workers(&mut n) == 0).then_some(())
+        });
     }
 }
 
@@ -92,7 +90,9 @@ fn resume(c: &Cluster) {
     for i in 0..c.nodes.len() {
         c.node(i)
             .connect(DB)
-            .batch_execute("SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary")
+            .batch_execute(
+                "SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary",
+            )
             .unwrap();
     }
     wait_for_mesh(c, DB);
@@ -100,7 +100,10 @@ fn resume(c: &Cluster) {
 }
 
 fn rows(c: &mut Client, q: &str) -> String {
-    one(c, &format!("SELECT string_agg(r::text, ' ' ORDER BY r::text) FROM ({q}) r"))
+    one(
+        c,
+        &format!("SELECT string_agg(r::text, ' ' ORDER BY r::text) FROM ({q}) r"),
+    )
 }
 
 #[test]
@@ -232,7 +235,10 @@ fn two_nodes_resolve_every_row_conflict_the_same_way_and_log_it() {
     // update is older than node2's delete.
     assert_eq!(
         history(&mut n2, "ud"),
-        ["delete_recently_updated:skip", "update_recently_deleted:skip"]
+        [
+            "delete_recently_updated:skip",
+            "update_recently_deleted:skip"
+        ]
     );
     assert_eq!(history(&mut n1, "dd"), ["delete_missing:skip"]);
     assert_eq!(history(&mut n2, "dd"), ["delete_missing:skip"]);
@@ -260,7 +266,10 @@ fn two_nodes_resolve_every_row_conflict_the_same_way_and_log_it() {
     // The summary and the statistics count the same conflicts.
     for n in [&mut n1, &mut n2] {
         let logged = one(n, "SELECT count(*) FROM bdr.conflict_history_summary");
-        assert_eq!(one(n, "SELECT sum(nconflicts) FROM bdr.stat_subscription"), logged);
+        assert_eq!(
+            one(n, "SELECT sum(nconflicts) FROM bdr.stat_subscription"),
+            logged
+        );
         assert_eq!(
             one(n, "SELECT sum(ninsert_exists) FROM bdr.stat_subscription"),
             one(
@@ -303,10 +312,7 @@ fn conflict_history_is_readable_by_table_owners_only_and_logging_is_configurable
         "SELECT bdr.alter_node_set_log_config('node2', true, true, ARRAY['nonsense'])",
     );
     assert_eq!(code, "22023", "{msg}");
-    let (code, msg, hint) = expect_error(
-        &mut n2,
-        "SELECT bdr.alter_node_set_log_config('node1')",
-    );
+    let (code, msg, hint) = expect_error(&mut n2, "SELECT bdr.alter_node_set_log_config('node1')");
     assert_eq!(code, "55000", "{msg}");
     assert!(hint.unwrap_or_default().contains("node1"));
 
@@ -324,21 +330,34 @@ fn conflict_history_is_readable_by_table_owners_only_and_logging_is_configurable
     resume(&c);
     assert_converged(&c, DB, TABLES);
     assert_eq!(rows(&mut n1, "SELECT * FROM ii"), "(1,node2)");
-    assert_eq!(one(&mut n1, "SELECT count(*) FROM bdr.conflict_history"), "0");
-    wait_for("the history failure in node1's log", Duration::from_secs(30), || {
-        c.node(0)
+    assert_eq!(
+        one(&mut n1, "SELECT count(*) FROM bdr.conflict_history"),
+        "0"
+    );
+    wait_for(
+        "the history failure in node1's log",
+        Duration::from_secs(30),
+        || {
+            c.node(0)
             .log()
             .contains("conflict(s) in bdr.conflict_history: new row for relation \"conflict_history\" violates check constraint")
             .then_some(())
-    });
+        },
+    );
     // The server log has the conflict either way.
-    assert!(c.node(0).log().contains("CONFLICT: insert_exists on \"public\".\"ii\""));
+    assert!(c
+        .node(0)
+        .log()
+        .contains("CONFLICT: insert_exists on \"public\".\"ii\""));
 
     // delete_missing was not logged to node2's table; insert_exists was.
     assert_eq!(history(&mut n2, "ii"), ["insert_exists:skip"]);
     assert_eq!(history(&mut n2, "dd"), Vec::<String>::new());
     assert_eq!(
-        one(&mut n2, "SELECT sum(ndelete_missing) FROM bdr.stat_subscription"),
+        one(
+            &mut n2,
+            "SELECT sum(ndelete_missing) FROM bdr.stat_subscription"
+        ),
         "1"
     );
 
@@ -356,7 +375,10 @@ fn conflict_history_is_readable_by_table_owners_only_and_logging_is_configurable
     // The history can be cleaned up by hand (it has no key).
     n2.batch_execute("DELETE FROM bdr.conflict_history WHERE conflict_type = 'insert_exists'")
         .unwrap();
-    assert_eq!(one(&mut n2, "SELECT count(*) FROM bdr.conflict_history"), "0");
+    assert_eq!(
+        one(&mut n2, "SELECT count(*) FROM bdr.conflict_history"),
+        "0"
+    );
 }
 
 #[test]
@@ -375,11 +397,17 @@ fn three_nodes_converge_on_the_same_insert_and_on_an_update_that_overtook_its_in
     resume(&c);
     assert_converged(&c, DB, TABLES);
     assert_eq!(rows(&mut n1, "SELECT * FROM ii"), "(1,node3)");
-    assert_eq!(history(&mut n3, "ii"), ["insert_exists:skip", "insert_exists:skip"]);
+    assert_eq!(
+        history(&mut n3, "ii"),
+        ["insert_exists:skip", "insert_exists:skip"]
+    );
     for n in [&mut n1, &mut n2] {
         let h = history(n, "ii");
         assert_eq!(h.len(), 2, "{h:?}");
-        assert!(h.contains(&"insert_exists:apply_remote".to_string()), "{h:?}");
+        assert!(
+            h.contains(&"insert_exists:apply_remote".to_string()),
+            "{h:?}"
+        );
     }
 
     // node2 does not hear from node1 for a while: node1's insert reaches it
@@ -389,8 +417,11 @@ fn three_nodes_converge_on_the_same_insert_and_on_an_update_that_overtook_its_in
         "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node1'",
     )
     .unwrap();
-    wait_for("node2 to stop receiving from node1", Duration::from_secs(60), || {
-        (one(
+    wait_for(
+        "node2 to stop receiving from node1",
+        Duration::from_secs(60),
+        || {
+            (one(
             &mut n2,
             "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
               JOIN bdr.subscription s ON s.sub_name = w.sub_name
@@ -398,23 +429,31 @@ fn three_nodes_converge_on_the_same_insert_and_on_an_update_that_overtook_its_in
              WHERE o.node_name = 'node1'",
         ) == "0")
             .then_some(())
-    });
+        },
+    );
     n1.batch_execute("INSERT INTO uu VALUES (7, 'inserted on node1')")
         .unwrap();
-    wait_for("node3 to get node1's insert", Duration::from_secs(60), || {
-        (one(&mut n3, "SELECT count(*) FROM uu WHERE id = 7") == "1").then_some(())
-    });
+    wait_for(
+        "node3 to get node1's insert",
+        Duration::from_secs(60),
+        || (one(&mut n3, "SELECT count(*) FROM uu WHERE id = 7") == "1").then_some(()),
+    );
     n3.batch_execute("UPDATE uu SET v = 'updated on node3' WHERE id = 7")
         .unwrap();
-    wait_for("node2 to get node3's update", Duration::from_secs(60), || {
-        (one(&mut n2, "SELECT v FROM uu WHERE id = 7") == "updated on node3").then_some(())
-    });
+    wait_for(
+        "node2 to get node3's update",
+        Duration::from_secs(60),
+        || (one(&mut n2, "SELECT v FROM uu WHERE id = 7") == "updated on node3").then_some(()),
+    );
     n2.batch_execute("SELECT bdr.alter_subscription_enable()")
         .unwrap();
     wait_for_mesh(&c, DB);
     wait_for_replication(&c, DB);
     assert_converged(&c, DB, TABLES);
-    assert_eq!(rows(&mut n1, "SELECT * FROM uu"), "(7,\"updated on node3\")");
+    assert_eq!(
+        rows(&mut n1, "SELECT * FROM uu"),
+        "(7,\"updated on node3\")"
+    );
     assert_eq!(
         history(&mut n2, "uu"),
         ["insert_exists:skip", "update_missing:apply_remote"]
@@ -475,24 +514,29 @@ target_table_missing=skip_if_recently_dropped,apply_error_ddl=error"
     // rows (2, x, q) and (3, p, y). node2 stops applying, keeps retrying
     // the same transaction, and resumes by itself once row 3 is deleted.
     pause(&c);
-    n1.batch_execute("INSERT INTO mu VALUES (1, 'x', 'y')").unwrap();
+    n1.batch_execute("INSERT INTO mu VALUES (1, 'x', 'y')")
+        .unwrap();
     n2.batch_execute("INSERT INTO mu VALUES (2, 'x', 'q'), (3, 'p', 'y')")
         .unwrap();
     resume_without_waiting(&c);
     let e = wait_for_apply_error(&mut n2, "multiple_unique_conflicts");
     assert!(e.contains("mu"), "{e}");
     // Retries keep failing on the same transaction; the history logs it once.
-    wait_for("a retry of the stopped writer", Duration::from_secs(60), || {
-        (one(&mut n2, "SELECT retries_at_same_lsn FROM bdr.stat_subscription")
+    wait_for(
+        "a retry of the stopped writer",
+        Duration::from_secs(60),
+        || {
+            (one(
+                &mut n2,
+                "SELECT retries_at_same_lsn FROM bdr.stat_subscription",
+            )
             .parse::<i64>()
             .unwrap_or(0)
-            >= 1)
-            .then_some(())
-    });
-    assert_eq!(
-        history(&mut n2, "mu"),
-        ["multiple_unique_conflicts:error"]
+                >= 1)
+                .then_some(())
+        },
     );
+    assert_eq!(history(&mut n2, "mu"), ["multiple_unique_conflicts:error"]);
     n2.batch_execute("DELETE FROM mu WHERE id = 3").unwrap();
     wait_for_replication(&c, DB);
     assert_converged(&c, DB, TABLES);
@@ -528,7 +572,8 @@ target_table_missing=skip_if_recently_dropped,apply_error_ddl=error"
     // 3. Skipping what cannot be applied: with the subscription disabled,
     // skip up to the commit LSN the history names.
     pause(&c);
-    n1.batch_execute("INSERT INTO mu VALUES (10, 'k', 'l')").unwrap();
+    n1.batch_execute("INSERT INTO mu VALUES (10, 'k', 'l')")
+        .unwrap();
     n2.batch_execute("INSERT INTO mu VALUES (11, 'k', 'm'), (12, 'n', 'l')")
         .unwrap();
     resume_without_waiting(&c);
@@ -541,7 +586,9 @@ target_table_missing=skip_if_recently_dropped,apply_error_ddl=error"
         &format!("SELECT bdr.alter_subscription_skip_changes_upto('{sub}', '0/1')"),
     );
     assert_eq!(code, "55000");
-    assert!(hint.unwrap_or_default().contains("alter_subscription_disable"));
+    assert!(hint
+        .unwrap_or_default()
+        .contains("alter_subscription_disable"));
     let lsn = wait_for("the stop in the history", Duration::from_secs(30), || {
         let l = one(
             &mut n2,
@@ -560,7 +607,10 @@ target_table_missing=skip_if_recently_dropped,apply_error_ddl=error"
     // replaced it (insert_exists on the unique index of a), so the nodes agree.
     assert_eq!(one(&mut n2, "SELECT count(*) FROM mu WHERE id = 10"), "0");
     assert_converged(&c, DB, TABLES);
-    assert_eq!(rows(&mut n1, "SELECT * FROM mu"), "(11,k,m) (12,n,l) (2,x,q)");
+    assert_eq!(
+        rows(&mut n1, "SELECT * FROM mu"),
+        "(11,k,m) (12,n,l) (2,x,q)"
+    );
     assert!(
         one(&mut n2, "SELECT sum(nabort) FROM bdr.stat_subscription")
             .parse::<i64>()
@@ -574,7 +624,9 @@ fn resume_without_waiting(c: &Cluster) {
     for i in 0..c.nodes.len() {
         c.node(i)
             .connect(DB)
-            .batch_execute("SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary")
+            .batch_execute(
+                "SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary",
+            )
             .unwrap();
     }
 }
@@ -588,8 +640,10 @@ fn missing_tables_and_columns_are_conflicts_with_their_own_resolvers() {
     // target_table_missing: a table node2 never had stops its apply
     // (skip_if_recently_dropped, and it was not dropped); creating it
     // there lets the writer go on.
-    n1.batch_execute("CREATE TABLE only1 (id int PRIMARY KEY, v text); INSERT INTO only1 VALUES (1, 'a')")
-        .unwrap();
+    n1.batch_execute(
+        "CREATE TABLE only1 (id int PRIMARY KEY, v text); INSERT INTO only1 VALUES (1, 'a')",
+    )
+    .unwrap();
     let e = wait_for_apply_error(&mut n2, "target_table_missing");
     assert!(e.contains("only1"), "{e}");
     n2.batch_execute("CREATE TABLE only1 (id int PRIMARY KEY, v text)")
@@ -599,26 +653,27 @@ fn missing_tables_and_columns_are_conflicts_with_their_own_resolvers() {
 
     // A table dropped on node2 just now: its changes are skipped.
     n2.batch_execute("DROP TABLE only1").unwrap();
-    n1.batch_execute("INSERT INTO only1 VALUES (2, 'b')").unwrap();
+    n1.batch_execute("INSERT INTO only1 VALUES (2, 'b')")
+        .unwrap();
     wait_for_replication(&c, DB);
     assert_eq!(
         history(&mut n2, "only1"),
-        [
-            "target_table_missing:error",
-            "target_table_missing:skip"
-        ]
+        ["target_table_missing:error", "target_table_missing:skip"]
     );
 
     // target_column_missing: a column only node1 has is ignored while NULL
     // and stops the apply once a change sets it, until node2 adds it.
-    n1.batch_execute("ALTER TABLE ii ADD COLUMN extra text; INSERT INTO ii (id, v) VALUES (1, 'no extra')")
-        .unwrap();
+    n1.batch_execute(
+        "ALTER TABLE ii ADD COLUMN extra text; INSERT INTO ii (id, v) VALUES (1, 'no extra')",
+    )
+    .unwrap();
     wait_for_replication(&c, DB);
     assert_eq!(one(&mut n2, "SELECT v FROM ii WHERE id = 1"), "no extra");
     n1.batch_execute("INSERT INTO ii VALUES (2, 'with extra', 'value')")
         .unwrap();
     wait_for_apply_error(&mut n2, "target_column_missing");
-    n2.batch_execute("ALTER TABLE ii ADD COLUMN extra text").unwrap();
+    n2.batch_execute("ALTER TABLE ii ADD COLUMN extra text")
+        .unwrap();
     wait_for_replication(&c, DB);
     assert_converged(&c, DB, &["ii"]);
 
@@ -651,7 +706,8 @@ fn maximum_clock_skew_wait_holds_a_future_commit_until_the_local_clock_reaches_i
         n2.batch_execute(q).unwrap();
     }
     // The writer re-reads its configuration after a commit; give it one.
-    n1.batch_execute("INSERT INTO dd VALUES (100, 'reload')").unwrap();
+    n1.batch_execute("INSERT INTO dd VALUES (100, 'reload')")
+        .unwrap();
     wait_for_replication(&c, DB);
 
     // node1 commits "3 seconds in the future" (bdr_local origin).
@@ -665,12 +721,17 @@ fn maximum_clock_skew_wait_holds_a_future_commit_until_the_local_clock_reaches_i
          SELECT pg_replication_origin_session_reset();"
     ))
     .unwrap();
-    wait_for("node2 to apply the future commit", Duration::from_secs(60), || {
-        (one(&mut n2, "SELECT count(*) FROM dd WHERE id = 1") == "1").then_some(())
-    });
+    wait_for(
+        "node2 to apply the future commit",
+        Duration::from_secs(60),
+        || (one(&mut n2, "SELECT count(*) FROM dd WHERE id = 1") == "1").then_some(()),
+    );
     // node2 applied it only once its own clock had passed the commit time.
     assert_eq!(
-        one(&mut n2, &format!("clock_timestamp() >= '{ts}'::timestamptz")),
+        one(
+            &mut n2,
+            &format!("clock_timestamp() >= '{ts}'::timestamptz")
+        ),
         "true"
     );
 
@@ -681,7 +742,8 @@ fn maximum_clock_skew_wait_holds_a_future_commit_until_the_local_clock_reaches_i
     ] {
         n2.batch_execute(q).unwrap();
     }
-    n1.batch_execute("INSERT INTO dd VALUES (101, 'reload')").unwrap();
+    n1.batch_execute("INSERT INTO dd VALUES (101, 'reload')")
+        .unwrap();
     wait_for_replication(&c, DB);
     let ts = one(&mut n1, "clock_timestamp() + interval '1 hour'");
     n1.batch_execute(&format!(
@@ -709,17 +771,16 @@ fn randomized_hot_set_converges_to_the_latest_write_of_every_row() {
     {
         let mut n1 = c.node(0).connect(DB);
         for id in 0..ROWS {
-            n1.execute(
-                "INSERT INTO hot VALUES ($1, 0, 'init')",
-                &[&(id as i32)],
-            )
-            .unwrap();
+            n1.execute("INSERT INTO hot VALUES ($1, 0, 'init')", &[&(id as i32)])
+                .unwrap();
         }
     }
     wait_for_replication(&c, DB);
     let ids: Vec<u32> = {
         let mut n1 = c.node(0).connect(DB);
-        (1..=3).map(|i| node_id(&mut n1, &format!("node{i}"))).collect()
+        (1..=3)
+            .map(|i| node_id(&mut n1, &format!("node{i}")))
+            .collect()
     };
 
     let stop_at = std::time::Instant::now() + Duration::from_secs(30);
@@ -834,9 +895,12 @@ fn randomized_hot_set_converges_to_the_latest_write_of_every_row() {
     }
     assert!(conflicts > 0);
     assert!(
-        one(&mut n1, "SELECT count(*) FROM bdr.conflict_history WHERE relname = 'hot'")
-            .parse::<i64>()
-            .unwrap()
+        one(
+            &mut n1,
+            "SELECT count(*) FROM bdr.conflict_history WHERE relname = 'hot'"
+        )
+        .parse::<i64>()
+        .unwrap()
             > 0
     );
 }

@@ -405,7 +405,10 @@ fn node_api_and_errors() {
     assert_eq!(row.get::<_, u32>(4), gid);
 
     let (code, msg, _) = expect_error(&mut c, "SELECT bdr.part_node('node-a')");
-    assert_eq!(code, "55000", "the last node has nothing to part from: {msg}");
+    assert_eq!(
+        code, "55000",
+        "the last node has nothing to part from: {msg}"
+    );
     let (code, msg, _) = expect_error(&mut c, "SELECT bdr.join_node_group('host=x dbname=y', 'g')");
     assert_eq!(
         code, "55000",

@@ -47,11 +47,15 @@ fn writer(dsn: String, i: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHand
             n += 1;
             let id = base + n;
             let sql = match n % 6 {
-                0 => format!("UPDATE acc SET v = v + 1, node = '{name}' WHERE id = {}", n % 5),
-                1 => format!(
-                    "INSERT INTO big VALUES ({id}, repeat(md5('{id}'), 400) || '{name}')"
+                0 => format!(
+                    "UPDATE acc SET v = v + 1, node = '{name}' WHERE id = {}",
+                    n % 5
                 ),
-                2 => format!("UPDATE big SET payload = payload || 'x' WHERE id = {}", id - 1),
+                1 => format!("INSERT INTO big VALUES ({id}, repeat(md5('{id}'), 400) || '{name}')"),
+                2 => format!(
+                    "UPDATE big SET payload = payload || 'x' WHERE id = {}",
+                    id - 1
+                ),
                 3 => format!("INSERT INTO dropped VALUES ({id}, 'a{id}', 'b{id}')"),
                 4 => format!("DELETE FROM dropped WHERE id = {}", id - 1),
                 _ => format!("INSERT INTO acc VALUES ({id}, '{name}', {n})"),
@@ -97,7 +101,12 @@ fn nodes_join_one_after_another_while_every_member_writes() {
     // node3 starts from an empty database and gets the schema with the
     // data (synchronize_structure 'all'); node4 has the tables already.
     for (joiner, target, sync) in [(2usize, 0usize, "all"), (3, 1, "none")] {
-        prepare_node(&c, joiner, DB, if sync == "all" { "" } else { JOINER_SCHEMA });
+        prepare_node(
+            &c,
+            joiner,
+            DB,
+            if sync == "all" { "" } else { JOINER_SCHEMA },
+        );
         // For the first join, the target lags behind the other member:
         // node1 stops receiving from node2 while node2 writes on, and
         // resumes only once the join has made its slot on node2. What node2
@@ -150,7 +159,10 @@ fn nodes_join_one_after_another_while_every_member_writes() {
         }
         // Every table came with its tombstone trigger, made here.
         assert_eq!(
-            one(&mut j, "SELECT count(*) FROM pg_trigger WHERE tgname = 'bdr_tombstone'"),
+            one(
+                &mut j,
+                "SELECT count(*) FROM pg_trigger WHERE tgname = 'bdr_tombstone'"
+            ),
             "3"
         );
         if joiner == 2 {
@@ -185,9 +197,16 @@ fn nodes_join_one_after_another_while_every_member_writes() {
         let lo = (i + 1) * 1_000_000;
         let rows = one(
             &mut n4,
-            &format!("SELECT count(*) FROM acc WHERE id > {lo} AND id < {}", lo + 1_000_000),
+            &format!(
+                "SELECT count(*) FROM acc WHERE id > {lo} AND id < {}",
+                lo + 1_000_000
+            ),
         );
-        assert!(rows.parse::<i64>().unwrap() > 0, "no rows of node{} on node4", i + 1);
+        assert!(
+            rows.parse::<i64>().unwrap() > 0,
+            "no rows of node{} on node4",
+            i + 1
+        );
     }
     // The newest node's writes reach every other node.
     n4.batch_execute("INSERT INTO acc VALUES (42, 'node4 after join', 1)")
@@ -195,7 +214,10 @@ fn nodes_join_one_after_another_while_every_member_writes() {
     wait_for_replication(&c, DB);
     assert_converged(&c, DB, TABLES);
     assert_eq!(
-        one(&mut c.node(0).connect(DB), "SELECT node FROM acc WHERE id = 42"),
+        one(
+            &mut c.node(0).connect(DB),
+            "SELECT node FROM acc WHERE id = 42"
+        ),
         "node4 after join"
     );
 }
@@ -217,27 +239,37 @@ fn part_a_live_node_and_a_stopped_node_then_rejoin_under_the_same_name() {
         "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node3'",
     )
     .unwrap();
-    wait_for("node2 to stop receiving from node3", Duration::from_secs(60), || {
-        (count(
+    wait_for(
+        "node2 to stop receiving from node3",
+        Duration::from_secs(60),
+        || {
+            (count(
             &mut n2,
             "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
               WHERE w.sub_name LIKE '%node3_node2'",
         ) == 0)
             .then_some(())
-    });
+        },
+    );
     n3.batch_execute("INSERT INTO acc VALUES (300, 'node3, last words', 1)")
         .unwrap();
-    wait_for("node1 to get node3's change", Duration::from_secs(60), || {
-        (count(&mut n1, "SELECT count(*) FROM acc WHERE id = 300") == 1).then_some(())
-    });
+    wait_for(
+        "node1 to get node3's change",
+        Duration::from_secs(60),
+        || (count(&mut n1, "SELECT count(*) FROM acc WHERE id = 300") == 1).then_some(()),
+    );
     assert_eq!(count(&mut n2, "SELECT count(*) FROM acc WHERE id = 300"), 0);
 
     // Parting a live node: its last changes reach every member first.
-    n1.batch_execute("SET statement_timeout = '300s'; SELECT bdr.part_node('node3')").unwrap();
+    n1.batch_execute("SET statement_timeout = '300s'; SELECT bdr.part_node('node3')")
+        .unwrap();
     assert_eq!(count(&mut n2, "SELECT count(*) FROM acc WHERE id = 300"), 1);
     for (i, n) in [(0usize, &mut n1), (1, &mut n2)] {
         assert_eq!(
-            one(n, "SELECT peer_state_name FROM bdr.node_summary WHERE node_name = 'node3'"),
+            one(
+                n,
+                "SELECT peer_state_name FROM bdr.node_summary WHERE node_name = 'node3'"
+            ),
             "PARTED",
             "on node{}",
             i + 1
@@ -246,20 +278,29 @@ fn part_a_live_node_and_a_stopped_node_then_rejoin_under_the_same_name() {
     for i in [0usize, 1, 3] {
         let mut n = c.node(i).connect(DB);
         assert_eq!(
-            count(&mut n, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%node3'"),
+            count(
+                &mut n,
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%node3'"
+            ),
             0,
             "slot for node3 left on node{}",
             i + 1
         );
         assert_eq!(
-            count(&mut n, "SELECT count(*) FROM pg_replication_origin WHERE roname LIKE '%node3'"),
+            count(
+                &mut n,
+                "SELECT count(*) FROM pg_replication_origin WHERE roname LIKE '%node3'"
+            ),
             0,
             "origin for node3 left on node{}",
             i + 1
         );
     }
     assert_eq!(
-        count(&mut n3, "SELECT count(*) FROM pg_replication_slots WHERE plugin = 'bdr'"),
+        count(
+            &mut n3,
+            "SELECT count(*) FROM pg_replication_slots WHERE plugin = 'bdr'"
+        ),
         0
     );
     wait_for("node3's workers to stop", Duration::from_secs(60), || {
@@ -284,14 +325,18 @@ fn part_a_live_node_and_a_stopped_node_then_rejoin_under_the_same_name() {
         "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node4'",
     )
     .unwrap();
-    wait_for("node2 to stop receiving from node4", Duration::from_secs(60), || {
-        (count(
+    wait_for(
+        "node2 to stop receiving from node4",
+        Duration::from_secs(60),
+        || {
+            (count(
             &mut n2,
             "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
               WHERE w.sub_name LIKE '%node4_node2'",
         ) == 0)
             .then_some(())
-    });
+        },
+    );
     c.node(3)
         .connect(DB)
         .batch_execute(
@@ -300,11 +345,18 @@ fn part_a_live_node_and_a_stopped_node_then_rejoin_under_the_same_name() {
              UPDATE acc SET v = 44 WHERE id = 300;",
         )
         .unwrap();
-    wait_for("node1 to get node4's last changes", Duration::from_secs(60), || {
-        (count(&mut n1, "SELECT count(*) FROM acc WHERE id = 600 OR (id = 300 AND v = 44)") == 2
-            && count(&mut n1, "SELECT count(*) FROM acc WHERE id = 700") == 0)
-            .then_some(())
-    });
+    wait_for(
+        "node1 to get node4's last changes",
+        Duration::from_secs(60),
+        || {
+            (count(
+                &mut n1,
+                "SELECT count(*) FROM acc WHERE id = 600 OR (id = 300 AND v = 44)",
+            ) == 2
+                && count(&mut n1, "SELECT count(*) FROM acc WHERE id = 700") == 0)
+                .then_some(())
+        },
+    );
     c.node_mut(3).stop("immediate");
     let (code, msg, hint) = expect_error(&mut n1, "SELECT bdr.part_node('node4')");
     assert_eq!(code, "55000", "{msg}");
@@ -313,7 +365,10 @@ fn part_a_live_node_and_a_stopped_node_then_rejoin_under_the_same_name() {
         .unwrap();
     for n in [&mut n1, &mut n2] {
         assert_eq!(
-            count(n, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%node4'"),
+            count(
+                n,
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%node4'"
+            ),
             0
         );
     }
@@ -324,7 +379,8 @@ fn part_a_live_node_and_a_stopped_node_then_rejoin_under_the_same_name() {
     // The remaining two go on and agree.
     n1.batch_execute("INSERT INTO acc VALUES (400, 'node1 after the parts', 1)")
         .unwrap();
-    n2.batch_execute("UPDATE acc SET v = 2 WHERE id = 300").unwrap();
+    n2.batch_execute("UPDATE acc SET v = 2 WHERE id = 300")
+        .unwrap();
     wait_for_replication_on(&c, DB, &[0, 1]);
     assert_converged_on(&c, DB, TABLES, &[0, 1]);
     assert_eq!(count(&mut n1, "SELECT count(*) FROM acc WHERE id = 301"), 0);
@@ -357,9 +413,15 @@ fn part_a_live_node_and_a_stopped_node_then_rejoin_under_the_same_name() {
 /// group or other node; on the members no row or slot for it.
 fn assert_nothing_left(c: &Cluster, joiner: usize, members: &[usize]) {
     let mut j = c.node(joiner).connect(DB);
-    assert_eq!(count(&mut j, "SELECT count(*) FROM pg_replication_slots"), 0);
     assert_eq!(
-        count(&mut j, "SELECT count(*) FROM pg_replication_origin WHERE roname <> 'bdr_local'"),
+        count(&mut j, "SELECT count(*) FROM pg_replication_slots"),
+        0
+    );
+    assert_eq!(
+        count(
+            &mut j,
+            "SELECT count(*) FROM pg_replication_origin WHERE roname <> 'bdr_local'"
+        ),
         0
     );
     assert_eq!(count(&mut j, "SELECT count(*) FROM bdr.node"), 1);
@@ -368,13 +430,19 @@ fn assert_nothing_left(c: &Cluster, joiner: usize, members: &[usize]) {
     for &m in members {
         let mut n = c.node(m).connect(DB);
         assert_eq!(
-            count(&mut n, "SELECT count(*) FROM bdr.node WHERE node_name = 'node3' OR dbname = 'joiner'"),
+            count(
+                &mut n,
+                "SELECT count(*) FROM bdr.node WHERE node_name = 'node3' OR dbname = 'joiner'"
+            ),
             0,
             "a row for the joiner on node{}",
             m + 1
         );
         assert_eq!(
-            count(&mut n, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%node3'"),
+            count(
+                &mut n,
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%node3'"
+            ),
             0,
             "a slot for the joiner on node{}",
             m + 1
@@ -417,7 +485,8 @@ fn refused_joins_leave_nothing_behind() {
     assert_nothing_left(&c, 2, &[0, 1]);
 
     // Tables of its own, with synchronize_structure 'all'.
-    j.batch_execute("CREATE TABLE mine (id int PRIMARY KEY)").unwrap();
+    j.batch_execute("CREATE TABLE mine (id int PRIMARY KEY)")
+        .unwrap();
     let (code, msg, hint) = join(&mut j, &n1, "g");
     assert_eq!(code, "55000", "{msg}");
     assert!(msg.contains("already has tables"), "{msg}");
@@ -435,7 +504,10 @@ fn refused_joins_leave_nothing_behind() {
     assert_eq!(code, "42710", "{msg}");
     let mut n2 = c.node(1).connect(DB);
     assert_eq!(
-        count(&mut n2, "SELECT count(*) FROM bdr.node WHERE node_name = 'node2'"),
+        count(
+            &mut n2,
+            "SELECT count(*) FROM bdr.node WHERE node_name = 'node2'"
+        ),
         1
     );
     j.batch_execute(&format!(
@@ -535,19 +607,28 @@ fn a_join_interrupted_by_a_crash_of_the_joiner_or_the_target_can_be_retried() {
     });
     drop(n1);
     c.node(0).crash();
-    assert!(join.join().unwrap().is_some(), "the join survived its target's crash");
+    assert!(
+        join.join().unwrap().is_some(),
+        "the join survived its target's crash"
+    );
     c.node_mut(0).start();
     let mut n1 = c.node(0).connect(DB);
-    n1.batch_execute("SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary")
-        .unwrap();
+    n1.batch_execute(
+        "SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary",
+    )
+    .unwrap();
     let mut n3 = c.node(2).connect(DB);
     n3.execute("SELECT bdr.join_node_group($1, 'g')", &[&c.node(0).dsn(DB)])
         .unwrap();
     wait_for_mesh(&c, DB);
-    n3.batch_execute("INSERT INTO acc VALUES (3, 'node3', 3)").unwrap();
+    n3.batch_execute("INSERT INTO acc VALUES (3, 'node3', 3)")
+        .unwrap();
     wait_for_replication(&c, DB);
     assert_converged(&c, DB, TABLES);
-    assert_eq!(count(&mut n3, "SELECT count(*) FROM acc"), 1_000_000 - 9 + 2);
+    assert_eq!(
+        count(&mut n3, "SELECT count(*) FROM acc"),
+        1_000_000 - 9 + 2
+    );
 }
 
 #[test]
@@ -571,7 +652,10 @@ fn a_background_join_returns_at_once_and_shows_its_progress() {
     assert_eq!(code, "55000", "{msg}");
     assert!(msg.contains("could not connect"), "{msg}");
     assert_eq!(
-        one(&mut n3, "SELECT peer_state_name FROM bdr.local_node_summary"),
+        one(
+            &mut n3,
+            "SELECT peer_state_name FROM bdr.local_node_summary"
+        ),
         "CREATED"
     );
 
@@ -582,51 +666,75 @@ fn a_background_join_returns_at_once_and_shows_its_progress() {
         "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node2'",
     )
     .unwrap();
-    n2.batch_execute("INSERT INTO acc VALUES (2, 'node2', 2)").unwrap();
+    n2.batch_execute("INSERT INTO acc VALUES (2, 'node2', 2)")
+        .unwrap();
     n3.execute(
         "SELECT bdr.join_node_group($1, 'g', wait_for_completion => false)",
         &[&c.node(0).dsn(DB)],
     )
     .unwrap();
     assert_eq!(
-        one(&mut n3, "SELECT peer_state_name FROM bdr.local_node_summary"),
+        one(
+            &mut n3,
+            "SELECT peer_state_name FROM bdr.local_node_summary"
+        ),
         "JOIN_START"
     );
-    wait_for("node2 to show node3 catching up", Duration::from_secs(60), || {
-        (one(&mut n2, "SELECT peer_state_name FROM bdr.node_summary WHERE node_name = 'node3'")
-            == "CATCHUP")
-            .then_some(())
-    });
-    n1.batch_execute("SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary")
-        .unwrap();
+    wait_for(
+        "node2 to show node3 catching up",
+        Duration::from_secs(60),
+        || {
+            (one(
+                &mut n2,
+                "SELECT peer_state_name FROM bdr.node_summary WHERE node_name = 'node3'",
+            ) == "CATCHUP")
+                .then_some(())
+        },
+    );
+    n1.batch_execute(
+        "SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary",
+    )
+    .unwrap();
     n3.batch_execute(
         "SET statement_timeout = '120s'; SELECT bdr.wait_for_join_completion(verbose_progress => true)",
     )
     .unwrap();
     for n in [&mut n1, &mut n2, &mut n3] {
         assert_eq!(
-            one(n, "SELECT peer_state_name FROM bdr.node_summary WHERE node_name = 'node3'"),
+            one(
+                n,
+                "SELECT peer_state_name FROM bdr.node_summary WHERE node_name = 'node3'"
+            ),
             "ACTIVE"
         );
     }
     wait_for_mesh(&c, DB);
-    n3.batch_execute("INSERT INTO acc VALUES (3, 'node3', 3)").unwrap();
+    n3.batch_execute("INSERT INTO acc VALUES (3, 'node3', 3)")
+        .unwrap();
     wait_for_replication(&c, DB);
     assert_converged(&c, DB, TABLES);
     assert_eq!(count(&mut n3, "SELECT count(*) FROM acc"), 2);
 
     // node3 gets a new connection string, everywhere; receivers use it.
-    let new_dsn = format!("host=localhost port={} dbname={DB} user=postgres", c.node(2).port);
+    let new_dsn = format!(
+        "host=localhost port={} dbname={DB} user=postgres",
+        c.node(2).port
+    );
     n1.execute("SELECT bdr.alter_node_interface('node3', $1)", &[&new_dsn])
         .unwrap();
     for n in [&mut n1, &mut n2, &mut n3] {
         assert_eq!(
-            one(n, "SELECT interface_connstr FROM bdr.node_summary WHERE node_name = 'node3'"),
+            one(
+                n,
+                "SELECT interface_connstr FROM bdr.node_summary WHERE node_name = 'node3'"
+            ),
             new_dsn
         );
     }
-    let (code, _, _) =
-        expect_error(&mut n1, "SELECT bdr.alter_node_interface('node3', 'nonsense_option=1')");
+    let (code, _, _) = expect_error(
+        &mut n1,
+        "SELECT bdr.alter_node_interface('node3', 'nonsense_option=1')",
+    );
     assert_eq!(code, "22023");
     // Reconnect the receivers from node3, which then use the new DSN.
     for n in [&mut n1, &mut n2] {
@@ -634,16 +742,22 @@ fn a_background_join_returns_at_once_and_shows_its_progress() {
             "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node3'",
         )
         .unwrap();
-        wait_for("the receiver from node3 to stop", Duration::from_secs(60), || {
-            (count(
+        wait_for(
+            "the receiver from node3 to stop",
+            Duration::from_secs(60),
+            || {
+                (count(
                 n,
                 "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
                   WHERE w.sub_name LIKE '%node3\\_node_' AND w.task_key_worker_role_name = 'receiver'",
             ) == 0)
                 .then_some(())
-        });
-        n.batch_execute("SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary")
-            .unwrap();
+            },
+        );
+        n.batch_execute(
+            "SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary",
+        )
+        .unwrap();
     }
     wait_for_mesh(&c, DB);
     n3.batch_execute("INSERT INTO acc VALUES (4, 'node3 via its new interface', 4)")

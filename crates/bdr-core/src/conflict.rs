@@ -492,7 +492,10 @@ mod resolve_tests {
             remote_newer: true,
             ..facts()
         };
-        assert_eq!(resolve(t, Resolver::UpdateIfNewer, newer), Outcome::ApplyRemote);
+        assert_eq!(
+            resolve(t, Resolver::UpdateIfNewer, newer),
+            Outcome::ApplyRemote
+        );
         assert_eq!(resolve(t, Resolver::UpdateIfNewer, facts()), Outcome::Skip);
         assert_eq!(resolve(t, Resolver::Update, facts()), Outcome::ApplyRemote);
         assert_eq!(resolve(t, Resolver::Skip, newer), Outcome::Skip);
@@ -506,10 +509,16 @@ mod resolve_tests {
             full_row: true,
             ..facts()
         };
-        assert_eq!(resolve(t, Resolver::InsertOrSkip, full), Outcome::ApplyRemote);
+        assert_eq!(
+            resolve(t, Resolver::InsertOrSkip, full),
+            Outcome::ApplyRemote
+        );
         assert_eq!(resolve(t, Resolver::InsertOrSkip, facts()), Outcome::Skip);
         assert_eq!(resolve(t, Resolver::InsertOrError, facts()), Outcome::Error);
-        assert_eq!(resolve(t, Resolver::InsertOrError, full), Outcome::ApplyRemote);
+        assert_eq!(
+            resolve(t, Resolver::InsertOrError, full),
+            Outcome::ApplyRemote
+        );
     }
 
     #[test]
@@ -519,7 +528,10 @@ mod resolve_tests {
             ..facts()
         };
         let t = ConflictType::TargetColumnMissing;
-        assert_eq!(resolve(t, Resolver::IgnoreIfNull, null), Outcome::ApplyRemote);
+        assert_eq!(
+            resolve(t, Resolver::IgnoreIfNull, null),
+            Outcome::ApplyRemote
+        );
         assert_eq!(resolve(t, Resolver::IgnoreIfNull, facts()), Outcome::Error);
         assert_eq!(resolve(t, Resolver::Ignore, facts()), Outcome::ApplyRemote);
         let dropped = Facts {
@@ -527,8 +539,14 @@ mod resolve_tests {
             ..facts()
         };
         let t = ConflictType::TargetTableMissing;
-        assert_eq!(resolve(t, Resolver::SkipIfRecentlyDropped, dropped), Outcome::Skip);
-        assert_eq!(resolve(t, Resolver::SkipIfRecentlyDropped, facts()), Outcome::Error);
+        assert_eq!(
+            resolve(t, Resolver::SkipIfRecentlyDropped, dropped),
+            Outcome::Skip
+        );
+        assert_eq!(
+            resolve(t, Resolver::SkipIfRecentlyDropped, facts()),
+            Outcome::Error
+        );
     }
 
     #[test]

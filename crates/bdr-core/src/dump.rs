@@ -45,9 +45,7 @@ fn track_dollar_quotes(line: &str, quote: &mut Option<String>) {
             while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
                 j += 1;
             }
-            let tag_ok = j < b.len()
-                && b[j] == b'$'
-                && !(j > i + 1 && b[i + 1].is_ascii_digit());
+            let tag_ok = j < b.len() && b[j] == b'$' && !(j > i + 1 && b[i + 1].is_ascii_digit());
             if tag_ok {
                 let tag = &line[i..=j];
                 match quote {

@@ -41,3 +41,48 @@ mod tests {
         assert_eq!(VERSION_NUM, version_num(VERSION));
     }
 }
+
+/// Whether a node can join a group through a target running PostgreSQL
+/// `target_pg` (server_version_num) and bdr `target_bdr` (bdr_version_num):
+/// the same PostgreSQL major version and the same bdr major version (which
+/// fixes the replication protocol). The error says what differs.
+pub fn join_compatible(
+    local_pg: u32,
+    target_pg: u32,
+    local_bdr: i32,
+    target_bdr: i32,
+) -> Result<(), String> {
+    if local_pg / 10000 != target_pg / 10000 {
+        return Err(format!(
+            "the join target runs PostgreSQL {}; this node runs PostgreSQL {}",
+            target_pg / 10000,
+            local_pg / 10000
+        ));
+    }
+    if local_bdr / 10000 != target_bdr / 10000 {
+        return Err(format!(
+            "the join target runs bdr version number {target_bdr} (protocol of bdr {}); this node runs {local_bdr}",
+            target_bdr / 10000
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod join_tests {
+    use super::join_compatible;
+
+    #[test]
+    fn same_majors_join_and_others_are_refused_with_the_reason() {
+        assert!(join_compatible(150020, 150018, 40000, 40102).is_ok());
+        let e = join_compatible(150020, 160004, 40000, 40000).unwrap_err();
+        assert!(
+            e.contains("PostgreSQL 16") && e.contains("PostgreSQL 15"),
+            "{e}"
+        );
+        let e = join_compatible(150020, 150020, 40000, 50000).unwrap_err();
+        assert!(e.contains("50000"), "{e}");
+        // An unreadable version (0) never matches.
+        assert!(join_compatible(150020, 0, 40000, 40000).is_err());
+    }
+}
