@@ -653,6 +653,24 @@ fn join_impl(
             group: g,
         });
     }
+    // One join at a time in this database (a session's and the manager's
+    // background one). A plain SELECT: this transaction must not take a
+    // transaction id before it creates its slots.
+    let locked: Option<bool> = Spi::connect(|c| {
+        c.select(
+            "SELECT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext('bdr join'), 0)",
+            None,
+            &[],
+        )?
+        .first()
+        .get_one::<bool>()
+    })?;
+    if locked != Some(true) {
+        return Err(BdrError::JoinRefused {
+            msg: "another join of this node is running".into(),
+            hint: "Wait for it with bdr.wait_for_join_completion().".into(),
+        });
+    }
     let me_row = catalog::node_by_id(local.node_id)?.ok_or(BdrError::NoLocalNode)?;
     let me = Member {
         id: local.node_id,
@@ -964,6 +982,8 @@ fn join_impl(
         )?;
     }
     catalog::set_node_group(me.id, group_id, NodeState::Active, members.len() as i32 + 1)?;
+    // Whatever join was requested in the background is this one, or moot.
+    Spi::run("DELETE FROM bdr.join_request")?;
     for (origin_node, start) in &stream_starts {
         Spi::run_with_args(
             "INSERT INTO bdr.subscription_start (origin_node_id, start_lsn) VALUES ($1, $2::pg_lsn)
@@ -1082,6 +1102,21 @@ fn request_join(
         return Err(BdrError::AlreadyInGroup {
             node: local.node_name,
             group: g,
+        });
+    }
+    let pending: Option<bool> = Spi::connect(|c| {
+        c.select(
+            "SELECT EXISTS (SELECT 1 FROM bdr.join_request WHERE last_error IS NULL)",
+            None,
+            &[],
+        )?
+        .first()
+        .get_one::<bool>()
+    })?;
+    if pending == Some(true) {
+        return Err(BdrError::JoinRefused {
+            msg: "a background join of this node is already pending".into(),
+            hint: "Wait for it with bdr.wait_for_join_completion().".into(),
         });
     }
     Spi::run_with_args(

@@ -680,6 +680,16 @@ fn a_background_join_returns_at_once_and_shows_its_progress() {
         ),
         "JOIN_START"
     );
+    // One join at a time.
+    let (code, msg, _) = expect_error(
+        &mut n3,
+        &format!(
+            "SELECT bdr.join_node_group('{}', 'g', wait_for_completion => false)",
+            c.node(0).dsn(DB)
+        ),
+    );
+    assert_eq!(code, "55000", "{msg}");
+    assert!(msg.contains("already pending"), "{msg}");
     wait_for(
         "node2 to show node3 catching up",
         Duration::from_secs(60),

@@ -304,7 +304,9 @@ fn workload(node: &Instance, name: &str, seed: u64, txns: usize) -> Vec<i32> {
                 // with a writer applying a peer's transaction on the same
                 // rows; PostgreSQL rolls one back, as it would between any
                 // two sessions. This one is simply not committed.
-                if e.code().is_some_and(|c| c.code() == "40P01" || c.code() == "40001") {
+                if e.code()
+                    .is_some_and(|c| c.code() == "40P01" || c.code() == "40001")
+                {
                     c.batch_execute("ROLLBACK").unwrap();
                     continue;
                 }
