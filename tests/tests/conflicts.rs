@@ -850,11 +850,22 @@ fn randomized_hot_set_converges_to_the_latest_write_of_every_row() {
         })
         .collect();
 
-    // Meanwhile, kill node2's writers a few times.
+    // Meanwhile, kill node2's writers again each time they have applied
+    // another 50 transactions.
     let mut killer = c.node(1).connect(DB);
     let mut kills = 0;
-    while std::time::Instant::now() + Duration::from_secs(5) < stop_at {
-        std::thread::sleep(Duration::from_secs(5));
+    let applied = |k: &mut Client| -> i64 {
+        one(k, "SELECT COALESCE(sum(ncommit), 0) FROM bdr.stat_subscription")
+            .parse()
+            .unwrap()
+    };
+    let mut last = applied(&mut killer);
+    while std::time::Instant::now() < stop_at {
+        wait_for("node2's writers to apply more", Duration::from_secs(60), || {
+            let now = applied(&mut killer);
+            (now >= last + 50 || std::time::Instant::now() >= stop_at).then_some(())
+        });
+        last = applied(&mut killer);
         let killed: i64 = killer
             .query_one(
                 "SELECT count(*) FROM (SELECT pg_terminate_backend(w.task_pid)

@@ -68,7 +68,7 @@ fn writer(dsn: String, i: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHand
                 Err(e) if e.as_db_error().is_some() => {}
                 Err(e) => panic!("{name}: {e}"),
             }
-            // Paces the load so that 2 cores can also run the join.
+            // A throttle, not a wait: it leaves 2 cores room for the join.
             std::thread::sleep(Duration::from_millis(5));
         }
         committed
@@ -182,7 +182,11 @@ fn nodes_join_one_after_another_while_every_member_writes() {
         }
         writers.push(writer(c.node(joiner).dsn(DB), joiner, stop.clone()));
     }
-    std::thread::sleep(Duration::from_secs(2));
+    // Writes go on until the newest node has committed some of its own.
+    let mut n4 = c.node(3).connect(DB);
+    wait_for("node4's writes", Duration::from_secs(60), || {
+        (count(&mut n4, "SELECT count(*) FROM acc WHERE id > 4000000") >= 20).then_some(())
+    });
     stop.store(true, Ordering::Relaxed);
     let committed: Vec<u64> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     assert!(committed.iter().all(|n| *n > 0), "{committed:?}");
@@ -192,7 +196,6 @@ fn nodes_join_one_after_another_while_every_member_writes() {
     assert_converged(&c, DB, TABLES);
 
     // Every insert each node committed is everywhere (none lost).
-    let mut n4 = c.node(3).connect(DB);
     for i in 0..4 {
         let lo = (i + 1) * 1_000_000;
         let rows = one(
