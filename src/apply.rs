@@ -143,6 +143,8 @@ pub struct Applier {
     rel_lock_x: pg_sys::SPIPlanPtr,
     /// Key locks taken per relation in the current transaction.
     key_locks: HashMap<u32, u32>,
+    /// Mapped local tables changed by DDL since they were mapped.
+    stale: std::collections::HashSet<u32>,
     /// Relations this transaction holds exclusively (no more key locks).
     escalated: std::collections::HashSet<u32>,
     /// The remote commit already applied (origin progress at start).
@@ -253,13 +255,13 @@ fn spi_check(rc: i32, what: &str) {
 }
 
 /// Runs a kept plan whose parameters are all text (NULL for `None`);
-/// returns the first column of its first row. Parameter values are made in
-/// `cxt`.
+/// returns the first column of its first row as text. Parameter values are
+/// made in `cxt`.
 fn exec_texts(
     plan: pg_sys::SPIPlanPtr,
     params: &[Option<String>],
     cxt: pg_sys::MemoryContext,
-) -> Option<pg_sys::Datum> {
+) -> Option<String> {
     // SAFETY: text datums built in `cxt`; a kept plan with as many text
     // parameters; the result row is read before it is freed.
     unsafe {
@@ -284,7 +286,7 @@ fn exec_texts(
             pg_sys::SPI_execute_plan(plan, args.as_mut_ptr(), nulls.as_ptr(), false, 1),
             "running a bdr statement",
         );
-        first_datum_and_free()
+        first_text_and_free()
     }
 }
 
@@ -403,33 +405,6 @@ fn unique_indexes(
     (key, key_index, uniques)
 }
 
-thread_local! {
-    /// Local tables changed by DDL since they were mapped (`None` entry:
-    /// all of them); the relcache callback cannot reach the Applier.
-    static INVALIDATED: std::cell::RefCell<(bool, std::collections::HashSet<u32>)> =
-        std::cell::RefCell::new((false, std::collections::HashSet::new()));
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn relcache_invalidated(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    INVALIDATED.with(|i| {
-        let mut i = i.borrow_mut();
-        if relid == pg_sys::InvalidOid {
-            i.0 = true;
-        } else {
-            i.1.insert(relid.to_u32());
-        }
-    });
-}
-
-/// Whether local table `oid` changed since it was mapped; forgets it.
-fn take_invalidated(oid: pg_sys::Oid) -> bool {
-    INVALIDATED.with(|i| {
-        let mut i = i.borrow_mut();
-        i.1.remove(&oid.to_u32())
-    })
-}
-
 /// Runs `f` in a subtransaction: on an ERROR it is rolled back and the
 /// error's message returned, and the enclosing transaction goes on.
 fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
@@ -446,15 +421,7 @@ fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
             let f = f;
             Ok((f.0)())
         })
-        .catch_others(|e| {
-            Err(match e {
-                pgrx::pg_sys::panic::CaughtError::PostgresError(r)
-                | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
-                | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                    r.message().to_string()
-                }
-            })
-        })
+        .catch_others(|e| Err(crate::error::caught_report(&e).message().to_string()))
         .execute();
         match r {
             Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),
@@ -464,6 +431,13 @@ fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
         pg_sys::CurrentResourceOwner = old_owner;
         r
     }
+}
+
+/// The remote columns of `vals` this node has and that carry a value.
+fn present(r: &RelMap, vals: &[Value]) -> Vec<usize> {
+    (0..r.remote.columns.len())
+        .filter(|i| r.map[*i].is_some() && vals.get(*i) != Some(&Value::UnchangedToast))
+        .collect()
 }
 
 fn same_tid(a: &pg_sys::ItemPointerData, b: &pg_sys::ItemPointerData) -> bool {
@@ -504,14 +478,7 @@ impl Applier {
                 pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
             )
         };
-        // SAFETY: registers a process-lifetime callback; the Applier lives
-        // as long as its writer process.
-        unsafe {
-            pg_sys::CacheRegisterRelcacheCallback(
-                Some(relcache_invalidated),
-                pg_sys::Datum::from(0),
-            )
-        };
+        crate::relcache::watch();
         Applier {
             local_node_id,
             remote_node_id,
@@ -537,6 +504,7 @@ impl Applier {
             rel_lock_x: std::ptr::null_mut(),
             key_locks: HashMap::new(),
             escalated: std::collections::HashSet::new(),
+            stale: std::collections::HashSet::new(),
             applied_up_to,
             in_txn: false,
             skip_txn: false,
@@ -645,17 +613,6 @@ impl Applier {
     }
 
     fn begin(&mut self) {
-        // After a relcache reset every mapping may be stale.
-        let mapped: std::collections::HashSet<u32> =
-            self.rels.values().map(|r| r.local_oid.to_u32()).collect();
-        INVALIDATED.with(|i| {
-            let mut i = i.borrow_mut();
-            if std::mem::take(&mut i.0) {
-                i.1.extend(mapped.iter().copied());
-            }
-            // Other tables' invalidations do not concern us.
-            i.1.retain(|o| mapped.contains(o));
-        });
         // SAFETY: starts the local transaction the remote one is applied in.
         unsafe {
             pg_sys::SetCurrentStatementStartTimestamp();
@@ -863,6 +820,22 @@ impl Applier {
         }
     }
 
+    /// Whether local table `oid` changed by DDL since it was mapped (after
+    /// a relcache reset, every mapped table counts as changed); forgets it.
+    fn changed_since_mapped(&mut self, oid: pg_sys::Oid) -> bool {
+        if let Some(changed) = crate::relcache::take() {
+            let mapped = self.rels.values().map(|r| r.local_oid.to_u32());
+            if changed.all {
+                self.stale.extend(mapped);
+            } else {
+                let mapped: std::collections::HashSet<u32> = mapped.collect();
+                self.stale
+                    .extend(changed.relids.into_iter().filter(|o| mapped.contains(o)));
+            }
+        }
+        self.stale.remove(&oid.to_u32())
+    }
+
     /// Whether the change's table exists here. When it does not, that is a
     /// target_table_missing conflict, resolved here; a table dropped and
     /// created again since it was described is described anew.
@@ -876,7 +849,7 @@ impl Applier {
         };
         // Local DDL (a column or index added, the table dropped) changes
         // how the peer's rows map here.
-        let changed = !missing && take_invalidated(oid);
+        let changed = !missing && self.changed_since_mapped(oid);
         if changed || (missing && self.rel_exists_now(relid)) {
             let remote = self.rel(relid).remote.clone();
             let map = self.map_relation(remote);
@@ -1040,7 +1013,6 @@ impl Applier {
             }
             match pk {
                 Some(f) => {
-                    let newer = remote_wins(self.remote_writer(), f.writer);
                     let index = self.rel(relid).key_index;
                     let detail = format!("the key already exists: {}", self.local_desc(&f));
                     let o = self.conflict(
@@ -1056,7 +1028,6 @@ impl Applier {
                             detail,
                         },
                         Facts {
-                            remote_newer: newer,
                             full_row: true,
                             ..Facts::default()
                         },
@@ -1142,7 +1113,6 @@ impl Applier {
         let key = self.rel(relid).key.clone();
         if pk.is_none() && others.len() == 1 {
             let (index, f) = others.remove(0);
-            let newer = remote_wins(self.remote_writer(), f.writer);
             let detail = format!(
                 "a local row with another key holds the same values in unique index {}: {}",
                 relname_of(index).unwrap_or_default(),
@@ -1161,7 +1131,6 @@ impl Applier {
                     detail,
                 },
                 Facts {
-                    remote_newer: newer,
                     full_row: true,
                     ..Facts::default()
                 },
@@ -1219,7 +1188,6 @@ impl Applier {
             "the incoming row collides with {nrows} local rows (unique indexes {})",
             names.join(", ")
         );
-        let newer = remote_wins(self.remote_writer(), local.and_then(|f| f.writer));
         self.conflict(
             Seen {
                 t: ConflictType::MultipleUniqueConflicts,
@@ -1233,7 +1201,6 @@ impl Applier {
                 detail,
             },
             Facts {
-                remote_newer: newer,
                 full_row: true,
                 ..Facts::default()
             },
@@ -1259,7 +1226,6 @@ impl Applier {
     ) {
         if others.len() == 1 {
             let (index, l) = &others[0];
-            let newer = remote_wins(self.remote_writer(), l.writer);
             let detail = format!(
                 "the updated row would hold values another local row holds in unique index {}: {}",
                 relname_of(*index).unwrap_or_default(),
@@ -1278,7 +1244,6 @@ impl Applier {
                     detail,
                 },
                 Facts {
-                    remote_newer: newer,
                     full_row: !new.contains(&Value::UnchangedToast),
                     ..Facts::default()
                 },
@@ -1375,9 +1340,12 @@ impl Applier {
 
     /// Resolves a conflict with this node's resolver for its type, counts
     /// it, and logs it as configured. An `error` outcome stops the apply.
-    fn conflict(&mut self, s: Seen<'_>, facts: Facts) -> Outcome {
+    fn conflict(&mut self, s: Seen<'_>, mut facts: Facts) -> Outcome {
         if self.stop.is_some() {
             return Outcome::Error;
+        }
+        if let Some(local) = s.local {
+            facts.remote_newer = remote_wins(self.remote_writer(), local.writer);
         }
         let resolver = self.config.resolver(s.t);
         let outcome = conflict::resolve(s.t, resolver, facts);
@@ -1748,7 +1716,6 @@ impl Applier {
                             detail,
                         },
                         Facts {
-                            remote_newer: newer,
                             full_row,
                             ..Facts::default()
                         },
@@ -2400,31 +2367,7 @@ impl Applier {
             Some(text),
             Some(deleted.to_string()),
         ];
-        // SAFETY: a kept plan with three text parameters; the result is read
-        // as text right after.
-        let row = unsafe {
-            let cxt = self.row_cxt;
-            let old = pg_sys::MemoryContextSwitchTo(cxt);
-            let mut args: Vec<pg_sys::Datum> = params
-                .iter()
-                .map(|p| {
-                    let c = CString::new(p.as_deref().unwrap_or_default()).unwrap_or_default();
-                    pg_sys::Datum::from(pg_sys::cstring_to_text(c.as_ptr()))
-                })
-                .collect();
-            pg_sys::MemoryContextSwitchTo(old);
-            spi_check(
-                pg_sys::SPI_execute_plan(
-                    self.copied_plan,
-                    args.as_mut_ptr(),
-                    std::ptr::null(),
-                    false,
-                    1,
-                ),
-                "looking up a copied row",
-            );
-            first_text_and_free()
-        };
+        let row = exec_texts(self.copied_plan, &params, self.row_cxt);
         let row = row?;
         let mut it = row.split(' ');
         let ts = it.next().and_then(|t| t.parse::<i64>().ok());
@@ -2442,6 +2385,11 @@ impl Applier {
     /// source_column_missing (by default it keeps its default, or for an
     /// update its value). `None`: the row is not applied.
     fn present_cols(&mut self, relid: u32, vals: &[Value], inserting: bool) -> Option<Vec<usize>> {
+        let r = self.rel(relid);
+        if r.source_missing.is_empty() && r.map.iter().all(Option::is_some) {
+            // Both sides have the same columns: the usual case, per row.
+            return Some(present(r, vals));
+        }
         let (unmapped, source_missing, key): (Vec<(usize, String)>, Vec<String>, Vec<usize>) = {
             let r = self.rel(relid);
             (
@@ -2531,12 +2479,7 @@ impl Applier {
                 return None;
             }
         }
-        let r = self.rel(relid);
-        Some(
-            (0..r.remote.columns.len())
-                .filter(|i| r.map[*i].is_some() && vals.get(*i) != Some(&Value::UnchangedToast))
-                .collect(),
-        )
+        Some(present(self.rel(relid), vals))
     }
 
     /// Inserts the row; false if a unique constraint already holds its key.

@@ -203,31 +203,6 @@ pub fn drop_node_rows(node_id: u32) -> BdrResult<()> {
     Ok(())
 }
 
-/// Replication slots and origins on this node that belong to parted nodes
-/// (all of them, when the local node itself is parted): what the manager
-/// drops once parting is done.
-pub fn parted_artifacts(local: &LocalNode) -> BdrResult<(Vec<String>, Vec<String>)> {
-    if local.node_group_id == 0 {
-        return Ok((vec![], vec![]));
-    }
-    let group = group_name(local.node_group_id)?.unwrap_or_default();
-    let mydb = select_first("SELECT current_database()::text", &[], |r| text_col(r, 1))?
-        .unwrap_or_default();
-    let me_parted = node_by_id(local.node_id)?.is_some_and(|n| n.node_state == NodeState::Parted);
-    let gone: Vec<NodeRow> = group_peers(local)?
-        .into_iter()
-        .filter(|p| me_parted || p.node_state == NodeState::Parted)
-        .collect();
-    Ok((
-        gone.iter()
-            .map(|p| naming::slot_name(&mydb, &group, &p.node_name))
-            .collect(),
-        gone.iter()
-            .map(|p| naming::origin_name(&mydb, &group, &p.node_name))
-            .collect(),
-    ))
-}
-
 /// A subscription of the local node to a peer, with what a receiver needs.
 #[derive(Debug, Clone)]
 pub struct SubRow {
@@ -282,24 +257,46 @@ pub fn group_peers(local: &LocalNode) -> BdrResult<Vec<NodeRow>> {
     )
 }
 
-/// Makes bdr.subscription hold exactly one subscription from each active
-/// peer of the local node. Writes only when something changes, so a
-/// polling manager does not burn transaction ids.
-pub fn sync_subscriptions(local: &LocalNode) -> BdrResult<bool> {
+/// Replication slots and origins on this node that belong to parted nodes
+/// (all of them, when the local node itself is parted): what the manager
+/// drops once parting is done.
+#[derive(Debug, Default)]
+pub struct PartedLeftovers {
+    pub slots: Vec<String>,
+    pub origins: Vec<String>,
+}
+
+/// Makes bdr.subscription hold exactly one subscription from each peer the
+/// local node streams from, and returns what parted peers left here. Writes
+/// only when something changes, so a polling manager does not burn
+/// transaction ids.
+pub fn sync_subscriptions(local: &LocalNode) -> BdrResult<PartedLeftovers> {
     if local.node_group_id == 0 {
-        return Ok(false);
+        return Ok(PartedLeftovers::default());
     }
     let group = group_name(local.node_group_id)?.unwrap_or_default();
     let mydb = select_first("SELECT current_database()::text", &[], |r| text_col(r, 1))?
         .unwrap_or_default();
     // A parted local node receives from nobody.
     let me_parted = node_by_id(local.node_id)?.is_some_and(|n| n.node_state == NodeState::Parted);
-    let peers: Vec<NodeRow> = group_peers(local)?
+    let all_peers = group_peers(local)?;
+    let gone = all_peers
+        .iter()
+        .filter(|p| me_parted || p.node_state == NodeState::Parted);
+    let leftovers = PartedLeftovers {
+        slots: gone
+            .clone()
+            .map(|p| naming::slot_name(&mydb, &group, &p.node_name))
+            .collect(),
+        origins: gone
+            .map(|p| naming::origin_name(&mydb, &group, &p.node_name))
+            .collect(),
+    };
+    let peers: Vec<NodeRow> = all_peers
         .into_iter()
         .filter(|p| p.node_state.is_streamed_from() && !me_parted)
         .collect();
     let existing = local_subscriptions()?;
-    let mut changed = false;
     for p in &peers {
         if existing.iter().any(|s| s.origin_node_id == p.node_id) {
             continue;
@@ -316,7 +313,6 @@ pub fn sync_subscriptions(local: &LocalNode) -> BdrResult<bool> {
             &[oid(sub_id).into(), sub_name.as_str().into(), oid(local.node_group_id).into(),
               oid(p.node_id).into(), oid(local.node_id).into(), slot.as_str().into(), origin.as_str().into()],
         )?;
-        changed = true;
     }
     for s in &existing {
         if !peers.iter().any(|p| p.node_id == s.origin_node_id) {
@@ -324,8 +320,7 @@ pub fn sync_subscriptions(local: &LocalNode) -> BdrResult<bool> {
                 "DELETE FROM bdr.subscription WHERE sub_id = $1",
                 &[oid(s.sub_id).into()],
             )?;
-            changed = true;
         }
     }
-    Ok(changed)
+    Ok(leftovers)
 }

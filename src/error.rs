@@ -142,3 +142,13 @@ impl<T> OrRaise<T> for BdrResult<T> {
         }
     }
 }
+
+/// The report of an error caught with `PgTryBuilder`, whatever raised it.
+pub fn caught_report(
+    e: &pgrx::pg_sys::panic::CaughtError,
+) -> &pgrx::pg_sys::panic::ErrorReportWithLevel {
+    use pgrx::pg_sys::panic::CaughtError::*;
+    match e {
+        PostgresError(r) | ErrorReport(r) | RustPanic { ereport: r, .. } => r,
+    }
+}

@@ -14,6 +14,7 @@ pub mod hooks;
 pub mod log;
 pub mod output_plugin;
 pub mod prereq;
+pub mod relcache;
 pub mod shmem;
 pub mod stats;
 pub mod tombstone;

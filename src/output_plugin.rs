@@ -10,7 +10,6 @@ use bdr_core::protocol::{self, Column, Message, StartOptions, Value};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
-use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 
@@ -27,38 +26,17 @@ struct State {
     change_cxt: pg_sys::MemoryContext,
 }
 
-thread_local! {
-    /// Relations changed by DDL since they were last described; the relcache
-    /// callback cannot reach the decoding context, so it leaves notes here.
-    static INVALIDATED: RefCell<(bool, HashSet<u32>)> = RefCell::new((false, HashSet::new()));
-    static CALLBACK_REGISTERED: RefCell<bool> = const { RefCell::new(false) };
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn relcache_invalidated(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    INVALIDATED.with(|i| {
-        let mut i = i.borrow_mut();
-        if relid == pg_sys::InvalidOid {
-            i.0 = true;
-        } else {
-            i.1.insert(relid.to_u32());
-        }
-    });
-}
-
 fn take_invalidations(state: &mut State) {
-    INVALIDATED.with(|i| {
-        let mut i = i.borrow_mut();
-        if i.0 {
+    if let Some(changed) = crate::relcache::take() {
+        if changed.all {
             state.sent_relations.clear();
             state.wanted.clear();
         }
-        for r in i.1.drain() {
+        for r in changed.relids {
             state.sent_relations.remove(&r);
             state.wanted.remove(&r);
         }
-        i.0 = false;
-    });
+    }
 }
 
 /// The plugin's entry point, found by name when a slot uses plugin `bdr`.
@@ -132,15 +110,7 @@ unsafe extern "C-unwind" fn startup(
         }
     }
 
-    CALLBACK_REGISTERED.with(|r| {
-        if !*r.borrow() {
-            pg_sys::CacheRegisterRelcacheCallback(
-                Some(relcache_invalidated),
-                pg_sys::Datum::from(0),
-            );
-            *r.borrow_mut() = true;
-        }
-    });
+    crate::relcache::watch();
 
     let change_cxt = pg_sys::AllocSetContextCreateExtended(
         (*ctx).context,

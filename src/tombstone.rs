@@ -17,21 +17,37 @@ pub fn key_text(parts: &[Option<String>]) -> String {
     serde_json::to_string(parts).unwrap_or_default()
 }
 
+/// The settings that change how values print, and the values keys are
+/// printed with. Sessions that print many keys (a join copying rows, a part
+/// catching up) set them once with SET LOCAL instead.
+pub const CANONICAL_OUTPUT: &[(&str, &str)] = &[
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO, YMD"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+    ("lc_monetary", "C"),
+];
+
+/// `CANONICAL_OUTPUT` as SET LOCAL statements, for another session.
+pub fn canonical_output_sql() -> String {
+    CANONICAL_OUTPUT
+        .iter()
+        .map(|(name, value)| format!("SET LOCAL {name} = {};", bdr_core::quote::literal(value)))
+        .collect()
+}
+
 /// Runs `f` with the settings that change how values print fixed, so a key
 /// prints the same in every session and in the writers.
 pub fn with_canonical_output<R>(f: impl FnOnce() -> R) -> R {
-    const FIXED: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
-        (c"TimeZone", c"UTC"),
-        (c"DateStyle", c"ISO, YMD"),
-        (c"IntervalStyle", c"postgres"),
-        (c"extra_float_digits", c"3"),
-        (c"bytea_output", c"hex"),
-        (c"lc_monetary", c"C"),
-    ];
     // SAFETY: a GUC nest level, as functions with SET clauses use; undone
     // below (and by transaction abort if `f` raises an ERROR).
     let level = unsafe { pg_sys::NewGUCNestLevel() };
-    for (name, value) in FIXED {
+    for (name, value) in CANONICAL_OUTPUT {
+        let (name, value) = (
+            std::ffi::CString::new(*name).unwrap_or_default(),
+            std::ffi::CString::new(*value).unwrap_or_default(),
+        );
         // SAFETY: setting ordinary user settings for this nest level only.
         unsafe {
             pg_sys::set_config_option(

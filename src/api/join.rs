@@ -442,20 +442,11 @@ fn copy_into(conn: &mut Conn, target: &str, t: &Table, source: &str) -> BdrResul
 /// resolve against it as the target does. Runs in the copy's snapshot.
 fn copy_row_writers(tconn: &mut Conn, target: &Member, tables: &[Table]) -> BdrResult<()> {
     // Keys print as the tombstone trigger prints them.
-    for (name, value) in [
-        ("TimeZone", "UTC"),
-        ("DateStyle", "ISO, YMD"),
-        ("IntervalStyle", "postgres"),
-        ("extra_float_digits", "3"),
-        ("bytea_output", "hex"),
-        ("lc_monetary", "C"),
-    ] {
-        remote(
-            &target.name,
-            "preparing the copy",
-            tconn.command(&format!("SET LOCAL {name} = {}", literal(value))),
-        )?;
-    }
+    remote(
+        &target.name,
+        "preparing the copy",
+        tconn.command(&crate::tombstone::canonical_output_sql()),
+    )?;
     let dest = Table {
         schema: "bdr".into(),
         name: "copied_row".into(),
@@ -623,12 +614,14 @@ fn wait_until_applied_by_target(
     }
 }
 
-fn join_impl(
+/// What a join checks before it contacts anyone, in the session (also for
+/// a background join): returns `synchronize_structure` normalized and the
+/// local node, which must be in no group.
+fn check_join_args(
     join_target_dsn: &str,
-    node_group_name: Option<&str>,
     pause_in_standby: bool,
     synchronize_structure: &str,
-) -> BdrResult<()> {
+) -> BdrResult<(String, catalog::LocalNode)> {
     prereq::check()?;
     if pause_in_standby {
         return Err(BdrError::NotSupported(
@@ -653,6 +646,16 @@ fn join_impl(
             group: g,
         });
     }
+    Ok((sync, local))
+}
+
+fn join_impl(
+    join_target_dsn: &str,
+    node_group_name: Option<&str>,
+    pause_in_standby: bool,
+    synchronize_structure: &str,
+) -> BdrResult<()> {
+    let (sync, local) = check_join_args(join_target_dsn, pause_in_standby, synchronize_structure)?;
     // One join at a time in this database (a session's and the manager's
     // background one). A plain SELECT: this transaction must not take a
     // transaction id before it creates its slots.
@@ -1080,30 +1083,7 @@ fn request_join(
     pause_in_standby: bool,
     synchronize_structure: &str,
 ) -> BdrResult<()> {
-    prereq::check()?;
-    if pause_in_standby {
-        return Err(BdrError::NotSupported(
-            "joining as a standby (pause_in_standby)".into(),
-        ));
-    }
-    let sync = synchronize_structure.to_ascii_lowercase();
-    if sync != "all" && sync != "none" {
-        return Err(BdrError::InvalidValue {
-            what: "synchronize_structure",
-            msg: format!("\"{synchronize_structure}\" is not one of 'all', 'none'"),
-        });
-    }
-    bdr_core::dsn::Dsn::parse(join_target_dsn).map_err(|err| BdrError::BadDsn {
-        dsn: join_target_dsn.to_string(),
-        err,
-    })?;
-    let local = catalog::local_node()?.ok_or(BdrError::NoLocalNode)?;
-    if let Some(g) = catalog::group_name(local.node_group_id)? {
-        return Err(BdrError::AlreadyInGroup {
-            node: local.node_name,
-            group: g,
-        });
-    }
+    let (sync, local) = check_join_args(join_target_dsn, pause_in_standby, synchronize_structure)?;
     let pending: Option<bool> = Spi::connect(|c| {
         c.select(
             "SELECT EXISTS (SELECT 1 FROM bdr.join_request WHERE last_error IS NULL)",
@@ -1154,7 +1134,7 @@ struct JoinRequest {
 }
 
 fn pending_request() -> BdrResult<Option<JoinRequest>> {
-    Ok(Spi::connect(|c| -> BdrResult<Option<JoinRequest>> {
+    Spi::connect(|c| -> BdrResult<Option<JoinRequest>> {
         let t = c.select(
             "SELECT r.join_target_dsn, r.node_group_name::text, r.synchronize_structure
                FROM bdr.join_request r JOIN bdr.local_node l USING (node_id)
@@ -1162,15 +1142,15 @@ fn pending_request() -> BdrResult<Option<JoinRequest>> {
             None,
             &[],
         )?;
-        for row in t {
-            return Ok(Some(JoinRequest {
-                dsn: row.get::<String>(1)?.unwrap_or_default(),
-                group: row.get::<String>(2)?,
-                sync: row.get::<String>(3)?.unwrap_or_default(),
-            }));
-        }
-        Ok(None)
-    })?)
+        let Some(row) = t.into_iter().next() else {
+            return Ok(None);
+        };
+        Ok(Some(JoinRequest {
+            dsn: row.get::<String>(1)?.unwrap_or_default(),
+            group: row.get::<String>(2)?,
+            sync: row.get::<String>(3)?.unwrap_or_default(),
+        }))
+    })
 }
 
 /// Run by the manager of a database whose local node is in no group: does
@@ -1205,15 +1185,7 @@ pub fn run_requested_join() {
             .and_then(|()| Spi::run("DELETE FROM bdr.join_request").map_err(BdrError::from))
             .map_err(|e| e.to_string())
     })
-    .catch_others(|e| {
-        Err(match e {
-            pgrx::pg_sys::panic::CaughtError::PostgresError(r)
-            | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
-            | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                r.message().to_string()
-            }
-        })
-    })
+    .catch_others(|e| Err(crate::error::caught_report(&e).message().to_string()))
     .execute();
     match outcome {
         Ok(()) => {

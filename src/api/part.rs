@@ -340,16 +340,12 @@ fn catch_up_from_most_advanced(
         if i == ai {
             continue;
         }
+        let what = "catching up the parted node's changes";
+        let command = |sql: &str| remote(m, what, c.command(sql));
         // walrcv_exec wants the exact column count of what returns rows.
-        let run = |sql: &str| {
-            let r = if sql.starts_with("SELECT") {
-                c.query(sql, 1).map(|_| ())
-            } else {
-                c.command(sql)
-            };
-            remote(m, "catching up the parted node's changes", r)
-        };
-        run("SELECT pg_catalog.pg_replication_origin_session_setup('bdr_local')")?;
+        let select = |sql: &str| remote(m, what, c.query(sql, 1).map(|_| ()));
+        let begin = format!("BEGIN; {}", crate::tombstone::canonical_output_sql());
+        select("SELECT pg_catalog.pg_replication_origin_session_setup('bdr_local')")?;
         let mut result = Ok(());
         for (t, v, ts, deleted) in &changes {
             let apply = if *deleted {
@@ -368,30 +364,20 @@ fn catch_up_from_most_advanced(
                 )
             };
             result = (|| {
-                run("BEGIN")?;
-                for (name, value) in [
-                    ("TimeZone", "UTC"),
-                    ("DateStyle", "ISO, YMD"),
-                    ("IntervalStyle", "postgres"),
-                    ("extra_float_digits", "3"),
-                    ("bytea_output", "hex"),
-                    ("lc_monetary", "C"),
-                ] {
-                    run(&format!("SET LOCAL {name} = {}", literal(value)))?;
-                }
-                run(&format!(
+                command(&begin)?;
+                select(&format!(
                     "SELECT pg_catalog.pg_replication_origin_xact_setup('0/0', {}::timestamptz)",
                     literal(ts)
                 ))?;
-                run(&apply)?;
-                run("COMMIT")
+                select(&apply)?;
+                command("COMMIT")
             })();
             if result.is_err() {
-                let _ = run("ROLLBACK");
+                let _ = command("ROLLBACK");
                 break;
             }
         }
-        let _ = run("SELECT pg_catalog.pg_replication_origin_session_reset()");
+        let _ = select("SELECT pg_catalog.pg_replication_origin_session_reset()");
         result?;
         notice!(
             "node \"{}\" caught up {} change(s) of node \"{}\" from node \"{}\"",

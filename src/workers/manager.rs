@@ -40,47 +40,40 @@ fn purge_tombstones(dboid: u32, subs: &[SubRow]) {
     if !caught_up {
         return;
     }
-    let r = BackgroundWorker::transaction(|| {
-        let old = Spi::connect(|c| {
-            c.select(
-                &format!(
-                    "SELECT EXISTS (SELECT 1 FROM bdr.tombstone
-                      WHERE COALESCE(pg_catalog.pg_xact_commit_timestamp(xmin), '-infinity') < now() - interval '{TOMBSTONE_RETENTION}')"
-                ),
-                None,
-                &[],
-            )?
-            .first()
-            .get_one::<bool>()
-        })?;
-        // Only write (and use a transaction id) when there is something to purge.
-        if old == Some(true) {
-            Spi::run(&format!(
-                "DELETE FROM bdr.tombstone
-                  WHERE COALESCE(pg_catalog.pg_xact_commit_timestamp(xmin), '-infinity') < now() - interval '{TOMBSTONE_RETENTION}'"
-            ))?;
-        }
+    let old = format!("now() - interval '{TOMBSTONE_RETENTION}'");
+    purge(&[
+        (
+            "bdr.tombstone",
+            &format!("COALESCE(pg_catalog.pg_xact_commit_timestamp(xmin), '-infinity') < {old}"),
+        ),
         // What a join copied is settled by the same time.
-        let copied = Spi::connect(|c| {
-            c.select(
-                &format!(
-                    "SELECT EXISTS (SELECT 1 FROM bdr.copied_row WHERE copied_at < now() - interval '{TOMBSTONE_RETENTION}')"
-                ),
-                None,
-                &[],
-            )?
-            .first()
-            .get_one::<bool>()
-        })?;
-        if copied == Some(true) {
-            Spi::run(&format!(
-                "DELETE FROM bdr.copied_row WHERE copied_at < now() - interval '{TOMBSTONE_RETENTION}'"
-            ))?;
+        ("bdr.copied_row", &format!("copied_at < {old}")),
+    ]);
+}
+
+/// Deletes the rows of each (table, condition) that match it. Looks first,
+/// so that a polling manager writes (and uses a transaction id) only when
+/// there is something to delete.
+fn purge(what: &[(&str, &str)]) {
+    let r = BackgroundWorker::transaction(|| {
+        for (table, condition) in what {
+            let any = Spi::connect(|c| {
+                c.select(
+                    &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE {condition})"),
+                    None,
+                    &[],
+                )?
+                .first()
+                .get_one::<bool>()
+            })?;
+            if any == Some(true) {
+                Spi::run(&format!("DELETE FROM {table} WHERE {condition}"))?;
+            }
         }
         Ok::<(), pgrx::spi::Error>(())
     });
     if let Err(e) = r {
-        tracing::warn!("could not purge old tombstones: {e}");
+        tracing::warn!("could not purge old bdr catalog rows: {e}");
     }
 }
 
@@ -106,36 +99,20 @@ fn drop_parted_artifacts(slots: &[String], origins: &[String]) {
 /// Forgets conflicts older than 30 days (BDR 4 keeps a month of history)
 /// and dropped tables older than a day (skip_if_recently_dropped).
 fn purge_history() {
-    let r = BackgroundWorker::transaction(|| {
-        let old = Spi::connect(|c| {
-            c.select(
-                "SELECT EXISTS (SELECT 1 FROM bdr.conflict_history
-                                 WHERE local_time < now() - interval '30 days')
-                     OR EXISTS (SELECT 1 FROM bdr.dropped_relation
-                                 WHERE dropped_at < now() - interval '1 day')",
-                None,
-                &[],
-            )?
-            .first()
-            .get_one::<bool>()
-        })?;
-        if old == Some(true) {
-            Spi::run(
-                "DELETE FROM bdr.conflict_history WHERE local_time < now() - interval '30 days'",
-            )?;
-            Spi::run(
-                "DELETE FROM bdr.dropped_relation WHERE dropped_at < now() - interval '1 day'",
-            )?;
-        }
-        Ok::<(), pgrx::spi::Error>(())
-    });
-    if let Err(e) = r {
-        tracing::warn!("could not purge old conflict history: {e}");
-    }
+    purge(&[
+        (
+            "bdr.conflict_history",
+            "local_time < now() - interval '30 days'",
+        ),
+        (
+            "bdr.dropped_relation",
+            "dropped_at < now() - interval '1 day'",
+        ),
+    ]);
 }
 
 enum Seen {
-    Node(LocalNode, Vec<SubRow>, (Vec<String>, Vec<String>)),
+    Node(LocalNode, Vec<SubRow>, catalog::PartedLeftovers),
     NoNode,
 }
 
@@ -148,9 +125,8 @@ fn read_catalogs() -> Result<Seen, String> {
             let Some(local) = catalog::local_node()? else {
                 return Ok(Seen::NoNode);
             };
-            catalog::sync_subscriptions(&local)?;
+            let parted = catalog::sync_subscriptions(&local)?;
             let subs = catalog::local_subscriptions()?;
-            let parted = catalog::parted_artifacts(&local)?;
             Ok(Seen::Node(local, subs, parted))
         };
         inner().map_err(|e| e.to_string())
@@ -177,7 +153,7 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
     let mut last_purge = crate::shmem::now();
     loop {
         match read_catalogs() {
-            Ok(Seen::Node(local, subs, (slots, origins))) => {
+            Ok(Seen::Node(local, subs, parted)) => {
                 if !announced {
                     tracing::info!("manager started for local node \"{}\"", local.node_name);
                     announced = true;
@@ -186,8 +162,8 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                     crate::api::join::run_requested_join();
                 }
                 tend_receivers(dboid, &subs, &mut receivers, &mut jitter);
-                if !slots.is_empty() || !origins.is_empty() {
-                    drop_parted_artifacts(&slots, &origins);
+                if !parted.slots.is_empty() || !parted.origins.is_empty() {
+                    drop_parted_artifacts(&parted.slots, &parted.origins);
                 }
                 if crate::shmem::now() - last_purge > PURGE_EVERY_US {
                     last_purge = crate::shmem::now();

@@ -206,13 +206,7 @@ pub fn recording_errors(idx: usize, generation: u64, what: &str, body: impl FnOn
         (body.0)()
     })
     .catch_others(|e| {
-        let msg = match &e {
-            pgrx::pg_sys::panic::CaughtError::PostgresError(r)
-            | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
-            | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                r.message().to_string()
-            }
-        };
+        let msg = crate::error::caught_report(&e).message().to_string();
         crate::shmem::record_error(idx, generation, &format!("{what}: {msg}"));
         e.rethrow()
     })

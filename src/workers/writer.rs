@@ -28,10 +28,8 @@ pub extern "C-unwind" fn bdr_writer_main(arg: pg_sys::Datum) {
         pgrx::PgTryBuilder::new(|| run(idx, generation, dboid, subid, &extra))
             .catch_others(|e| {
                 // Any error ends this writer; count it for bdr.stat_subscription.
-                let deadlock = matches!(&e,
-                    pgrx::pg_sys::panic::CaughtError::PostgresError(r)
-                    | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
-                        if r.sql_error_code() == PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED);
+                let deadlock = crate::error::caught_report(&e).sql_error_code()
+                    == PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED;
                 let lsn =
                     crate::apply::CURRENT_REMOTE_LSN.load(std::sync::atomic::Ordering::Relaxed);
                 stats::note_error(dboid, subid, lsn, deadlock);

@@ -509,3 +509,44 @@ pub fn wait_for_replication_on(cluster: &Cluster, db: &str, nodes: &[usize]) {
         .unwrap_or_else(|e| panic!("replication from {} did not catch up: {e:?}", n.name));
     }
 }
+
+/// Disables, on the node of `c`, its subscription from node `origin`, and
+/// waits until that subscription's receiver and writer have stopped.
+pub fn stop_receiving_from(c: &mut Client, origin: &str) {
+    c.execute(
+        "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = $1",
+        &[&origin],
+    )
+    .unwrap();
+    wait_for(
+        &format!("the subscription from {origin} to stop"),
+        Duration::from_secs(60),
+        || {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
+                       JOIN bdr.subscription s ON s.sub_name = w.sub_name
+                       JOIN bdr.node o ON o.node_id = s.origin_node_id
+                      WHERE o.node_name = $1",
+                    &[&origin],
+                )
+                .unwrap()
+                .get(0);
+            (n == 0).then_some(())
+        },
+    );
+}
+
+/// Commits `sql` on the node of `c` as a local change with commit timestamp
+/// `ts`, through bdr's `bdr_local` replication origin.
+pub fn commit_as_of(c: &mut Client, ts: &str, sql: &str) {
+    c.batch_execute(&format!(
+        "SELECT pg_replication_origin_session_setup('bdr_local');
+         BEGIN;
+         SELECT pg_replication_origin_xact_setup('0/0', '{ts}');
+         {sql};
+         COMMIT;
+         SELECT pg_replication_origin_session_reset();"
+    ))
+    .unwrap();
+}

@@ -153,15 +153,11 @@ fn two_nodes_resolve_every_row_conflict_the_same_way_and_log_it() {
     // origin lets a session choose it); the higher node id must win.
     let ts = one(&mut n1, "now() + interval '1 hour'");
     for (n, who) in [(&mut n1, "node1"), (&mut n2, "node2")] {
-        n.batch_execute(&format!(
-            "SELECT pg_replication_origin_session_setup('bdr_local');
-             BEGIN;
-             SELECT pg_replication_origin_xact_setup('0/0', '{ts}');
-             UPDATE uu SET v = 'tie {who}' WHERE id = 2;
-             COMMIT;
-             SELECT pg_replication_origin_session_reset();"
-        ))
-        .unwrap();
+        commit_as_of(
+            n,
+            &ts,
+            &format!("UPDATE uu SET v = 'tie {who}' WHERE id = 2"),
+        );
     }
     resume(&c);
     assert_converged(&c, DB, TABLES);
@@ -413,24 +409,7 @@ fn three_nodes_converge_on_the_same_insert_and_on_an_update_that_overtook_its_in
     // node2 does not hear from node1 for a while: node1's insert reaches it
     // only after node3's update of that row (update_missing, inserted), and
     // then loses against it (insert_exists, skipped).
-    n2.batch_execute(
-        "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node1'",
-    )
-    .unwrap();
-    wait_for(
-        "node2 to stop receiving from node1",
-        Duration::from_secs(60),
-        || {
-            (one(
-            &mut n2,
-            "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
-              JOIN bdr.subscription s ON s.sub_name = w.sub_name
-              JOIN bdr.node o ON o.node_id = s.origin_node_id
-             WHERE o.node_name = 'node1'",
-        ) == "0")
-            .then_some(())
-        },
-    );
+    stop_receiving_from(&mut n2, "node1");
     n1.batch_execute("INSERT INTO uu VALUES (7, 'inserted on node1')")
         .unwrap();
     wait_for(
@@ -712,15 +691,7 @@ fn maximum_clock_skew_wait_holds_a_future_commit_until_the_local_clock_reaches_i
 
     // node1 commits "3 seconds in the future" (bdr_local origin).
     let ts = one(&mut n1, "clock_timestamp() + interval '3 seconds'");
-    n1.batch_execute(&format!(
-        "SELECT pg_replication_origin_session_setup('bdr_local');
-         BEGIN;
-         SELECT pg_replication_origin_xact_setup('0/0', '{ts}');
-         INSERT INTO dd VALUES (1, 'from the future');
-         COMMIT;
-         SELECT pg_replication_origin_session_reset();"
-    ))
-    .unwrap();
+    commit_as_of(&mut n1, &ts, "INSERT INTO dd VALUES (1, 'from the future')");
     wait_for(
         "node2 to apply the future commit",
         Duration::from_secs(60),
@@ -746,15 +717,7 @@ fn maximum_clock_skew_wait_holds_a_future_commit_until_the_local_clock_reaches_i
         .unwrap();
     wait_for_replication(&c, DB);
     let ts = one(&mut n1, "clock_timestamp() + interval '1 hour'");
-    n1.batch_execute(&format!(
-        "SELECT pg_replication_origin_session_setup('bdr_local');
-         BEGIN;
-         SELECT pg_replication_origin_xact_setup('0/0', '{ts}');
-         INSERT INTO dd VALUES (2, 'far future');
-         COMMIT;
-         SELECT pg_replication_origin_session_reset();"
-    ))
-    .unwrap();
+    commit_as_of(&mut n1, &ts, "INSERT INTO dd VALUES (2, 'far future')");
     wait_for_replication(&c, DB);
     assert!(c.node(1).log().contains("clock skew: node"));
     assert_converged(&c, DB, TABLES);
@@ -855,16 +818,23 @@ fn randomized_hot_set_converges_to_the_latest_write_of_every_row() {
     let mut killer = c.node(1).connect(DB);
     let mut kills = 0;
     let applied = |k: &mut Client| -> i64 {
-        one(k, "SELECT COALESCE(sum(ncommit), 0) FROM bdr.stat_subscription")
-            .parse()
-            .unwrap()
+        one(
+            k,
+            "SELECT COALESCE(sum(ncommit), 0) FROM bdr.stat_subscription",
+        )
+        .parse()
+        .unwrap()
     };
     let mut last = applied(&mut killer);
     while std::time::Instant::now() < stop_at {
-        wait_for("node2's writers to apply more", Duration::from_secs(60), || {
-            let now = applied(&mut killer);
-            (now >= last + 50 || std::time::Instant::now() >= stop_at).then_some(())
-        });
+        wait_for(
+            "node2's writers to apply more",
+            Duration::from_secs(60),
+            || {
+                let now = applied(&mut killer);
+                (now >= last + 50 || std::time::Instant::now() >= stop_at).then_some(())
+            },
+        );
         last = applied(&mut killer);
         let killed: i64 = killer
             .query_one(

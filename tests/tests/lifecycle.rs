@@ -114,18 +114,7 @@ fn nodes_join_one_after_another_while_every_member_writes() {
         // data; the join has to wait for node1 to catch up first.
         let resume = (joiner == 2).then(|| {
             let mut n1 = c.node(0).connect(DB);
-            n1.batch_execute(
-                "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node2'",
-            )
-            .unwrap();
-            wait_for("node1 to stop receiving from node2", Duration::from_secs(60), || {
-                (one(
-                    &mut n1,
-                    "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
-                      WHERE w.task_key_worker_role_name IN ('receiver', 'writer')",
-                ) == "0")
-                    .then_some(())
-            });
+            stop_receiving_from(&mut n1, "node2");
             let lag_from = one(&mut c.node(1).connect(DB), "SELECT count(*) FROM acc");
             let n2_dsn = c.node(1).dsn(DB);
             let n1_dsn = c.node(0).dsn(DB);
@@ -238,22 +227,7 @@ fn part_a_live_node_and_a_stopped_node_then_rejoin_under_the_same_name() {
     let mut n3 = c.node(2).connect(DB);
 
     // node3's last change reaches node1 only: node2 is not listening.
-    n2.batch_execute(
-        "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node3'",
-    )
-    .unwrap();
-    wait_for(
-        "node2 to stop receiving from node3",
-        Duration::from_secs(60),
-        || {
-            (count(
-            &mut n2,
-            "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
-              WHERE w.sub_name LIKE '%node3_node2'",
-        ) == 0)
-            .then_some(())
-        },
-    );
+    stop_receiving_from(&mut n2, "node3");
     n3.batch_execute("INSERT INTO acc VALUES (300, 'node3, last words', 1)")
         .unwrap();
     wait_for(
@@ -324,22 +298,7 @@ fn part_a_live_node_and_a_stopped_node_then_rejoin_under_the_same_name() {
     n1.batch_execute("INSERT INTO acc VALUES (700, 'to be deleted by node4', 1)")
         .unwrap();
     wait_for_replication_on(&c, DB, &[0, 1, 3]);
-    n2.batch_execute(
-        "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node4'",
-    )
-    .unwrap();
-    wait_for(
-        "node2 to stop receiving from node4",
-        Duration::from_secs(60),
-        || {
-            (count(
-            &mut n2,
-            "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
-              WHERE w.sub_name LIKE '%node4_node2'",
-        ) == 0)
-            .then_some(())
-        },
-    );
+    stop_receiving_from(&mut n2, "node4");
     c.node(3)
         .connect(DB)
         .batch_execute(
@@ -751,22 +710,7 @@ fn a_background_join_returns_at_once_and_shows_its_progress() {
     assert_eq!(code, "22023");
     // Reconnect the receivers from node3, which then use the new DSN.
     for n in [&mut n1, &mut n2] {
-        n.batch_execute(
-            "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node3'",
-        )
-        .unwrap();
-        wait_for(
-            "the receiver from node3 to stop",
-            Duration::from_secs(60),
-            || {
-                (count(
-                n,
-                "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
-                  WHERE w.sub_name LIKE '%node3\\_node_' AND w.task_key_worker_role_name = 'receiver'",
-            ) == 0)
-                .then_some(())
-            },
-        );
+        stop_receiving_from(n, "node3");
         n.batch_execute(
             "SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary",
         )

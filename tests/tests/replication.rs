@@ -207,20 +207,7 @@ fn every_kind_of_change_replicates_to_every_node() {
     n1.batch_execute("INSERT INTO kv VALUES (7001, 'to move')")
         .unwrap();
     wait_for_replication(&c, DB);
-    n2.batch_execute("SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node1'")
-        .unwrap();
-    wait_for(
-        "node2's receiver from node1 to stop",
-        Duration::from_secs(60),
-        || {
-            (one(
-            &mut n2,
-            "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
-              WHERE w.task_key_worker_role_name = 'receiver' AND w.sub_name LIKE '%node1_node2'",
-        ) == "0")
-            .then_some(())
-        },
-    );
+    stop_receiving_from(&mut n2, "node1");
     n1.batch_execute("UPDATE kv SET id = 7002, v = 'moved on node1' WHERE id = 7001")
         .unwrap();
     n2.batch_execute("INSERT INTO kv VALUES (7002, 'newer on node2')")
