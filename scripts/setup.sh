@@ -9,7 +9,7 @@ PGRX_VERSION=0.18.1
 log() { printf '==> %s\n' "$*"; }
 
 missing=()
-for pkg in postgresql-15 postgresql-server-dev-15 libclang-dev sudo; do
+for pkg in postgresql-15 postgresql-server-dev-15 libclang-dev sudo faketime; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

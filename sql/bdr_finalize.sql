@@ -420,6 +420,12 @@ END $$;
 SELECT pg_catalog.pg_replication_origin_create('bdr_local')
  WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = 'bdr_local');
 
+-- The pool of origins local transactions borrow to commit with a timestamp
+-- later than a peer's future-dated change (src/hlc.rs; bdr_core::hlc::POOL_SIZE).
+SELECT pg_catalog.pg_replication_origin_create(n)
+  FROM (SELECT 'bdr_local_' || i AS n FROM pg_catalog.generate_series(1, 4) i) p
+ WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = p.n);
+
 -- Drops replication slots and origins of parted nodes (named by the
 -- manager), skipping those still in use; returns how many it dropped.
 CREATE FUNCTION bdr._drop_parted_artifacts(slots text[], origins text[]) RETURNS integer

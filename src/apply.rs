@@ -8,6 +8,7 @@
 //! `bdr_core::conflict::remote_wins` (last update wins, ties to the higher
 //! node id), so every node keeps the same row.
 
+use crate::error::in_subtransaction;
 use crate::stats::{self, TxnCounts};
 use bdr_core::conflict::{
     self, clock_skew_excess, remote_wins, ConflictConfig, ConflictType, Facts, Outcome, Resolver,
@@ -405,34 +406,6 @@ fn unique_indexes(
     (key, key_index, uniques)
 }
 
-/// Runs `f` in a subtransaction: on an ERROR it is rolled back and the
-/// error's message returned, and the enclosing transaction goes on.
-fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    // SAFETY: the pattern of PL/pgSQL's exception blocks: memory context and
-    // resource owner are restored on both paths; pgrx has copied and flushed
-    // the error before the catch closure runs.
-    unsafe {
-        let old_cxt = pg_sys::CurrentMemoryContext;
-        let old_owner = pg_sys::CurrentResourceOwner;
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(old_cxt);
-        let f = std::panic::AssertUnwindSafe(f);
-        let r = pgrx::PgTryBuilder::new(move || {
-            let f = f;
-            Ok((f.0)())
-        })
-        .catch_others(|e| Err(crate::error::caught_report(&e).message().to_string()))
-        .execute();
-        match r {
-            Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),
-            Err(_) => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
-        }
-        pg_sys::MemoryContextSwitchTo(old_cxt);
-        pg_sys::CurrentResourceOwner = old_owner;
-        r
-    }
-}
-
 /// The remote columns of `vals` this node has and that carry a value.
 fn present(r: &RelMap, vals: &[Value]) -> Vec<usize> {
     (0..r.remote.columns.len())
@@ -535,6 +508,9 @@ impl Applier {
                 } else {
                     crate::workers::reload_config_if_asked();
                     self.check_clock_skew();
+                    // Before any decision about this transaction's rows, so
+                    // that a local commit racing with it is stamped later.
+                    crate::hlc::publish(commit_time);
                     self.begin();
                 }
                 None
@@ -934,9 +910,10 @@ impl Applier {
             return *n;
         }
         let q = CString::new(format!(
-            "SELECT CASE WHEN o.roname = 'bdr_local' THEN {} ELSE s.origin_node_id END
+            "SELECT CASE WHEN {} THEN {} ELSE s.origin_node_id END
                FROM pg_catalog.pg_replication_origin o
                LEFT JOIN bdr.subscription s ON s.origin_name = o.roname WHERE o.roident = {roident}",
+            bdr_core::hlc::local_origin_sql("o.roname"),
             self.local_node_id
         ))
         .unwrap_or_default();
@@ -1044,9 +1021,14 @@ impl Applier {
                             continue;
                         }
                     }
-                    if (check_tombstone && self.deleted_later(relid, &key, new))
-                        || self.exec_insert(relid, cols, new)
-                    {
+                    // The tombstone is looked up after the insert, not
+                    // before: the insert may have waited for a local
+                    // transaction that inserted and deleted this key, whose
+                    // tombstone only a snapshot taken after it can see.
+                    if let Some(ctid) = self.exec_insert(relid, cols, new) {
+                        if check_tombstone && self.deleted_later(relid, &key, new) {
+                            self.exec_delete(relid, ctid);
+                        }
                         return;
                     }
                 }
@@ -2193,7 +2175,7 @@ impl Applier {
                     .collect();
                 let params: Vec<String> = (1..=cols.len()).map(|n| format!("${n}")).collect();
                 format!(
-                    "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
+                    "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING RETURNING ctid",
                     r.qualified,
                     names.join(", "),
                     params.join(", ")
@@ -2482,17 +2464,33 @@ impl Applier {
         Some(present(self.rel(relid), vals))
     }
 
-    /// Inserts the row; false if a unique constraint already holds its key.
-    fn exec_insert(&mut self, relid: u32, cols: &[usize], new: &[Value]) -> bool {
+    /// Inserts the row and returns where it went; `None` if a unique
+    /// constraint already holds its key.
+    fn exec_insert(
+        &mut self,
+        relid: u32,
+        cols: &[usize],
+        new: &[Value],
+    ) -> Option<pg_sys::ItemPointerData> {
         let plan = self.plan(relid, PlanKey::Insert(cols.to_vec()));
         let (mut datums, nulls) = self.datums(relid, cols, new);
-        // SAFETY: a kept plan with matching parameters.
+        // SAFETY: a kept plan with matching parameters; the one result row
+        // (RETURNING ctid) is read before it is freed.
         unsafe {
             spi_check(
                 pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 0),
                 "inserting a row",
             );
-            pg_sys::SPI_processed == 1
+            let tt = pg_sys::SPI_tuptable;
+            let ctid = (pg_sys::SPI_processed == 1 && !tt.is_null()).then(|| {
+                let mut isnull = false;
+                let d = pg_sys::SPI_getbinval(*(*tt).vals, (*tt).tupdesc, 1, &mut isnull);
+                *(d.cast_mut_ptr::<pg_sys::ItemPointerData>())
+            });
+            if !tt.is_null() {
+                pg_sys::SPI_freetuptable(tt);
+            }
+            ctid
         }
     }
 

@@ -10,6 +10,7 @@ pub mod apply;
 pub mod catalog;
 pub mod error;
 pub mod guc;
+pub mod hlc;
 pub mod hooks;
 pub mod log;
 pub mod output_plugin;
@@ -48,6 +49,7 @@ pub extern "C-unwind" fn _PG_init() {
     guc::init();
     log::init();
     shmem::init();
+    hlc::init();
     stats::init();
     hooks::init();
     workers::init();

@@ -20,8 +20,10 @@ struct State {
     /// Whether a relation's changes are sent at all, decided once per relation.
     wanted: HashMap<u32, bool>,
     begin_sent: bool,
-    /// The replication origin `bdr_local` (see `LOCAL_ORIGIN`), if it exists.
-    local_origin: pg_sys::RepOriginId,
+    /// The replication origins under which this node commits its own
+    /// transactions (`bdr_local` and the `bdr_local_<n>` pool, see
+    /// `bdr_core::hlc`).
+    local_origins: Vec<pg_sys::RepOriginId>,
     /// Per-change allocations (type output results); reset after each change.
     change_cxt: pg_sys::MemoryContext,
 }
@@ -122,18 +124,24 @@ unsafe extern "C-unwind" fn startup(
     // A walsender starts decoding outside a transaction; the origin's id
     // is read from the catalog once, here. Not when the slot is being made:
     // a catalog snapshot then would keep it from exporting its own.
-    let local_origin = if is_init {
-        pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
+    let local_origins = if is_init {
+        Vec::new()
     } else {
         let own_txn = !pg_sys::IsTransactionState();
         if own_txn {
             pg_sys::StartTransactionCommand();
         }
-        let id = pg_sys::replorigin_by_name(LOCAL_ORIGIN.as_ptr(), true);
+        let names = std::iter::once(LOCAL_ORIGIN.to_string_lossy().into_owned())
+            .chain((1..=bdr_core::hlc::POOL_SIZE).map(bdr_core::hlc::pool_origin_name));
+        let ids = names
+            .filter_map(|n| std::ffi::CString::new(n).ok())
+            .map(|n| pg_sys::replorigin_by_name(n.as_ptr(), true))
+            .filter(|id| *id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId)
+            .collect();
         if own_txn {
             pg_sys::CommitTransactionCommand();
         }
-        id
+        ids
     };
     // Freed with the decoding context, also when decoding ends in an ERROR.
     let st = PgMemoryContexts::For((*ctx).context).leak_and_drop_on_delete(State {
@@ -141,7 +149,7 @@ unsafe extern "C-unwind" fn startup(
         sent_relations: HashSet::new(),
         wanted: HashMap::new(),
         begin_sent: false,
-        local_origin,
+        local_origins,
         change_cxt,
     });
     (*ctx).output_plugin_private = st as *mut std::ffi::c_void;
@@ -170,7 +178,7 @@ unsafe extern "C-unwind" fn filter_by_origin(
     }
     let st = state(ctx);
     // Local transactions that chose their commit timestamp.
-    if origin_id == st.local_origin {
+    if st.local_origins.contains(&origin_id) {
         return false;
     }
     // Forwarding of other nodes' changes is only for join/part catch-up.

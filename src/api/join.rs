@@ -461,11 +461,12 @@ fn copy_row_writers(tconn: &mut Conn, target: &Member, tables: &[Table]) -> BdrR
         format!(
             "((EXTRACT(epoch FROM {ts}) - 946684800) * 1000000)::int8,
              CASE WHEN {origin} = 0 THEN {0}::oid
-                  ELSE (SELECT CASE WHEN o.roname = 'bdr_local' THEN {0}::oid ELSE s.origin_node_id END
+                  ELSE (SELECT CASE WHEN {1} THEN {0}::oid ELSE s.origin_node_id END
                           FROM pg_catalog.pg_replication_origin o
                           LEFT JOIN bdr.subscription s ON s.origin_name = o.roname
                          WHERE o.roident = {origin}) END",
-            target.id
+            target.id,
+            bdr_core::hlc::local_origin_sql("o.roname")
         )
     };
     for t in tables {

@@ -30,6 +30,15 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// root), with RUST_BACKTRACE=1 as a developer would have it: users must still
 /// never see a Rust backtrace in an error (see the foundation tests).
 fn run_as_postgres(program: &str, args: &[&str]) -> std::process::Output {
+    run_as_postgres_with(program, args, &[])
+}
+
+/// As `run_as_postgres`, with more environment variables.
+fn run_as_postgres_with(
+    program: &str,
+    args: &[&str],
+    env: &[(String, String)],
+) -> std::process::Output {
     let path = format!("{PG_BIN}/{program}");
     // SAFETY: geteuid has no preconditions.
     let mut cmd = if unsafe { libc::geteuid() } == 0 {
@@ -40,6 +49,7 @@ fn run_as_postgres(program: &str, args: &[&str]) -> std::process::Output {
         Command::new(&path)
     };
     cmd.env("RUST_BACKTRACE", "1")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("running {program}: {e}"))
@@ -65,7 +75,12 @@ pub struct Instance {
     pub datadir: PathBuf,
     pub logfile: PathBuf,
     running: bool,
+    /// Environment of the server, e.g. a faked clock (`skew_clock`).
+    env: Vec<(String, String)>,
 }
+
+/// Where Debian's `faketime` package puts the library.
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 impl Instance {
     pub fn dsn(&self, db: &str) -> String {
@@ -88,7 +103,23 @@ impl Instance {
         let datadir = self.datadir.to_string_lossy();
         let mut all = vec!["-D", &datadir, "-w", "-t", "60"];
         all.extend_from_slice(args);
-        run_as_postgres("pg_ctl", &all)
+        run_as_postgres_with("pg_ctl", &all, &self.env)
+    }
+
+    /// Makes the server's wall clock run `seconds` ahead (negative: behind)
+    /// of the machine's from its next start, through libfaketime; monotonic
+    /// clocks (timeouts, latches) stay real.
+    pub fn skew_clock(&mut self, seconds: f64) {
+        assert!(
+            Path::new(LIBFAKETIME).exists(),
+            "{LIBFAKETIME} is missing: install Debian's faketime package (scripts/setup.sh does)"
+        );
+        self.env = vec![
+            ("LD_PRELOAD".into(), LIBFAKETIME.into()),
+            ("FAKETIME".into(), format!("{seconds:+}")),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+            ("FAKETIME_NO_CACHE".into(), "1".into()),
+        ];
     }
 
     pub fn start(&mut self) {
@@ -259,6 +290,7 @@ impl Cluster {
                 datadir,
                 logfile,
                 running: false,
+                env: Vec::new(),
             };
             inst.append_conf(&format!("{BASE_CONF}port = {port}\n{extra_conf}"));
             nodes.push(inst);

@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod conflict;
 pub mod dsn;
 pub mod dump;
+pub mod hlc;
 pub mod lsn;
 pub mod naming;
 pub mod node;

@@ -1,0 +1,216 @@
+//! Local commit timestamps that never fall behind what this node has seen
+//! (`bdr_core::hlc`): the rule that makes last-update-wins independent of
+//! clock skew.
+//!
+//! Every commit under a replication origin that carries a chosen timestamp
+//! (writers applying a peer's transaction, sessions under `bdr_local`)
+//! publishes it in shared memory before it becomes visible. A local
+//! transaction that wrote something checks at PRE_COMMIT whether the wall
+//! clock is past the newest published timestamp; if not, it borrows one of
+//! the `bdr_local_<n>` origins and commits with `newest + 1 µs`, so that its
+//! write is later than every version it can have replaced. When every pool
+//! origin is busy it waits until one is free or the clock has passed, so it
+//! is never wrong, only slower. With clocks in sync the check is one atomic
+//! read per writing transaction.
+
+use bdr_core::hlc::{local_commit_stamp, pool_origin_name, POOL_SIZE};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+
+/// Set in a pool entry while a backend holds that origin; the low 16 bits
+/// are the origin's id, 0 while the entry is not ready.
+const BUSY: u32 = 1 << 16;
+/// How long a commit waits between looks for a free pool origin.
+const POOL_RETRY_MS: i64 = 1;
+
+#[derive(Default)]
+pub struct Clock {
+    newest: AtomicI64,
+    pool: [AtomicU32; POOL_SIZE],
+}
+
+// SAFETY: only atomics, valid in shared memory at any address.
+unsafe impl PGRXSharedMemory for Clock {}
+
+static CLOCK: PgAtomic<Clock> = unsafe { PgAtomic::new(c"bdr_hlc") };
+
+thread_local! {
+    /// The pool entry this backend borrowed for its current commit, and
+/// whether its origin session is set up.
+    static BORROWED: std::cell::Cell<Option<(usize, bool)>> = const { std::cell::Cell::new(None) };
+}
+
+pub fn init() {
+    pg_shmem_init!(CLOCK);
+    // SAFETY: _PG_init in the postmaster; every backend inherits the callback.
+    unsafe { pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut()) };
+}
+
+/// Records that a commit with timestamp `ts` (µs since 2000) is about to
+/// become visible on this node.
+pub fn publish(ts: i64) {
+    CLOCK.get().newest.fetch_max(ts, Ordering::AcqRel);
+}
+
+/// The newest commit timestamp published on this node.
+pub fn newest() -> i64 {
+    CLOCK.get().newest.load(Ordering::Acquire)
+}
+
+/// Makes the pool origins usable: each gets its replication-origin state in
+/// shared memory here, in a worker where a failure (no free state: too low
+/// `max_replication_slots`) only costs a warning, never at a user's commit.
+/// Run by every manager at start, in a transaction; cheap when done already.
+pub fn prepare_pool() {
+    let clock = CLOCK.get();
+    for (i, entry) in clock.pool.iter().enumerate() {
+        if entry.load(Ordering::Acquire) != 0 {
+            continue;
+        }
+        let name = std::ffi::CString::new(pool_origin_name(i + 1)).unwrap_or_default();
+        // SAFETY: a catalog lookup inside the caller's transaction.
+        let id = unsafe { pg_sys::replorigin_by_name(name.as_ptr(), true) } as u32;
+        if id == 0 {
+            continue;
+        }
+        // Claimed busy while being set up, so that no commit borrows it.
+        if entry
+            .compare_exchange(0, id | BUSY, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            continue;
+        }
+        let ok = crate::error::in_subtransaction(|| {
+            // SAFETY: the origin exists and no backend holds it (the entry
+            // was 0); set up and released at once, which leaves its state.
+            unsafe {
+                pg_sys::replorigin_session_setup(id as pg_sys::RepOriginId);
+                pg_sys::replorigin_session_reset();
+            }
+        });
+        match ok {
+            Ok(()) => entry.store(id, Ordering::Release),
+            Err(e) => {
+                entry.store(0, Ordering::Release);
+                tracing::warn!(
+                    "replication origin {} cannot be used: {e}; local commits after a peer's future-dated change wait for the clock instead (raise max_replication_slots)",
+                    name.to_string_lossy()
+                );
+            }
+        }
+    }
+}
+
+fn borrow() -> Option<(usize, u32)> {
+    let clock = CLOCK.get();
+    clock.pool.iter().enumerate().find_map(|(i, e)| {
+        let v = e.load(Ordering::Acquire);
+        (v != 0
+            && v & BUSY == 0
+            && e.compare_exchange(v, v | BUSY, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok())
+        .then_some((i, v))
+    })
+}
+
+fn any_ready() -> bool {
+    CLOCK
+        .get()
+        .pool
+        .iter()
+        .any(|e| e.load(Ordering::Acquire) != 0)
+}
+
+/// Whether this database has bdr (read on the rare path only).
+fn bdr_database() -> bool {
+    // SAFETY: a syscache lookup inside the committing transaction.
+    unsafe { pg_sys::get_extension_oid(c"bdr".as_ptr(), true) != pg_sys::InvalidOid }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT => pre_commit(),
+        pg_sys::XactEvent::XACT_EVENT_COMMIT
+        | pg_sys::XactEvent::XACT_EVENT_ABORT
+        | pg_sys::XactEvent::XACT_EVENT_PREPARE => give_back(),
+        _ => {}
+    }
+}
+
+fn pre_commit() {
+    // SAFETY: reading the session's origin settings, as xact.c does.
+    let (origin, chosen) = unsafe {
+        (
+            pg_sys::replorigin_session_origin,
+            pg_sys::replorigin_session_origin_timestamp,
+        )
+    };
+    if origin != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+        if origin as u32 != pg_sys::DoNotReplicateId && chosen != 0 {
+            publish(chosen);
+        }
+        return;
+    }
+    // SAFETY: no preconditions; a transaction without an xid wrote nothing.
+    if unsafe { pg_sys::GetTopTransactionIdIfAny() } == pg_sys::InvalidTransactionId {
+        return;
+    }
+    if local_commit_stamp(crate::shmem::now(), newest()).is_none() || !bdr_database() {
+        return;
+    }
+    loop {
+        if let Some((i, id)) = borrow() {
+            // Read again now that the origin is ours: later publishes count.
+            let stamp = local_commit_stamp(crate::shmem::now(), newest());
+            let Some(stamp) = stamp else {
+                CLOCK.get().pool[i].fetch_and(!BUSY, Ordering::AcqRel);
+                return;
+            };
+            // SAFETY: the pool entry makes this backend the origin's only
+            // user; the origin is released at the end of the transaction
+            // (give_back), also when the commit fails.
+            unsafe {
+                BORROWED.set(Some((i, false)));
+                pg_sys::replorigin_session_setup(id as pg_sys::RepOriginId);
+                BORROWED.set(Some((i, true)));
+                pg_sys::replorigin_session_origin = id as pg_sys::RepOriginId;
+                pg_sys::replorigin_session_origin_lsn = 0;
+                pg_sys::replorigin_session_origin_timestamp = stamp;
+            }
+            publish(stamp);
+            return;
+        }
+        if local_commit_stamp(crate::shmem::now(), newest()).is_none() {
+            return;
+        }
+        let wait = if any_ready() {
+            POOL_RETRY_MS
+        } else {
+            // No pool origin at all: wait out the skew itself.
+            ((newest() - crate::shmem::now()) / 1000).clamp(1, 1000)
+        };
+        crate::workers::wait(None, wait);
+    }
+}
+
+fn give_back() {
+    let Some((i, set_up)) = BORROWED.take() else {
+        return;
+    };
+    if set_up {
+        // SAFETY: this backend set the origin up in pre_commit.
+        unsafe {
+            pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
+            pg_sys::replorigin_session_origin_lsn = 0;
+            pg_sys::replorigin_session_origin_timestamp = 0;
+            pg_sys::replorigin_session_reset();
+        }
+    }
+    CLOCK.get().pool[i].fetch_and(!BUSY, Ordering::AcqRel);
+}
