@@ -259,6 +259,10 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'bdr_tombstone') THEN
         EXECUTE format('CREATE TRIGGER bdr_tombstone AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION bdr._tombstone_trigger()', rel);
     END IF;
+    -- A key-changing UPDATE deletes the old key (bdr._key_change_trigger).
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'bdr_tombstone_key') THEN
+        EXECUTE format('CREATE TRIGGER bdr_tombstone_key BEFORE UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION bdr._key_change_trigger()', rel);
+    END IF;
 END $$;
 
 CREATE FUNCTION bdr._replicated_table(rel oid) RETURNS boolean
@@ -290,6 +294,7 @@ SELECT bdr._add_tombstone_trigger(c.oid::regclass)
 
 -- The trigger notes deletes made by any role, in bdr's own table.
 ALTER FUNCTION bdr._tombstone_trigger() SECURITY DEFINER SET search_path = pg_catalog;
+ALTER FUNCTION bdr._key_change_trigger() SECURITY DEFINER SET search_path = pg_catalog;
 
 -- Functions BDR 4 users call that this version does not provide yet. They
 -- fail loudly instead of pretending to work.

@@ -24,10 +24,22 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 const BUSY: u32 = 1 << 16;
 /// How long a commit waits between looks for a free pool origin.
 const POOL_RETRY_MS: i64 = 1;
+/// How many of the newest transactions' commit timestamps seed `newest`
+/// after a restart (shared memory starts empty): what was applied from a
+/// peer just before a crash may still lie in this node's future.
+const SEED_XIDS: u32 = 100_000;
+/// How long a commit waits for another backend that is seeding `newest`.
+const SEED_WAIT_MS: i64 = 1_000;
+
+/// `Clock::seeded` states.
+const UNSEEDED: u32 = 0;
+const SEEDING: u32 = 1;
+const SEEDED: u32 = 2;
 
 #[derive(Default)]
 pub struct Clock {
     newest: AtomicI64,
+    seeded: AtomicU32,
     pool: [AtomicU32; POOL_SIZE],
 }
 
@@ -57,6 +69,76 @@ pub fn publish(ts: i64) {
 /// The newest commit timestamp published on this node.
 pub fn newest() -> i64 {
     CLOCK.get().newest.load(Ordering::Acquire)
+}
+
+/// After a restart, before the first local commit is stamped: the newest
+/// commit timestamp among the last `SEED_XIDS` transactions, read from
+/// PostgreSQL's commit timestamp store (the first writing transaction pays
+/// for it, once; others wait for it, at most `SEED_WAIT_MS`).
+fn ensure_seeded() {
+    let clock = CLOCK.get();
+    let give_up = crate::shmem::now() + SEED_WAIT_MS * 1000;
+    loop {
+        match clock.seeded.load(Ordering::Acquire) {
+            SEEDED => return,
+            UNSEEDED
+                if clock
+                    .seeded
+                    .compare_exchange(UNSEEDED, SEEDING, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok() =>
+            {
+                publish(newest_recent_commit());
+                clock.seeded.store(SEEDED, Ordering::Release);
+                return;
+            }
+            _ if crate::shmem::now() > give_up => return,
+            _ => crate::workers::wait(None, POOL_RETRY_MS),
+        }
+    }
+}
+
+/// Publishes the real commit timestamps of the rows a join copied here
+/// (`bdr.copied_row`): the copies themselves carry the earliest timestamp,
+/// and a local write over one must be later than its real version.
+pub fn publish_copied() {
+    let newest = Spi::connect(|c| {
+        c.select("SELECT max(commit_us) FROM bdr.copied_row", Some(1), &[])?
+            .first()
+            .get_one::<i64>()
+    });
+    match newest {
+        Ok(Some(ts)) => publish(ts),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("could not read bdr.copied_row: {e}"),
+    }
+}
+
+/// The first normal transaction id (PostgreSQL's FirstNormalTransactionId).
+const FIRST_NORMAL_XID: u32 = 3;
+
+fn newest_recent_commit() -> i64 {
+    // SAFETY: reads a setting.
+    if !unsafe { pg_sys::track_commit_timestamp } {
+        return 0;
+    }
+    // SAFETY: reads the next xid and commit timestamps, which PostgreSQL
+    // answers (false) for xids it has no data for.
+    unsafe {
+        let next = pg_sys::ReadNextFullTransactionId().value as u32;
+        let mut newest = 0;
+        for back in 1..=SEED_XIDS {
+            let xid = next.wrapping_sub(back);
+            if xid < FIRST_NORMAL_XID {
+                break;
+            }
+            let mut ts = 0;
+            let mut origin = 0;
+            if pg_sys::TransactionIdGetCommitTsData(pg_sys::TransactionId::from(xid), &mut ts, &mut origin) {
+                newest = newest.max(ts);
+            }
+        }
+        newest
+    }
 }
 
 /// Makes the pool origins usable: each gets its replication-origin state in
@@ -161,6 +243,7 @@ fn pre_commit() {
     if unsafe { pg_sys::GetTopTransactionIdIfAny() } == pg_sys::InvalidTransactionId {
         return;
     }
+    ensure_seeded();
     if local_commit_stamp(crate::shmem::now(), newest()).is_none() || !bdr_database() {
         return;
     }

@@ -41,8 +41,8 @@ unsafe extern "C-unwind" fn utility_hook(
         // function but are not part of the extension; they go first.
         Spi::run(
             "DO $$ DECLARE r record; BEGIN
-               FOR r IN SELECT tgrelid::regclass AS rel FROM pg_catalog.pg_trigger WHERE tgname = 'bdr_tombstone' AND tgparentid = 0 LOOP
-                 EXECUTE format('DROP TRIGGER bdr_tombstone ON %s', r.rel);
+               FOR r IN SELECT tgrelid::regclass AS rel, tgname FROM pg_catalog.pg_trigger WHERE tgname IN ('bdr_tombstone', 'bdr_tombstone_key') AND tgparentid = 0 LOOP
+                 EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.rel);
                END LOOP; END $$",
         )
         .unwrap_or_else(|e| error!("could not remove bdr's triggers: {e}"));

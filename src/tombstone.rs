@@ -113,6 +113,82 @@ unsafe fn tuple_key(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) -> Option<S
     Some(key_text(&parts))
 }
 
+/// Notes, in `bdr.tombstone`, that the row of `rel` with key `tuple` is gone
+/// from this node.
+///
+/// # Safety
+/// `rel` must be open and `tuple` a tuple of it.
+unsafe fn note_gone(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) {
+    let Some(key) = with_canonical_output(|| tuple_key(rel, tuple)) else {
+        return;
+    };
+    let relid = (*rel).rd_id;
+    Spi::run_with_args(
+        "INSERT INTO bdr.tombstone (relid, key_hash) VALUES ($1, pg_catalog.md5($2))
+         ON CONFLICT (relid, key_hash) DO UPDATE SET relid = EXCLUDED.relid",
+        &[relid.into(), key.as_str().into()],
+    )
+    .unwrap_or_else(|e| error!("bdr could not record a deleted row: {e}"));
+}
+
+/// Whether two tuples of `rel` differ in a replica identity column (by
+/// their bytes: equal bytes print the same key).
+///
+/// # Safety
+/// `rel` must be open and both tuples tuples of it.
+unsafe fn key_differs(rel: pg_sys::Relation, a: pg_sys::HeapTuple, b: pg_sys::HeapTuple) -> bool {
+    let keys = pg_sys::RelationGetIdentityKeyBitmap(rel);
+    if keys.is_null() {
+        return false;
+    }
+    let desc = (*rel).rd_att;
+    let natts = (*desc).natts as usize;
+    let deform = |t| {
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![false; natts];
+        pg_sys::heap_deform_tuple(t, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        (values, nulls)
+    };
+    let ((va, na), (vb, nb)) = (deform(a), deform(b));
+    let mut bit = -1;
+    loop {
+        bit = pg_sys::bms_next_member(keys, bit);
+        if bit < 0 {
+            return false;
+        }
+        let attnum = bit + pg_sys::FirstLowInvalidHeapAttributeNumber;
+        if attnum <= 0 {
+            continue;
+        }
+        let i = (attnum - 1) as usize;
+        if na[i] != nb[i] {
+            return true;
+        }
+        if na[i] {
+            continue;
+        }
+        let attr = &*(*desc).attrs.as_ptr().add(i);
+        let same = if attr.attbyval {
+            va[i] == vb[i]
+        } else {
+            let bytes = |d: pg_sys::Datum| -> Vec<u8> {
+                if attr.attlen > 0 {
+                    std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), attr.attlen as usize).to_vec()
+                } else if attr.attlen == -1 {
+                    let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+                    pgrx::varlena::varlena_to_byte_slice(v).to_vec()
+                } else {
+                    std::ffi::CStr::from_ptr(d.cast_mut_ptr()).to_bytes().to_vec()
+                }
+            };
+            bytes(va[i]) == bytes(vb[i])
+        };
+        if !same {
+            return true;
+        }
+    }
+}
+
 /// Notes the deletion of a local row.
 #[pg_trigger]
 fn _tombstone_trigger<'a>(
@@ -120,18 +196,27 @@ fn _tombstone_trigger<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::PgTriggerError> {
     let td = trigger.trigger_data();
     // SAFETY: an AFTER ROW DELETE trigger gets the open relation and the old tuple.
-    let key = with_canonical_output(|| unsafe { tuple_key(td.tg_relation, td.tg_trigtuple) });
-    if let Some(key) = key {
-        // SAFETY: the relation is open for the trigger.
-        let relid = unsafe { (*td.tg_relation).rd_id };
-        Spi::run_with_args(
-            "INSERT INTO bdr.tombstone (relid, key_hash) VALUES ($1, pg_catalog.md5($2))
-             ON CONFLICT (relid, key_hash) DO UPDATE SET relid = EXCLUDED.relid",
-            &[relid.into(), key.as_str().into()],
-        )
-        .unwrap_or_else(|e| error!("bdr could not record a deleted row: {e}"));
-    }
+    unsafe { note_gone(td.tg_relation, td.tg_trigtuple) };
     Ok(None)
+}
+
+/// Notes the old key of a local UPDATE that changes a row's key: for every
+/// other node's change to that key, the row was deleted here then, exactly
+/// as by a DELETE (without it, an older update of the old key arriving later
+/// would bring the row back on this node only).
+#[pg_trigger]
+fn _key_change_trigger<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    let td = trigger.trigger_data();
+    // SAFETY: a BEFORE ROW UPDATE trigger gets the open relation, the old
+    // and the new tuple; returning the new tuple unchanged lets the update go on.
+    unsafe {
+        if key_differs(td.tg_relation, td.tg_trigtuple, td.tg_newtuple) {
+            note_gone(td.tg_relation, td.tg_trigtuple);
+        }
+    }
+    Ok(trigger.new())
 }
 
 /// The key text of a row of `rel` (a whole-row value of its type), as the

@@ -955,6 +955,7 @@ fn join_impl(
         copied += copy_table(&mut tconn, &target.name, t)?;
     }
     copy_row_writers(&mut tconn, &target, &tables)?;
+    crate::hlc::publish_copied();
     remote(&target.name, "finishing the copy", tconn.command("COMMIT"))?;
     Spi::run("SELECT pg_catalog.set_config('session_replication_role', 'origin', true)")?;
     pgrx::notice!(

@@ -156,7 +156,10 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
             Ok(Seen::Node(local, subs, parted)) => {
                 if !announced {
                     tracing::info!("manager started for local node \"{}\"", local.node_name);
-                    BackgroundWorker::transaction(crate::hlc::prepare_pool);
+                    BackgroundWorker::transaction(|| {
+                        crate::hlc::prepare_pool();
+                        crate::hlc::publish_copied();
+                    });
                     announced = true;
                 }
                 if local.node_group_id == 0 {

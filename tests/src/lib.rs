@@ -582,3 +582,43 @@ pub fn commit_as_of(c: &mut Client, ts: &str, sql: &str) {
     ))
     .unwrap();
 }
+
+/// How many receivers and writers run on the node of `c`.
+pub fn running_apply_workers(c: &mut Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
+          WHERE w.task_key_worker_role_name IN ('receiver', 'writer')",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// Stops every subscription of every node of `db`; changes wait in the
+/// peers' slots.
+pub fn pause_subscriptions(c: &Cluster, db: &str) {
+    for i in 0..c.nodes.len() {
+        let mut n = c.node(i).connect(db);
+        n.batch_execute(
+            "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary",
+        )
+        .unwrap();
+        wait_for("the apply workers to stop", Duration::from_secs(60), || {
+            (running_apply_workers(&mut n) == 0).then_some(())
+        });
+    }
+}
+
+/// Enables every subscription again and waits until all is applied.
+pub fn resume_subscriptions(c: &Cluster, db: &str) {
+    for i in 0..c.nodes.len() {
+        c.node(i)
+            .connect(db)
+            .batch_execute(
+                "SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary",
+            )
+            .unwrap();
+    }
+    wait_for_mesh(c, db);
+    wait_for_replication(c, db);
+}

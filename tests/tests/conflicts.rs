@@ -62,41 +62,13 @@ fn node_id(c: &mut Client, name: &str) -> u32 {
     .unwrap()
 }
 
-fn running_apply_workers(c: &mut Client) -> i64 {
-    c.query_one(
-        "SELECT count(*) FROM bdr.worker_tasks w JOIN pg_stat_activity a ON a.pid = w.task_pid
-          WHERE w.task_key_worker_role_name IN ('receiver', 'writer')",
-        &[],
-    )
-    .unwrap()
-    .get(0)
-}
-
 /// Stops every subscription of every node; changes wait in the peers' slots.
 fn pause(c: &Cluster) {
-    for i in 0..c.nodes.len() {
-        let mut n = c.node(i).connect(DB);
-        n.batch_execute(
-            "SELECT bdr.alter_subscription_disable(sub_name) FROM bdr.subscription_summary",
-        )
-        .unwrap();
-        wait_for("the apply workers to stop", Duration::from_secs(60), || {
-            (running_apply_workers(&mut n) == 0).then_some(())
-        });
-    }
+    pause_subscriptions(c, DB);
 }
 
 fn resume(c: &Cluster) {
-    for i in 0..c.nodes.len() {
-        c.node(i)
-            .connect(DB)
-            .batch_execute(
-                "SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary",
-            )
-            .unwrap();
-    }
-    wait_for_mesh(c, DB);
-    wait_for_replication(c, DB);
+    resume_subscriptions(c, DB);
 }
 
 fn rows(c: &mut Client, q: &str) -> String {

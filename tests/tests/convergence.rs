@@ -46,7 +46,7 @@ fn row_stamp(c: &mut Client, t: &str, id: i32) -> String {
 /// while node1 keeps the local one.
 #[test]
 fn a_local_write_after_a_future_dated_change_wins_on_every_node() {
-    let c = skewed_group(2, 1, 5.0, "CREATE TABLE t (id int PRIMARY KEY, v text);");
+    let mut c = skewed_group(2, 1, 5.0, "CREATE TABLE t (id int PRIMARY KEY, v text);");
     let mut n1 = c.node(0).connect(DB);
     let mut n2 = c.node(1).connect(DB);
     n1.batch_execute("INSERT INTO t VALUES (1, 'init'), (2, 'init'), (3, 'init')")
@@ -106,6 +106,27 @@ fn a_local_write_after_a_future_dated_change_wins_on_every_node() {
             "1node1,3node1"
         );
     }
+
+    // The same after node1 crashes right after applying node2's write:
+    // what node1 has seen survives the restart (its shared memory does not).
+    n2.batch_execute("UPDATE t SET v = 'node2 again' WHERE id = 1")
+        .unwrap();
+    wait_for("node1 to apply node2's write", Duration::from_secs(60), || {
+        (one(&mut n1, "SELECT v FROM t WHERE id = 1") == "node2 again").then_some(())
+    });
+    drop(n1);
+    c.node(0).crash();
+    c.node_mut(0).start();
+    let mut n1 = c.node(0).connect(DB);
+    n1.batch_execute("UPDATE t SET v = 'node1 after restart' WHERE id = 1")
+        .unwrap();
+    wait_for_replication(&c, DB);
+    for n in [&mut n1, &mut n2] {
+        assert_eq!(
+            one(n, "SELECT string_agg(id || v, ',' ORDER BY id) FROM t"),
+            "1node1 after restart,3node1"
+        );
+    }
     assert_converged(&c, DB, &["t"]);
 }
 
@@ -143,6 +164,32 @@ fn a_local_insert_and_delete_beats_the_remote_insert_it_held_up() {
     wait_for_replication(&c, DB);
     for n in [&mut n1, &mut n2] {
         assert_eq!(one(n, "SELECT count(*) FROM t"), "0");
+    }
+    assert_converged(&c, DB, &["t"]);
+}
+
+/// node2 updates row 1 while node1, a moment later, moves it to key 2
+/// (both before either hears of the other). node1's key change is the later
+/// write: it deleted key 1, so node2's older update of key 1 must not bring
+/// the row back on node1 alone.
+#[test]
+fn a_key_changing_update_deletes_the_old_key_for_older_changes() {
+    let c = Cluster::start(2, CONF);
+    form_group(&c, DB, "CREATE TABLE t (id int PRIMARY KEY, v text);");
+    let mut n1 = c.node(0).connect(DB);
+    let mut n2 = c.node(1).connect(DB);
+    n1.batch_execute("INSERT INTO t VALUES (1, 'init')").unwrap();
+    wait_for_replication(&c, DB);
+    pause_subscriptions(&c, DB);
+    n2.batch_execute("UPDATE t SET v = 'node2' WHERE id = 1")
+        .unwrap();
+    n1.batch_execute("UPDATE t SET id = 2 WHERE id = 1").unwrap();
+    resume_subscriptions(&c, DB);
+    for n in [&mut n1, &mut n2] {
+        assert_eq!(
+            one(n, "SELECT string_agg(id || v, ',' ORDER BY id) FROM t"),
+            "2init"
+        );
     }
     assert_converged(&c, DB, &["t"]);
 }

@@ -11,6 +11,7 @@ pub fn schema_script(dump: &str) -> String {
         if quote.is_none() {
             if line.starts_with('\\')
                 || line.starts_with("CREATE TRIGGER bdr_tombstone ")
+                || line.starts_with("CREATE TRIGGER bdr_tombstone_key ")
                 || line.starts_with("CREATE EXTENSION IF NOT EXISTS bdr ")
                 || line.starts_with("COMMENT ON EXTENSION bdr ")
             {
@@ -67,7 +68,7 @@ mod tests {
 
     #[test]
     fn settings_become_local_and_bdr_objects_go() {
-        let dump = "\\restrict abc\nSET statement_timeout = 0;\nSELECT pg_catalog.set_config('search_path', '', false);\nCREATE EXTENSION IF NOT EXISTS bdr WITH SCHEMA bdr;\nCOMMENT ON EXTENSION bdr IS 'x';\nCREATE TABLE public.t (id integer);\nCREATE TRIGGER bdr_tombstone AFTER DELETE ON public.t FOR EACH ROW EXECUTE FUNCTION bdr._tombstone_trigger();\n\\unrestrict abc\n";
+        let dump = "\\restrict abc\nSET statement_timeout = 0;\nSELECT pg_catalog.set_config('search_path', '', false);\nCREATE EXTENSION IF NOT EXISTS bdr WITH SCHEMA bdr;\nCOMMENT ON EXTENSION bdr IS 'x';\nCREATE TABLE public.t (id integer);\nCREATE TRIGGER bdr_tombstone AFTER DELETE ON public.t FOR EACH ROW EXECUTE FUNCTION bdr._tombstone_trigger();\nCREATE TRIGGER bdr_tombstone_key BEFORE UPDATE ON public.t FOR EACH ROW EXECUTE FUNCTION bdr._key_change_trigger();\n\\unrestrict abc\n";
         let out = schema_script(dump);
         assert_eq!(
             out,
