@@ -76,8 +76,10 @@ def free_port():
 
 
 class Node:
-    def __init__(self, root, name, bdr=True):
+    def __init__(self, root, name, bdr=True, env=None):
         self.name = name
+        # Extra server environment, e.g. libfaketime for a skewed clock.
+        self.env = dict(os.environ, **(env or {}))
         self.port = free_port()
         self.data = os.path.join(root, name)
         self.logfile = os.path.join(root, name + ".log")
@@ -87,7 +89,7 @@ class Node:
         with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
             f.write(conf + f"\nport = {self.port}\n")
         subprocess.run(as_pg([f"{BIN}/pg_ctl", "-D", self.data, "-l", self.logfile, "-w", "start"]),
-                       check=True, stdout=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL, env=self.env)
         self.sql("CREATE DATABASE " + DB, db="postgres")
 
     def dsn(self):

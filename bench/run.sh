@@ -10,5 +10,7 @@ command -v /usr/lib/postgresql/15/bin/pgbench >/dev/null || { echo "pgbench is m
 echo "==> building and installing the release build of bdr"
 cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config
 echo "==> running the benchmarks"
-python3 bench/bench.py
+only=${BENCH_ONLY:-1,2,3,4,5,6}
+if echo "$only" | grep -q '[1-5]'; then BENCH_ONLY=$only python3 bench/bench.py; fi
+if echo ",$only," | grep -q ',6,'; then python3 bench/skew.py; fi
 echo "(the installed bdr is now the release build; scripts/test.sh reinstalls the debug build)"

@@ -1736,6 +1736,10 @@ impl Applier {
                     }
                     if others.is_empty() {
                         self.exec_update(relid, f.ctid, &cols, new);
+                        if key_changed {
+                            // The old key is gone, as after a delete.
+                            self.note_deleted(relid, &key, lookup);
+                        }
                     } else {
                         self.resolve_update_collisions(relid, new, &cols, &key, lookup, &f, others);
                     }
@@ -1776,6 +1780,12 @@ impl Applier {
                         ..Facts::default()
                     },
                 );
+                if key_changed && !recently_deleted {
+                    // The change deleted the old key on its origin: an
+                    // older insert of that key, still on its way from a third
+                    // node, must find the tombstone.
+                    self.note_deleted(relid, &key, lookup);
+                }
                 if o == Outcome::ApplyRemote {
                     let kind = if key_changed {
                         ConflictType::UpdatePkeyExists

@@ -133,7 +133,11 @@ fn newest_recent_commit() -> i64 {
             }
             let mut ts = 0;
             let mut origin = 0;
-            if pg_sys::TransactionIdGetCommitTsData(pg_sys::TransactionId::from(xid), &mut ts, &mut origin) {
+            if pg_sys::TransactionIdGetCommitTsData(
+                pg_sys::TransactionId::from(xid),
+                &mut ts,
+                &mut origin,
+            ) {
                 newest = newest.max(ts);
             }
         }

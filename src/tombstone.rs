@@ -173,12 +173,15 @@ unsafe fn key_differs(rel: pg_sys::Relation, a: pg_sys::HeapTuple, b: pg_sys::He
         } else {
             let bytes = |d: pg_sys::Datum| -> Vec<u8> {
                 if attr.attlen > 0 {
-                    std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), attr.attlen as usize).to_vec()
+                    std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), attr.attlen as usize)
+                        .to_vec()
                 } else if attr.attlen == -1 {
                     let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
                     pgrx::varlena::varlena_to_byte_slice(v).to_vec()
                 } else {
-                    std::ffi::CStr::from_ptr(d.cast_mut_ptr()).to_bytes().to_vec()
+                    std::ffi::CStr::from_ptr(d.cast_mut_ptr())
+                        .to_bytes()
+                        .to_vec()
                 }
             };
             bytes(va[i]) == bytes(vb[i])

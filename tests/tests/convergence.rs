@@ -111,9 +111,11 @@ fn a_local_write_after_a_future_dated_change_wins_on_every_node() {
     // what node1 has seen survives the restart (its shared memory does not).
     n2.batch_execute("UPDATE t SET v = 'node2 again' WHERE id = 1")
         .unwrap();
-    wait_for("node1 to apply node2's write", Duration::from_secs(60), || {
-        (one(&mut n1, "SELECT v FROM t WHERE id = 1") == "node2 again").then_some(())
-    });
+    wait_for(
+        "node1 to apply node2's write",
+        Duration::from_secs(60),
+        || (one(&mut n1, "SELECT v FROM t WHERE id = 1") == "node2 again").then_some(()),
+    );
     drop(n1);
     c.node(0).crash();
     c.node_mut(0).start();
@@ -178,17 +180,57 @@ fn a_key_changing_update_deletes_the_old_key_for_older_changes() {
     form_group(&c, DB, "CREATE TABLE t (id int PRIMARY KEY, v text);");
     let mut n1 = c.node(0).connect(DB);
     let mut n2 = c.node(1).connect(DB);
-    n1.batch_execute("INSERT INTO t VALUES (1, 'init')").unwrap();
+    n1.batch_execute("INSERT INTO t VALUES (1, 'init')")
+        .unwrap();
     wait_for_replication(&c, DB);
     pause_subscriptions(&c, DB);
     n2.batch_execute("UPDATE t SET v = 'node2' WHERE id = 1")
         .unwrap();
-    n1.batch_execute("UPDATE t SET id = 2 WHERE id = 1").unwrap();
+    n1.batch_execute("UPDATE t SET id = 2 WHERE id = 1")
+        .unwrap();
     resume_subscriptions(&c, DB);
     for n in [&mut n1, &mut n2] {
         assert_eq!(
             one(n, "SELECT string_agg(id || v, ',' ORDER BY id) FROM t"),
             "2init"
+        );
+    }
+    assert_converged(&c, DB, &["t"]);
+}
+
+/// node1 inserts key 1; node2 moves it to key 2 before node3 has heard of
+/// the insert. node3 then applies the key change as an insert of key 2, and
+/// node1's older insert of key 1 must not bring key 1 back there.
+#[test]
+fn a_key_change_that_overtook_the_insert_of_the_old_key_wins() {
+    let c = Cluster::start(3, CONF);
+    form_group(&c, DB, "CREATE TABLE t (id int PRIMARY KEY, v text);");
+    let mut n1 = c.node(0).connect(DB);
+    let mut n2 = c.node(1).connect(DB);
+    let mut n3 = c.node(2).connect(DB);
+    stop_receiving_from(&mut n3, "node1");
+    n1.batch_execute("INSERT INTO t VALUES (1, 'node1')")
+        .unwrap();
+    wait_for("node2 to apply the insert", Duration::from_secs(60), || {
+        (one(&mut n2, "SELECT count(*) FROM t") == "1").then_some(())
+    });
+    n2.batch_execute("UPDATE t SET id = 2 WHERE id = 1")
+        .unwrap();
+    wait_for(
+        "node3 to apply the key change",
+        Duration::from_secs(60),
+        || (one(&mut n3, "SELECT count(*) FROM t WHERE id = 2") == "1").then_some(()),
+    );
+    n3.batch_execute(
+        "SELECT bdr.alter_subscription_enable(sub_name) FROM bdr.subscription_summary WHERE origin_name = 'node1'",
+    )
+    .unwrap();
+    wait_for_mesh(&c, DB);
+    wait_for_replication(&c, DB);
+    for n in [&mut n1, &mut n2, &mut n3] {
+        assert_eq!(
+            one(n, "SELECT string_agg(id || v, ',' ORDER BY id) FROM t"),
+            "2node1"
         );
     }
     assert_converged(&c, DB, &["t"]);
