@@ -3,7 +3,6 @@
 
 use bdr_core::dsn::DsnError;
 use bdr_core::node::NameError;
-use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 use thiserror::Error;
@@ -151,33 +150,5 @@ pub fn caught_report(
     use pgrx::pg_sys::panic::CaughtError::*;
     match e {
         PostgresError(r) | ErrorReport(r) | RustPanic { ereport: r, .. } => r,
-    }
-}
-
-/// Runs `f` in a subtransaction: on an ERROR it is rolled back and the
-/// error's message returned, and the enclosing transaction goes on.
-pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    // SAFETY: the pattern of PL/pgSQL's exception blocks: memory context and
-    // resource owner are restored on both paths; pgrx has copied and flushed
-    // the error before the catch closure runs.
-    unsafe {
-        let old_cxt = pg_sys::CurrentMemoryContext;
-        let old_owner = pg_sys::CurrentResourceOwner;
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(old_cxt);
-        let f = std::panic::AssertUnwindSafe(f);
-        let r = pgrx::PgTryBuilder::new(move || {
-            let f = f;
-            Ok((f.0)())
-        })
-        .catch_others(|e| Err(crate::error::caught_report(&e).message().to_string()))
-        .execute();
-        match r {
-            Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),
-            Err(_) => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
-        }
-        pg_sys::MemoryContextSwitchTo(old_cxt);
-        pg_sys::CurrentResourceOwner = old_owner;
-        r
     }
 }

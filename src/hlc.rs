@@ -92,7 +92,7 @@ fn ensure_seeded() {
                 return;
             }
             _ if crate::shmem::now() > give_up => return,
-            _ => crate::workers::wait(None, POOL_RETRY_MS),
+            _ => crate::pg::latch::wait(None, POOL_RETRY_MS),
         }
     }
 }
@@ -168,7 +168,7 @@ pub fn prepare_pool() {
         {
             continue;
         }
-        let ok = crate::error::in_subtransaction(|| {
+        let ok = crate::pg::xact::in_subtransaction(|| {
             // SAFETY: the origin exists and no backend holds it (the entry
             // was 0); set up and released at once, which leaves its state.
             unsafe {
@@ -282,7 +282,7 @@ fn pre_commit() {
             // No pool origin at all: wait out the skew itself.
             ((newest() - crate::shmem::now()) / 1000).clamp(1, 1000)
         };
-        crate::workers::wait(None, wait);
+        crate::pg::latch::wait(None, wait);
     }
 }
 

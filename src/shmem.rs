@@ -264,3 +264,22 @@ pub fn update_task_by(role: Role, dboid: u32, subid: u32, f: impl FnOnce(&mut Ta
         f(&mut t.tasks[i]);
     }
 }
+
+fn my_database() -> u32 {
+    // SAFETY: MyDatabaseId is set for the life of a connected backend.
+    unsafe { pg_sys::MyDatabaseId.to_u32() }
+}
+
+/// After the transaction commits, the supervisor starts (or the manager
+/// re-reads) the worker of this database; before that they would not see the
+/// new catalog rows.
+pub fn wake_workers_at_commit() {
+    let db = my_database();
+    pgrx::callbacks::register_xact_callback(
+        pgrx::callbacks::PgXactCallbackEvent::Commit,
+        move || {
+            wake_supervisor_for(db);
+            wake_manager(db);
+        },
+    );
+}

@@ -5,7 +5,7 @@
 use crate::catalog;
 use crate::error::{BdrError, BdrResult, OrRaise};
 use crate::stats;
-use bdr_core::conflict::{self, ConflictConfig, ConflictType, Resolver, RESOLUTIONS};
+use bdr_core::conflict::{self, ConflictType, RESOLUTIONS};
 use pgrx::prelude::*;
 
 /// The conflict types in BDR 4's order with their default resolvers, for
@@ -134,43 +134,4 @@ fn alter_node_set_log_config(
         conflict_resolution,
     )
     .or_raise()
-}
-
-/// The local node's conflict settings, as the writers apply them. Must run
-/// inside a transaction with a snapshot.
-pub fn load_config() -> BdrResult<ConflictConfig> {
-    let mut c = ConflictConfig::default();
-    Spi::connect(|client| -> BdrResult<()> {
-        for row in client.select(
-            "SELECT conflict_type, conflict_resolver FROM bdr.node_conflict_resolver_config",
-            None,
-            &[],
-        )? {
-            let t = row.get::<String>(1)?.unwrap_or_default();
-            let r = row.get::<String>(2)?.unwrap_or_default();
-            if let (Some(t), Some(r)) = (ConflictType::parse(&t), Resolver::parse(&r)) {
-                c.set_resolver(t, r);
-            }
-        }
-        for row in client.select(
-            "SELECT log_to_file, log_to_table, log_conflict_type, log_conflict_res
-               FROM bdr.node_log_config_data LIMIT 1",
-            None,
-            &[],
-        )? {
-            c.log_to_file = row.get::<bool>(1)?.unwrap_or(true);
-            c.log_to_table = row.get::<bool>(2)?.unwrap_or(true);
-            c.log_types = row.get::<Vec<Option<String>>>(3)?.map(|v| {
-                v.into_iter()
-                    .flatten()
-                    .filter_map(|t| ConflictType::parse(&t))
-                    .collect()
-            });
-            c.log_resolutions = row
-                .get::<Vec<Option<String>>>(4)?
-                .map(|v| v.into_iter().flatten().collect());
-        }
-        Ok(())
-    })?;
-    Ok(c)
 }

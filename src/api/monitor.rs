@@ -164,5 +164,5 @@ fn _wal_insert_end_lsn() -> String {
 /// acts on catalog changes (e.g. a subscription disabled) at once.
 #[pg_extern(volatile)]
 fn _wake_manager_at_commit() {
-    crate::api::node::wake_workers_at_commit();
+    crate::shmem::wake_workers_at_commit();
 }

@@ -6,24 +6,7 @@ use crate::error::{BdrError, BdrResult, OrRaise};
 use crate::{prereq, shmem};
 use bdr_core::dsn::Dsn;
 use bdr_core::node::{self, NodeState};
-use pgrx::callbacks::{register_xact_callback, PgXactCallbackEvent};
 use pgrx::prelude::*;
-
-fn my_database() -> u32 {
-    // SAFETY: MyDatabaseId is set for the life of a connected backend.
-    unsafe { pg_sys::MyDatabaseId.to_u32() }
-}
-
-/// After the transaction commits, the supervisor starts (or the manager
-/// re-reads) the worker of this database; before that they would not see the
-/// new catalog rows.
-pub(crate) fn wake_workers_at_commit() {
-    let db = my_database();
-    register_xact_callback(PgXactCallbackEvent::Commit, move || {
-        shmem::wake_supervisor_for(db);
-        shmem::wake_manager(db);
-    });
-}
 
 pub fn create_node_impl(node_name: &str, local_dsn: &str) -> BdrResult<u32> {
     prereq::check()?;
@@ -49,7 +32,7 @@ pub fn create_node_impl(node_name: &str, local_dsn: &str) -> BdrResult<u32> {
         });
     }
     catalog::insert_local_node(id, node_name, local_dsn)?;
-    wake_workers_at_commit();
+    shmem::wake_workers_at_commit();
     Ok(id)
 }
 
@@ -104,7 +87,7 @@ fn create_node_group_impl(
     if join_node_group {
         catalog::set_node_group(local.node_id, gid, NodeState::Active, 1)?;
     }
-    wake_workers_at_commit();
+    shmem::wake_workers_at_commit();
     Ok(gid)
 }
 
@@ -147,14 +130,14 @@ fn drop_node_impl(node_name: &str, _cascade: bool, force: bool) -> BdrResult<()>
             return Err(BdrError::NodeStillActive(node_name.to_string()));
         }
         if target.node_state == NodeState::Parted {
-            super::part::drop_artifacts_of(&target)?;
+            crate::part::drop_artifacts_of(&target)?;
         }
         catalog::drop_node_rows(target.node_id)?;
         if target.node_state == NodeState::Parted {
-            super::part::drop_everywhere(&target, force)?;
+            crate::part::drop_everywhere(&target, force)?;
         }
     }
-    wake_workers_at_commit();
+    shmem::wake_workers_at_commit();
     Ok(())
 }
 

@@ -163,7 +163,7 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                     announced = true;
                 }
                 if local.node_group_id == 0 {
-                    crate::api::join::run_requested_join();
+                    crate::join::run_requested_join();
                 }
                 tend_receivers(dboid, &subs, &mut receivers, &mut jitter);
                 if !parted.slots.is_empty() || !parted.origins.is_empty() {

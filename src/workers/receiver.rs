@@ -4,12 +4,10 @@
 //! WAL: only as far as the writer's commits are durable here.
 
 use super::queue::{self, Queues, Recv, Sent};
-use super::{
-    attach_die_handlers, launch, manager_generation, recording_errors, reload_config_if_asked,
-    wait, Running,
-};
+use super::{launch, manager_generation, recording_errors, Running};
 use crate::catalog::{self, SubRow};
 use crate::guc;
+use crate::pg::latch::{attach_die_handlers, reload_config_if_asked, wait};
 use crate::shmem::{self, now, ExitKind, Role};
 use crate::walrcv::{ident, Conn, Received};
 use bdr_core::backoff::Jitter;

@@ -3,9 +3,10 @@
 //! the receiver can confirm it to the peer once it is durable.
 
 use super::queue::{self, Recv, Sent};
-use super::{attach_die_handlers, recording_errors, reload_config_if_asked};
+use super::recording_errors;
 use crate::apply::Applier;
 use crate::catalog;
+use crate::pg::latch::{attach_die_handlers, reload_config_if_asked};
 use crate::shmem::{self, ExitKind};
 use crate::stats;
 use bdr_core::protocol;

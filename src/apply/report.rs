@@ -1,0 +1,366 @@
+//! Conflict reporting: resolving a conflict with the node's resolver,
+//! counting it, logging it to the server log and `bdr.conflict_history`,
+//! and the stop of the apply when the resolver says `error`.
+
+use super::*;
+
+/// A conflict as the writer met it, for resolving and logging.
+pub(super) struct Seen<'a> {
+    pub(super) t: ConflictType,
+    pub(super) relid: u32,
+    pub(super) index: Option<pg_sys::Oid>,
+    /// The key (remote column indexes) and the values it is taken from.
+    pub(super) key: &'a [usize],
+    pub(super) key_vals: &'a [Value],
+    /// The incoming row (for a DELETE, its key).
+    pub(super) remote: Option<&'a [Value]>,
+    pub(super) local: Option<&'a Found>,
+    /// Applying means the incoming row becomes the local row (not a DELETE).
+    pub(super) applies_row: bool,
+    /// What to say about it in the server log.
+    pub(super) detail: String,
+}
+
+/// A conflict whose resolver stops the apply: the writer rolls back, logs
+/// it, and exits with this error; it retries from the same transaction.
+pub struct Stop {
+    pub message: String,
+    pub hint: String,
+    pub code: PgSqlErrorCode,
+    pub(super) conflict_type: ConflictType,
+    pub(super) history: Option<Vec<Option<String>>>,
+}
+
+/// Columns of `bdr.conflict_history` a writer fills, all passed as text.
+pub(super) const HISTORY_COLUMNS: &str =
+    "sub_id, local_xid, local_lsn, remote_xid, remote_commit_lsn,
+    remote_commit_time, conflict_type, conflict_resolution, conflict_index, reloid, nspname,
+    relname, key_tuple, remote_tuple, local_tuple, apply_tuple, local_tuple_xmin,
+    local_tuple_node_id, local_tuple_commit_time";
+
+pub(super) const HISTORY_VALUES: &str = "$1::oid, $2::xid, $3::pg_lsn, $4::xid, $5::pg_lsn,
+    bdr._ts($6::int8), $7, $8, $9::oid::regclass, $10::oid, $11, $12, $13::json, $14::json,
+    $15::json, $16::json, $17::xid, $18::oid, bdr._ts($19::int8)";
+
+pub(super) fn history_insert() -> String {
+    format!("INSERT INTO bdr.conflict_history ({HISTORY_COLUMNS}) VALUES ({HISTORY_VALUES})")
+}
+
+pub(super) fn history_insert_select() -> String {
+    format!("INSERT INTO bdr.conflict_history ({HISTORY_COLUMNS}) SELECT {HISTORY_VALUES}")
+}
+
+impl Applier {
+    /// Resolves a conflict with this node's resolver for its type, counts
+    /// it, and logs it as configured. An `error` outcome stops the apply.
+    pub(super) fn conflict(&mut self, s: Seen<'_>, mut facts: Facts) -> Outcome {
+        if self.stop.is_some() {
+            return Outcome::Error;
+        }
+        if let Some(local) = s.local {
+            facts.remote_newer = remote_wins(self.remote_writer(), local.writer);
+        }
+        let resolver = self.config.resolver(s.t);
+        let outcome = conflict::resolve(s.t, resolver, facts);
+        self.counts.conflict(s.t);
+        let logs = self.config.logs(s.t, outcome);
+        let qualified = self.rel(s.relid).qualified.clone();
+        let line = format!(
+            "CONFLICT: {} on {} from node {} (transaction {} committed at {}, LSN {}): {}; resolver {}, resolution {}",
+            s.t.name(),
+            qualified,
+            self.remote_node_id,
+            self.remote_xid,
+            timestamp_text(self.commit_ts),
+            bdr_core::lsn::format(self.remote_final_lsn),
+            s.detail,
+            resolver.name(),
+            outcome.resolution()
+        );
+        if logs && self.config.log_to_file {
+            log!("{line}");
+        }
+        // Read-only, so the subtransaction takes no transaction id.
+        let history = if logs && self.config.log_to_table {
+            match in_subtransaction(|| self.history_row(&s, outcome)) {
+                Ok(row) => Some(row),
+                Err(msg) => {
+                    warning!("could not describe a conflict for bdr.conflict_history: {msg}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if outcome == Outcome::Error {
+            let code = match s.t {
+                ConflictType::MultipleUniqueConflicts
+                | ConflictType::InsertExists
+                | ConflictType::UpdatePkeyExists => PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+                ConflictType::TargetTableMissing => PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                ConflictType::TargetColumnMissing | ConflictType::SourceColumnMissing => {
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN
+                }
+                _ => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            };
+            let sub = self.sub_id;
+            self.stop = Some(Stop {
+                message: line,
+                hint: format!(
+                    "Fix the local data and the writer resumes by itself; or change the resolver with bdr.alter_node_set_conflict_resolver(); or skip the transaction: bdr.alter_subscription_disable(), bdr.alter_subscription_skip_changes_upto(<subscription {sub}>, '{}'), bdr.alter_subscription_enable().",
+                    bdr_core::lsn::format(self.remote_final_lsn)
+                ),
+                code,
+                conflict_type: s.t,
+                history,
+            });
+        } else if let Some(row) = history {
+            self.pending_history.push(row);
+        }
+        outcome
+    }
+
+    /// The parameters of one `bdr.conflict_history` row, as text.
+    pub(super) fn history_row(&mut self, s: &Seen<'_>, outcome: Outcome) -> Vec<Option<String>> {
+        let (local_oid, nsp, rel) = {
+            let r = self.rel(s.relid);
+            (r.local_oid, r.remote.schema.clone(), r.remote.name.clone())
+        };
+        let key_json = if s.key.is_empty() {
+            None
+        } else {
+            self.values_json(s.relid, s.key, s.key_vals)
+        };
+        let remote_json = s.remote.and_then(|v| {
+            let cols: Vec<usize> = (0..v.len()).collect();
+            self.values_json(s.relid, &cols, v)
+        });
+        let local_json = s.local.and_then(|f| self.local_json(s.relid, f.ctid));
+        let apply_json = if outcome == Outcome::ApplyRemote && s.applies_row {
+            remote_json.clone()
+        } else {
+            None
+        };
+        // SAFETY: WAL position and xid of the running apply transaction.
+        let (xid, lsn) = unsafe {
+            (
+                pg_sys::GetTopTransactionIdIfAny(),
+                pg_sys::GetXLogInsertRecPtr(),
+            )
+        };
+        vec![
+            Some(self.sub_id.to_string()),
+            (xid != pg_sys::InvalidTransactionId).then(|| xid.into_inner().to_string()),
+            Some(bdr_core::lsn::format(lsn)),
+            Some(self.remote_xid.to_string()),
+            Some(bdr_core::lsn::format(self.remote_final_lsn)),
+            Some(self.commit_ts.to_string()),
+            Some(s.t.name().to_string()),
+            Some(outcome.resolution().to_string()),
+            s.index.map(|i| i.to_u32().to_string()),
+            (local_oid != pg_sys::InvalidOid).then(|| local_oid.to_u32().to_string()),
+            Some(nsp),
+            Some(rel),
+            key_json,
+            remote_json,
+            local_json,
+            apply_json,
+            s.local.map(|f| f.xmin.to_string()),
+            s.local
+                .and_then(|f| f.writer)
+                .map(|w| w.node_id.to_string()),
+            s.local
+                .and_then(|f| f.writer)
+                .map(|w| w.commit_ts.to_string()),
+        ]
+    }
+
+    pub(super) fn history_plan(&mut self) -> pg_sys::SPIPlanPtr {
+        if self.history_plan.is_null() {
+            self.history_plan = keep_plan(&history_insert(), &mut [pg_sys::TEXTOID; 19]);
+        }
+        self.history_plan
+    }
+
+    /// Writes the conflicts this transaction logged to `bdr.conflict_history`,
+    /// in one subtransaction just before commit, so that a failure to log
+    /// never undoes the applied changes.
+    pub(super) fn flush_history(&mut self) {
+        if self.pending_history.is_empty() {
+            return;
+        }
+        let rows = std::mem::take(&mut self.pending_history);
+        let plan = self.history_plan();
+        let cxt = self.row_cxt;
+        // SAFETY: the inserts need a snapshot; popped right after.
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+        let r = in_subtransaction(|| {
+            for row in &rows {
+                exec_texts(plan, row, cxt);
+            }
+        });
+        // SAFETY: pushed above; the subtransaction restored the stack.
+        unsafe { pg_sys::PopActiveSnapshot() };
+        // SAFETY: the per-row context holds only the insert's parameters.
+        unsafe { pg_sys::MemoryContextReset(cxt) };
+        if let Err(msg) = r {
+            warning!(
+                "could not record {} conflict(s) in bdr.conflict_history: {msg}; the changes are applied all the same",
+                rows.len()
+            );
+        }
+    }
+
+    /// The values of remote columns `cols` as a JSON object (columns this
+    /// node lacks as text), or NULL when there are none to show.
+    pub(super) fn values_json(
+        &mut self,
+        relid: u32,
+        cols: &[usize],
+        vals: &[Value],
+    ) -> Option<String> {
+        let cols: Vec<usize> = cols
+            .iter()
+            .copied()
+            .filter(|&i| vals.get(i).is_some_and(|v| *v != Value::UnchangedToast))
+            .collect();
+        if cols.is_empty() {
+            return None;
+        }
+        let plan = self.plan(relid, PlanKey::Json(cols.clone()));
+        let (mut datums, mut nulls) = self.datums(relid, &cols, vals);
+        let (map, types): (Vec<Option<usize>>, Vec<u32>) = {
+            let r = self.rel(relid);
+            (
+                r.map.clone(),
+                r.remote.columns.iter().map(|c| c.type_oid).collect(),
+            )
+        };
+        for (n, &i) in cols.iter().enumerate() {
+            if map[i].is_some() {
+                continue;
+            }
+            // A column this node lacks is shown as text. Binary values are
+            // of built-in types, whose oids are the same on every node.
+            let t = pg_sys::Oid::from(types[i]);
+            // SAFETY: the type's own receive and output functions, in the
+            // per-row context.
+            let d = unsafe {
+                let old = pg_sys::MemoryContextSwitchTo(self.row_cxt);
+                let text = match vals.get(i) {
+                    Some(Value::Text(v)) => Some(CString::new(v.as_str()).unwrap_or_default()),
+                    Some(Value::Binary(b))
+                        if types[i] != 0 && types[i] < pg_sys::FirstGenbkiObjectId =>
+                    {
+                        let (mut recv, mut param, mut out, mut varlena) = (
+                            pg_sys::InvalidOid,
+                            pg_sys::InvalidOid,
+                            pg_sys::InvalidOid,
+                            false,
+                        );
+                        pg_sys::getTypeBinaryInputInfo(t, &mut recv, &mut param);
+                        pg_sys::getTypeOutputInfo(t, &mut out, &mut varlena);
+                        let buf = pg_sys::makeStringInfo();
+                        pg_sys::appendBinaryStringInfo(buf, b.as_ptr() as *const _, b.len() as i32);
+                        let v = pg_sys::OidReceiveFunctionCall(recv, buf, param, -1);
+                        Some(CStr::from_ptr(pg_sys::OidOutputFunctionCall(out, v)).to_owned())
+                    }
+                    _ => None,
+                };
+                let d = text.map(|c| pg_sys::Datum::from(pg_sys::cstring_to_text(c.as_ptr())));
+                pg_sys::MemoryContextSwitchTo(old);
+                d
+            };
+            if let Some(d) = d {
+                datums[n] = d;
+                nulls[n] = b' ' as std::ffi::c_char;
+            }
+        }
+        // SAFETY: a kept plan with matching parameters.
+        unsafe {
+            spi_check(
+                pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 1),
+                "describing a row",
+            );
+            first_text_and_free()
+        }
+    }
+
+    /// The local row at `ctid` as JSON.
+    pub(super) fn local_json(
+        &mut self,
+        relid: u32,
+        mut ctid: pg_sys::ItemPointerData,
+    ) -> Option<String> {
+        let plan = self.plan(relid, PlanKey::LocalJson);
+        let mut datums = [pg_sys::Datum::from(
+            &mut ctid as *mut pg_sys::ItemPointerData,
+        )];
+        let nulls = [b' ' as std::ffi::c_char];
+        // SAFETY: a kept plan with one tid parameter; `ctid` outlives the call.
+        unsafe {
+            spi_check(
+                pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 1),
+                "describing a local row",
+            );
+            first_text_and_free()
+        }
+    }
+
+    /// The stop a conflict asked for, if any.
+    pub fn take_stop(&mut self) -> Option<Stop> {
+        self.stop.take()
+    }
+
+    /// Rolls back the transaction a stop interrupted and records the
+    /// conflict in its own transaction (once per remote transaction and
+    /// type, however often the writer retries it).
+    pub fn abort_for(&mut self, stop: &Stop) {
+        let history = stop.history.clone();
+        let plan = history.as_ref().map(|_| self.history_error_plan());
+        // SAFETY: aborts the apply transaction (SPI is cleaned up with it);
+        // the history row is written in a transaction without the peer's
+        // origin, so that origin progress does not move.
+        unsafe {
+            pg_sys::AbortCurrentTransaction();
+            self.in_txn = false;
+            if let (Some(row), Some(plan)) = (history, plan) {
+                let origin = pg_sys::replorigin_session_origin;
+                pg_sys::replorigin_session_origin = 0;
+                pg_sys::StartTransactionCommand();
+                pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+                spi_check(pg_sys::SPI_connect(), "connecting to SPI");
+                exec_texts(plan, &row, self.row_cxt);
+                pg_sys::SPI_finish();
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+                pg_sys::replorigin_session_origin = origin;
+                pg_sys::MemoryContextReset(self.row_cxt);
+            }
+        }
+        // The conflict that stopped the apply counts once, not per retry;
+        // the others of this attempt count when the transaction commits.
+        let lsn = self.remote_final_lsn;
+        let t = stop.conflict_type;
+        stats::update(self.dboid, self.sub_id, |s| {
+            s.nabort += 1;
+            if s.last_failed_lsn != lsn {
+                s.conflicts[t as usize] += 1;
+            }
+        });
+    }
+
+    pub(super) fn history_error_plan(&mut self) -> pg_sys::SPIPlanPtr {
+        // Kept plans outlive the aborted transaction.
+        let plan = keep_plan(
+            &format!(
+                "{} WHERE NOT EXISTS (SELECT 1 FROM bdr.conflict_history h
+                   WHERE h.sub_id = $1::oid AND h.remote_commit_lsn = $5::pg_lsn
+                     AND h.conflict_type = $7 AND h.conflict_resolution = 'error')",
+                history_insert_select()
+            ),
+            &mut [pg_sys::TEXTOID; 19],
+        );
+        plan
+    }
+}

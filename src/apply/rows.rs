@@ -1,0 +1,496 @@
+//! The row changes: INSERT, UPDATE, DELETE and TRUNCATE from a peer,
+//! with the conflict each can meet and how it is resolved.
+
+use super::*;
+
+impl Applier {
+    /// Applies an incoming row as an INSERT of remote columns `cols`. `kind`
+    /// is the conflict type to report when its key is taken (insert_exists,
+    /// or update_pkey_exists for the new key of a key-changing UPDATE).
+    /// `check_tombstone`: false when a resolver chose to insert over a newer
+    /// delete (update_recently_deleted with insert_or_*).
+    pub(super) fn insert(
+        &mut self,
+        relid: u32,
+        new: &[Value],
+        cols: &[usize],
+        kind: ConflictType,
+        check_tombstone: bool,
+    ) {
+        let key = self.rel(relid).key.clone();
+        if key.is_empty() {
+            let others = self.unique_collisions(relid, new, None);
+            if others.is_empty() {
+                self.exec_insert(relid, cols, new);
+            } else {
+                self.resolve_insert_collisions(relid, new, cols, kind, None, others);
+            }
+            return;
+        }
+        let mut locked = false;
+        // Rounds: look; if missing, lock the key and look again; then insert,
+        // or, if a local session inserted the key meanwhile, resolve against it.
+        for _ in 0..4 {
+            let pk = self.find(relid, &key, new, false);
+            let others = self.unique_collisions(relid, new, pk.as_ref().map(|f| f.ctid));
+            if !others.is_empty() {
+                self.resolve_insert_collisions(relid, new, cols, kind, pk, others);
+                return;
+            }
+            match pk {
+                Some(f) => {
+                    let index = self.rel(relid).key_index;
+                    let detail = format!("the key already exists: {}", self.local_desc(&f));
+                    let o = self.conflict(
+                        Seen {
+                            t: kind,
+                            relid,
+                            index,
+                            key: &key,
+                            key_vals: new,
+                            remote: Some(new),
+                            local: Some(&f),
+                            applies_row: true,
+                            detail,
+                        },
+                        Facts {
+                            full_row: true,
+                            ..Facts::default()
+                        },
+                    );
+                    if o == Outcome::ApplyRemote {
+                        self.exec_update(relid, f.ctid, cols, new);
+                    }
+                    return;
+                }
+                None => {
+                    if !locked {
+                        locked = true;
+                        if self.lock_key(relid, &key, new) {
+                            continue;
+                        }
+                    }
+                    // The tombstone is looked up after the insert, not
+                    // before: the insert may have waited for a local
+                    // transaction that inserted and deleted this key, whose
+                    // tombstone only a snapshot taken after it can see.
+                    if let Some(ctid) = self.exec_insert(relid, cols, new) {
+                        if check_tombstone && self.deleted_later(relid, &key, new) {
+                            self.exec_delete(relid, ctid);
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+        error!(
+            "a row replicated into {} conflicts with a local row on a unique index bdr cannot check (partial, on expressions or deferred)",
+            self.rel(relid).qualified
+        );
+    }
+
+    /// An incoming INSERT collides on unique indexes other than its key's.
+    /// One local row and none with its key: `kind` (insert_exists) against
+    /// that row; if the incoming row wins, the local row is deleted (its key
+    /// noted as deleted) and the incoming one inserted, so that the nodes
+    /// agree whichever side they see it from. More rows:
+    /// multiple_unique_conflicts, which `update` resolves by deleting the
+    /// others and keeping the row with the incoming key.
+    pub(super) fn resolve_insert_collisions(
+        &mut self,
+        relid: u32,
+        new: &[Value],
+        cols: &[usize],
+        kind: ConflictType,
+        pk: Option<Found>,
+        mut others: Vec<(pg_sys::Oid, Found)>,
+    ) {
+        let key = self.rel(relid).key.clone();
+        if pk.is_none() && others.len() == 1 {
+            let (index, f) = others.remove(0);
+            let detail = format!(
+                "a local row with another key holds the same values in unique index {}: {}",
+                relname_of(index).unwrap_or_default(),
+                self.local_desc(&f)
+            );
+            let o = self.conflict(
+                Seen {
+                    t: kind,
+                    relid,
+                    index: Some(index),
+                    key: &key,
+                    key_vals: new,
+                    remote: Some(new),
+                    local: Some(&f),
+                    applies_row: true,
+                    detail,
+                },
+                Facts {
+                    full_row: true,
+                    ..Facts::default()
+                },
+            );
+            if o == Outcome::ApplyRemote {
+                self.delete_row(relid, &f);
+                self.exec_insert(relid, cols, new);
+            }
+            return;
+        }
+        let local = pk.as_ref().or(others.first().map(|(_, f)| f));
+        let index = if pk.is_some() {
+            self.rel(relid).key_index
+        } else {
+            others.first().map(|(i, _)| *i)
+        };
+        if self.multiple_unique(relid, new, &key, new, index, local, &others) {
+            for (_, f) in &others {
+                self.delete_row(relid, f);
+            }
+            match pk {
+                Some(f) => self.exec_update(relid, f.ctid, cols, new),
+                None => {
+                    self.exec_insert(relid, cols, new);
+                }
+            }
+        }
+    }
+
+    /// Reports multiple_unique_conflicts; true when the incoming change is
+    /// to be applied (resolver `update`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn multiple_unique(
+        &mut self,
+        relid: u32,
+        new: &[Value],
+        key: &[usize],
+        key_vals: &[Value],
+        index: Option<pg_sys::Oid>,
+        local: Option<&Found>,
+        others: &[(pg_sys::Oid, Found)],
+    ) -> bool {
+        let mut names: Vec<String> = others
+            .iter()
+            .map(|(i, _)| relname_of(*i).unwrap_or_default())
+            .collect();
+        let mut nrows = others.len();
+        if let (Some(i), Some(_)) = (index, local) {
+            if !others.iter().any(|(o, _)| *o == i) {
+                names.insert(0, relname_of(i).unwrap_or_default());
+                nrows += 1;
+            }
+        }
+        let detail = format!(
+            "the incoming row collides with {nrows} local rows (unique indexes {})",
+            names.join(", ")
+        );
+        self.conflict(
+            Seen {
+                t: ConflictType::MultipleUniqueConflicts,
+                relid,
+                index,
+                key,
+                key_vals,
+                remote: Some(new),
+                local,
+                applies_row: true,
+                detail,
+            },
+            Facts {
+                full_row: true,
+                ..Facts::default()
+            },
+        ) == Outcome::ApplyRemote
+    }
+
+    /// An incoming UPDATE of the row `f` (found by `lookup`'s `key`) gives
+    /// it values another local row holds in a unique index (its key or
+    /// another). One such row: update_pkey_exists, by default the newer
+    /// write keeps the values and the other row is deleted; that is, when
+    /// the update loses, the updated row goes, as it does on the node where
+    /// the other row won. More rows: multiple_unique_conflicts.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn resolve_update_collisions(
+        &mut self,
+        relid: u32,
+        new: &[Value],
+        cols: &[usize],
+        key: &[usize],
+        lookup: &[Value],
+        f: &Found,
+        others: Vec<(pg_sys::Oid, Found)>,
+    ) {
+        if others.len() == 1 {
+            let (index, l) = &others[0];
+            let detail = format!(
+                "the updated row would hold values another local row holds in unique index {}: {}",
+                relname_of(*index).unwrap_or_default(),
+                self.local_desc(l)
+            );
+            let o = self.conflict(
+                Seen {
+                    t: ConflictType::UpdatePkeyExists,
+                    relid,
+                    index: Some(*index),
+                    key,
+                    key_vals: lookup,
+                    remote: Some(new),
+                    local: Some(l),
+                    applies_row: true,
+                    detail,
+                },
+                Facts {
+                    full_row: !new.contains(&Value::UnchangedToast),
+                    ..Facts::default()
+                },
+            );
+            match o {
+                Outcome::ApplyRemote => {
+                    self.delete_row(relid, l);
+                    self.exec_update(relid, f.ctid, cols, new);
+                }
+                Outcome::Skip
+                    if self.config.resolver(ConflictType::UpdatePkeyExists)
+                        == Resolver::UpdateIfNewer =>
+                {
+                    self.delete_row(relid, f);
+                }
+                _ => {}
+            }
+            return;
+        }
+        let (index, local) = (Some(others[0].0), Some(&others[0].1));
+        if self.multiple_unique(relid, new, key, lookup, index, local, &others) {
+            for (_, l) in &others {
+                self.delete_row(relid, l);
+            }
+            self.exec_update(relid, f.ctid, cols, new);
+        }
+    }
+
+    /// Deletes a local row that lost a unique-key conflict, noting its key
+    /// as deleted like any applied delete.
+    pub(super) fn delete_row(&mut self, relid: u32, f: &Found) {
+        let key = self.rel(relid).key.clone();
+        let vals = if key.is_empty() {
+            Vec::new()
+        } else {
+            self.key_values_at(relid, &key, f.ctid)
+        };
+        self.exec_delete(relid, f.ctid);
+        if !key.is_empty() {
+            self.note_deleted(relid, &key, &vals);
+        }
+    }
+
+    pub(super) fn update(&mut self, relid: u32, old: Option<&[Value]>, new: &[Value]) {
+        let lookup = old.unwrap_or(new);
+        let (key, full) = self.identity(relid, lookup, "UPDATE");
+        let key_changed =
+            !full && old.is_some() && key.iter().any(|&i| lookup.get(i) != new.get(i));
+        let full_row = !new.contains(&Value::UnchangedToast);
+        // Missing columns are resolved first, so that nothing of the change
+        // is applied when it is to be skipped.
+        let Some(cols) = self.present_cols(relid, new, false) else {
+            return;
+        };
+        match self.find_or_lock(relid, &key, lookup, full) {
+            Some(f) => {
+                let newer = remote_wins(self.remote_writer(), f.writer);
+                // The row was last written by another node than the one
+                // updating it: concurrent changes met (update_origin_change).
+                let apply = if f.writer.is_some_and(|w| w.node_id != self.remote_node_id) {
+                    let detail = self.local_desc(&f);
+                    let index = self.rel(relid).key_index;
+                    match self.conflict(
+                        Seen {
+                            t: ConflictType::UpdateOriginChange,
+                            relid,
+                            index,
+                            key: &key,
+                            key_vals: lookup,
+                            remote: Some(new),
+                            local: Some(&f),
+                            applies_row: true,
+                            detail,
+                        },
+                        Facts {
+                            full_row,
+                            ..Facts::default()
+                        },
+                    ) {
+                        Outcome::ApplyRemote => true,
+                        Outcome::Skip => false,
+                        Outcome::Error => return,
+                    }
+                } else {
+                    newer
+                };
+                if key_changed && full_row {
+                    // A key change is the old row going and the new one
+                    // coming, each resolved on its own: the new key may be
+                    // taken here by a newer row (update_pkey_exists), and then
+                    // the old row still goes, as it did on the origin.
+                    if apply {
+                        self.exec_delete(relid, f.ctid);
+                        self.note_deleted(relid, &key, lookup);
+                    }
+                    self.insert(relid, new, &cols, ConflictType::UpdatePkeyExists, true);
+                } else if apply {
+                    // In place (also a key change that kept TOASTed values,
+                    // which only the local row has).
+                    let mut others = Vec::new();
+                    if key_changed {
+                        if let Some(p) = self.find(relid, &key, new, false) {
+                            let index = self.rel(relid).key_index.unwrap_or(pg_sys::InvalidOid);
+                            others.push((index, p));
+                        }
+                    }
+                    for (i, o) in self.unique_collisions(relid, new, Some(f.ctid)) {
+                        if !others.iter().any(|(_, g)| same_tid(&g.ctid, &o.ctid)) {
+                            others.push((i, o));
+                        }
+                    }
+                    if others.is_empty() {
+                        self.exec_update(relid, f.ctid, &cols, new);
+                        if key_changed {
+                            // The old key is gone, as after a delete.
+                            self.note_deleted(relid, &key, lookup);
+                        }
+                    } else {
+                        self.resolve_update_collisions(relid, new, &cols, &key, lookup, &f, others);
+                    }
+                }
+            }
+            None => {
+                // The row is not here: deleted here by a newer delete
+                // (update_recently_deleted), or not here (yet): an update
+                // that overtook its insert from a third node, or one whose
+                // row was deleted here earlier (update_missing). Inserting
+                // the whole row keeps the update; an older insert arriving
+                // later then loses against it.
+                let recently_deleted = !full && self.deleted_later(relid, &key, lookup);
+                let t = if recently_deleted {
+                    ConflictType::UpdateRecentlyDeleted
+                } else {
+                    ConflictType::UpdateMissing
+                };
+                let detail = if recently_deleted {
+                    "the row was deleted on this node by a newer transaction".to_string()
+                } else {
+                    "the row does not exist on this node".to_string()
+                };
+                let o = self.conflict(
+                    Seen {
+                        t,
+                        relid,
+                        index: None,
+                        key: &key,
+                        key_vals: lookup,
+                        remote: Some(new),
+                        local: None,
+                        applies_row: true,
+                        detail,
+                    },
+                    Facts {
+                        full_row,
+                        ..Facts::default()
+                    },
+                );
+                if key_changed && !recently_deleted {
+                    // The change deleted the old key on its origin: an
+                    // older insert of that key, still on its way from a third
+                    // node, must find the tombstone.
+                    self.note_deleted(relid, &key, lookup);
+                }
+                if o == Outcome::ApplyRemote {
+                    let kind = if key_changed {
+                        ConflictType::UpdatePkeyExists
+                    } else {
+                        ConflictType::InsertExists
+                    };
+                    self.insert(relid, new, &cols, kind, !recently_deleted);
+                }
+            }
+        }
+    }
+
+    pub(super) fn delete(&mut self, relid: u32, old: &[Value]) {
+        let (key, full) = self.identity(relid, old, "DELETE");
+        match self.find_or_lock(relid, &key, old, full) {
+            Some(f) => {
+                // A row updated here after the delete was made stays.
+                let newer = remote_wins(self.remote_writer(), f.writer);
+                let apply = if newer {
+                    true
+                } else {
+                    let detail = format!(
+                        "the row was updated after the delete was made: {}",
+                        self.local_desc(&f)
+                    );
+                    let index = self.rel(relid).key_index;
+                    self.conflict(
+                        Seen {
+                            t: ConflictType::DeleteRecentlyUpdated,
+                            relid,
+                            index,
+                            key: &key,
+                            key_vals: old,
+                            remote: Some(old),
+                            local: Some(&f),
+                            applies_row: false,
+                            detail,
+                        },
+                        Facts::default(),
+                    ) == Outcome::ApplyRemote
+                };
+                if apply {
+                    self.exec_delete(relid, f.ctid);
+                    if !full {
+                        self.note_deleted(relid, &key, old);
+                    }
+                }
+            }
+            None => {
+                let o = self.conflict(
+                    Seen {
+                        t: ConflictType::DeleteMissing,
+                        relid,
+                        index: None,
+                        key: &key,
+                        key_vals: old,
+                        remote: Some(old),
+                        local: None,
+                        applies_row: false,
+                        detail: "the row does not exist on this node".into(),
+                    },
+                    Facts::default(),
+                );
+                // Gone already, or not here yet: note the delete, so that an
+                // older insert or update arriving later does not bring it back.
+                if o != Outcome::Error && !full && !self.deleted_later(relid, &key, old) {
+                    self.note_deleted(relid, &key, old);
+                }
+            }
+        }
+    }
+
+    pub(super) fn truncate(&mut self, relids: &[u32], cascade: bool, restart_identity: bool) {
+        let names: Vec<String> = relids
+            .iter()
+            .map(|r| self.rel(*r).qualified.clone())
+            .collect();
+        let sql = format!(
+            "TRUNCATE {}{}{}",
+            names.join(", "),
+            if restart_identity {
+                " RESTART IDENTITY"
+            } else {
+                ""
+            },
+            if cascade { " CASCADE" } else { "" }
+        );
+        let c = CString::new(sql).unwrap_or_default();
+        // SAFETY: a utility statement inside the apply transaction.
+        unsafe { spi_check(pg_sys::SPI_execute(c.as_ptr(), false, 0), "truncating") };
+    }
+}
