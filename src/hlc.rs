@@ -49,6 +49,8 @@ unsafe impl PGRXSharedMemory for Clock {}
 static CLOCK: PgAtomic<Clock> = unsafe { PgAtomic::new(c"bdr_hlc") };
 
 thread_local! {
+    /// Set in processes whose commits the clock must leave alone (writers).
+    static EXEMPT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// The pool entry this backend borrowed for its current commit, and
 /// whether its origin session is set up.
     static BORROWED: std::cell::Cell<Option<(usize, bool)>> = const { std::cell::Cell::new(None) };
@@ -58,6 +60,14 @@ pub fn init() {
     pg_shmem_init!(CLOCK);
     // SAFETY: _PG_init in the postmaster; every backend inherits the callback.
     unsafe { pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut()) };
+}
+
+/// Makes the clock leave this process's commits alone: a writer's commits
+/// carry a peer's timestamp, or are bookkeeping (conflict history after a
+/// stopped apply) while its origin session stays set up, where borrowing
+/// another origin would fail.
+pub fn exempt_this_process() {
+    EXEMPT.set(true);
 }
 
 /// Records that a commit with timestamp `ts` (µs since 2000) is about to
@@ -87,8 +97,21 @@ fn ensure_seeded() {
                     .compare_exchange(UNSEEDED, SEEDING, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok() =>
             {
-                publish(newest_recent_commit());
-                clock.seeded.store(SEEDED, Ordering::Release);
+                // Back to unseeded if the scan raises an ERROR, so that the
+                // next commit tries again instead of waiting for it.
+                pgrx::PgTryBuilder::new(|| {
+                    publish(newest_recent_commit().max(read_floor()));
+                    clock.seeded.store(SEEDED, Ordering::Release);
+                })
+                .finally(|| {
+                    let _ = clock.seeded.compare_exchange(
+                        SEEDING,
+                        UNSEEDED,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                })
+                .execute();
                 return;
             }
             _ if crate::shmem::now() > give_up => return,
@@ -111,6 +134,45 @@ pub fn publish_copied() {
         Ok(None) => {}
         Err(e) => tracing::warn!("could not read bdr.copied_row: {e}"),
     }
+}
+
+/// Where `newest` is kept while it lies ahead of the wall clock (relative to
+/// the data directory, every backend's working directory).
+const FLOOR_FILE: &str = "pg_logical/bdr_clock";
+
+thread_local! {
+    /// What this process last wrote to `FLOOR_FILE`.
+    static SAVED: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+}
+
+/// Writes `newest` to disk while it lies ahead of the wall clock, so that a
+/// restart seeds the clock with it even when the transactions that carried
+/// it are older than the seed's scan. Called by the managers at every poll;
+/// costs nothing while the clocks agree.
+pub fn save_floor() {
+    let n = newest();
+    if n <= crate::shmem::now() || n <= SAVED.get() {
+        return;
+    }
+    let tmp = format!("{FLOOR_FILE}.{}", std::process::id());
+    let r = (|| -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(n.to_string().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, FLOOR_FILE)
+    })();
+    match r {
+        Ok(()) => SAVED.set(n),
+        Err(e) => tracing::warn!("could not write {FLOOR_FILE}: {e}"),
+    }
+}
+
+fn read_floor() -> i64 {
+    std::fs::read_to_string(FLOOR_FILE)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The first normal transaction id (PostgreSQL's FirstNormalTransactionId).
@@ -151,6 +213,23 @@ fn newest_recent_commit() -> i64 {
 /// Run by every manager at start, in a transaction; cheap when done already.
 pub fn prepare_pool() {
     let clock = CLOCK.get();
+    // Origin states are bounded by max_replication_slots; the peers' origins
+    // come first. Prepared only while every origin that exists can have one.
+    let origins = Spi::connect(|c| {
+        c.select("SELECT count(*) FROM pg_catalog.pg_replication_origin", Some(1), &[])?
+            .first()
+            .get_one::<i64>()
+    });
+    // SAFETY: reads a setting.
+    let states = unsafe { pg_sys::max_replication_slots } as i64;
+    if origins.ok().flatten().unwrap_or(i64::MAX) > states {
+        if clock.pool.iter().all(|e| e.load(Ordering::Acquire) == 0) {
+            tracing::warn!(
+                "max_replication_slots ({states}) is lower than the number of replication origins: local commits after a peer's future-dated change wait for the clock instead of borrowing a bdr_local_<n> origin (raise max_replication_slots)"
+            );
+        }
+        return;
+    }
     for (i, entry) in clock.pool.iter().enumerate() {
         if entry.load(Ordering::Acquire) != 0 {
             continue;
@@ -230,6 +309,9 @@ unsafe extern "C-unwind" fn xact_callback(
 }
 
 fn pre_commit() {
+    if EXEMPT.get() {
+        return;
+    }
     // SAFETY: reading the session's origin settings, as xact.c does.
     let (origin, chosen) = unsafe {
         (
@@ -238,7 +320,14 @@ fn pre_commit() {
         )
     };
     if origin != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
-        if origin as u32 != pg_sys::DoNotReplicateId && chosen != 0 {
+        // A session under `bdr_local` chose the timestamp of a local change
+        // (part's catch-up, tests). Other origins (PostgreSQL's own
+        // subscriptions, other tools) carry foreign clocks: not published.
+        // SAFETY: a syscache lookup inside the committing transaction.
+        let local = unsafe {
+            pg_sys::replorigin_by_name(crate::output_plugin::LOCAL_ORIGIN.as_ptr(), true)
+        };
+        if chosen != 0 && origin == local {
             publish(chosen);
         }
         return;

@@ -207,6 +207,14 @@ fn _tombstone_trigger<'a>(
 /// other node's change to that key, the row was deleted here then, exactly
 /// as by a DELETE (without it, an older update of the old key arriving later
 /// would bring the row back on this node only).
+///
+/// A BEFORE trigger, inline with the update: an AFTER trigger would queue
+/// an event for every updated row, and a column list (UPDATE OF the key)
+/// would make the key columns impossible to drop without CASCADE. A user's
+/// BEFORE trigger that fires later and changes the key itself is not seen;
+/// one that changes it back or skips the update leaves a tombstone for a
+/// key that still exists, which is harmless: tombstones are only consulted
+/// for missing rows.
 #[pg_trigger]
 fn _key_change_trigger<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,

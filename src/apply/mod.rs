@@ -236,6 +236,10 @@ impl Applier {
         unsafe {
             pg_sys::SetCurrentStatementStartTimestamp();
             pg_sys::StartTransactionCommand();
+            // Each change must see what committed before it (e.g. the
+            // tombstone of a transaction its insert waited for), whatever
+            // default_transaction_isolation says.
+            pg_sys::XactIsoLevel = pg_sys::XACT_READ_COMMITTED as i32;
         }
         let generation = stats::config_generation();
         if generation != self.config_generation {

@@ -166,6 +166,7 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                     crate::join::run_requested_join();
                 }
                 tend_receivers(dboid, &subs, &mut receivers, &mut jitter);
+                crate::hlc::save_floor();
                 if !parted.slots.is_empty() || !parted.origins.is_empty() {
                     drop_parted_artifacts(&parted.slots, &parted.origins);
                 }

@@ -18,6 +18,9 @@ use std::ffi::CString;
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn bdr_writer_main(arg: pg_sys::Datum) {
     attach_die_handlers();
+    // Every commit of a writer carries a peer's timestamp, or is its own
+    // bookkeeping under its origin session: never stamped by the clock.
+    crate::hlc::exempt_this_process();
     let idx = arg.value();
     let (generation, extra) = super::extra();
     let Some(task) = super::attach_task(idx, generation) else {
