@@ -11,6 +11,10 @@ bash scripts/setup.sh
 
 step() { printf '\n==== %s\n' "$*"; }
 
+step "formatting and lints (cargo fmt --check, cargo clippy -D warnings)"
+cargo fmt --all -- --check
+cargo clippy --all-targets --workspace -- -D warnings
+
 step "unit tests (pure logic, no PostgreSQL)"
 cargo test -p bdr-core
 

@@ -304,12 +304,16 @@ fn enum_entries(spec: &EnumSpec) -> *const pg_sys::config_enum_entry {
 /// SET LOCAL reverts at transaction end, after the commit record is written.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn assign_xact_replication(newval: bool, _extra: *mut std::ffi::c_void) {
-    let dnr = pg_sys::DoNotReplicateId as pg_sys::RepOriginId;
-    let none = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
-    if !newval && pg_sys::replorigin_session_origin == none {
-        pg_sys::replorigin_session_origin = dnr;
-    } else if newval && pg_sys::replorigin_session_origin == dnr {
-        pg_sys::replorigin_session_origin = none;
+    // SAFETY: the caller upholds this function's contract (see its
+    // documentation, or PostgreSQL's for a callback).
+    unsafe {
+        let dnr = pg_sys::DoNotReplicateId as pg_sys::RepOriginId;
+        let none = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
+        if !newval && pg_sys::replorigin_session_origin == none {
+            pg_sys::replorigin_session_origin = dnr;
+        } else if newval && pg_sys::replorigin_session_origin == dnr {
+            pg_sys::replorigin_session_origin = none;
+        }
     }
 }
 

@@ -46,6 +46,7 @@ pub struct Clock {
 // SAFETY: only atomics, valid in shared memory at any address.
 unsafe impl PGRXSharedMemory for Clock {}
 
+// SAFETY: the only shared memory of this name.
 static CLOCK: PgAtomic<Clock> = unsafe { PgAtomic::new(c"bdr_hlc") };
 
 thread_local! {
@@ -216,9 +217,13 @@ pub fn prepare_pool() {
     // Origin states are bounded by max_replication_slots; the peers' origins
     // come first. Prepared only while every origin that exists can have one.
     let origins = Spi::connect(|c| {
-        c.select("SELECT count(*) FROM pg_catalog.pg_replication_origin", Some(1), &[])?
-            .first()
-            .get_one::<i64>()
+        c.select(
+            "SELECT count(*) FROM pg_catalog.pg_replication_origin",
+            Some(1),
+            &[],
+        )?
+        .first()
+        .get_one::<i64>()
     });
     // SAFETY: reads a setting.
     let states = unsafe { pg_sys::max_replication_slots } as i64;

@@ -49,6 +49,7 @@ unsafe extern "C-unwind" fn utility_hook(
     }
     // SAFETY: single-threaded backend; restored below even on error.
     let saved = unsafe { guc::IN_SET_LOCAL };
+    // SAFETY: as above.
     unsafe { guc::IN_SET_LOCAL = is_set_local };
     PgTryBuilder::new(|| unsafe {
         // SAFETY: forwarding the arguments we were given, unchanged.
@@ -77,28 +78,34 @@ unsafe extern "C-unwind" fn utility_hook(
             ),
         }
     })
+    // SAFETY: single-threaded backend; puts back the flag saved above.
     .finally(|| unsafe { guc::IN_SET_LOCAL = saved })
     .execute();
 }
 
 /// Whether the statement is `DROP EXTENSION ... bdr ...` in a database that has it.
 unsafe fn drops_bdr_extension(stmt: *mut pg_sys::Node) -> bool {
-    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
-        return false;
+    // SAFETY: the caller upholds this function's contract (see its
+    // documentation, or PostgreSQL's for a callback).
+    unsafe {
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
+            return false;
+        }
+        let drop = stmt as *mut pg_sys::DropStmt;
+        if (*drop).removeType != pg_sys::ObjectType::OBJECT_EXTENSION {
+            return false;
+        }
+        let objects = (*drop).objects;
+        if objects.is_null() {
+            return false;
+        }
+        let named_bdr = (0..(*objects).length as usize).any(|i| {
+            let node = (*(*objects).elements.add(i)).ptr_value as *mut pg_sys::Node;
+            !node.is_null()
+                && (*node).type_ == pg_sys::NodeTag::T_String
+                && std::ffi::CStr::from_ptr((*(node as *mut pg_sys::String)).sval).to_bytes()
+                    == b"bdr"
+        });
+        named_bdr && pg_sys::get_extension_oid(c"bdr".as_ptr(), true) != pg_sys::InvalidOid
     }
-    let drop = stmt as *mut pg_sys::DropStmt;
-    if (*drop).removeType != pg_sys::ObjectType::OBJECT_EXTENSION {
-        return false;
-    }
-    let objects = (*drop).objects;
-    if objects.is_null() {
-        return false;
-    }
-    let named_bdr = (0..(*objects).length as usize).any(|i| {
-        let node = (*(*objects).elements.add(i)).ptr_value as *mut pg_sys::Node;
-        !node.is_null()
-            && (*node).type_ == pg_sys::NodeTag::T_String
-            && std::ffi::CStr::from_ptr((*(node as *mut pg_sys::String)).sval).to_bytes() == b"bdr"
-    });
-    named_bdr && pg_sys::get_extension_oid(c"bdr".as_ptr(), true) != pg_sys::InvalidOid
 }

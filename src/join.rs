@@ -312,33 +312,37 @@ unsafe extern "C-unwind" fn copy_read(
     minread: std::ffi::c_int,
     maxread: std::ffi::c_int,
 ) -> std::ffi::c_int {
-    COPY_SRC.with(|s| {
-        let mut s = s.borrow_mut();
-        let Some(src) = s.as_mut() else { return 0 };
-        let out = outbuf as *mut u8;
-        let mut n = 0usize;
-        while n < (minread.max(1) as usize) {
-            if src.pos < src.buf.len() {
-                let k = (maxread as usize - n).min(src.buf.len() - src.pos);
-                std::ptr::copy_nonoverlapping(src.buf.as_ptr().add(src.pos), out.add(n), k);
-                src.pos += k;
-                n += k;
-                continue;
-            }
-            if src.done {
-                break;
-            }
-            match (*src.conn).receive() {
-                Received::Data(d) => {
-                    src.buf = d.to_vec();
-                    src.pos = 0;
+    // SAFETY: the caller upholds this function's contract (see its
+    // documentation, or PostgreSQL's for a callback).
+    unsafe {
+        COPY_SRC.with(|s| {
+            let mut s = s.borrow_mut();
+            let Some(src) = s.as_mut() else { return 0 };
+            let out = outbuf as *mut u8;
+            let mut n = 0usize;
+            while n < (minread.max(1) as usize) {
+                if src.pos < src.buf.len() {
+                    let k = (maxread as usize - n).min(src.buf.len() - src.pos);
+                    std::ptr::copy_nonoverlapping(src.buf.as_ptr().add(src.pos), out.add(n), k);
+                    src.pos += k;
+                    n += k;
+                    continue;
                 }
-                Received::WouldBlock(fd) => latch::wait(Some(fd), 1000),
-                Received::End => src.done = true,
+                if src.done {
+                    break;
+                }
+                match (*src.conn).receive() {
+                    Received::Data(d) => {
+                        src.buf = d.to_vec();
+                        src.pos = 0;
+                    }
+                    Received::WouldBlock(fd) => latch::wait(Some(fd), 1000),
+                    Received::End => src.done = true,
+                }
             }
-        }
-        n as std::ffi::c_int
-    })
+            n as std::ffi::c_int
+        })
+    }
 }
 
 /// Copies one table from the target's COPY stream into the local table.

@@ -157,6 +157,7 @@ impl Default for Tasks {
 // which lives in shared memory.
 unsafe impl PGRXSharedMemory for Tasks {}
 
+// SAFETY: the only shared memory of this name.
 pub static TASKS: PgLwLock<Tasks> = unsafe { PgLwLock::new(c"bdr_worker_tasks") };
 
 pub fn init() {

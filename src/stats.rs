@@ -74,6 +74,7 @@ impl Default for Stats {
 // SAFETY: plain data without pointers.
 unsafe impl PGRXSharedMemory for Stats {}
 
+// SAFETY: the only shared memory of this name.
 pub static STATS: PgLwLock<Stats> = unsafe { PgLwLock::new(c"bdr_apply_stats") };
 
 pub fn init() {

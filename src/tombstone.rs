@@ -73,12 +73,16 @@ pub fn with_canonical_output<R>(f: impl FnOnce() -> R) -> R {
 /// # Safety
 /// `d` must be a valid datum of type `typid`.
 pub unsafe fn output_text(typid: pg_sys::Oid, d: pg_sys::Datum) -> String {
-    let mut out = pg_sys::InvalidOid;
-    let mut varlena = false;
-    pg_sys::getTypeOutputInfo(typid, &mut out, &mut varlena);
-    CStr::from_ptr(pg_sys::OidOutputFunctionCall(out, d))
-        .to_string_lossy()
-        .into_owned()
+    // SAFETY: the caller upholds this function's contract (see its
+    // documentation, or PostgreSQL's for a callback).
+    unsafe {
+        let mut out = pg_sys::InvalidOid;
+        let mut varlena = false;
+        pg_sys::getTypeOutputInfo(typid, &mut out, &mut varlena);
+        CStr::from_ptr(pg_sys::OidOutputFunctionCall(out, d))
+            .to_string_lossy()
+            .into_owned()
+    }
 }
 
 /// The key of a heap tuple of `rel` by its replica identity index, if it has one.
@@ -86,31 +90,35 @@ pub unsafe fn output_text(typid: pg_sys::Oid, d: pg_sys::Datum) -> String {
 /// # Safety
 /// `rel` must be open and `tuple` a tuple of it.
 unsafe fn tuple_key(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) -> Option<String> {
-    let keys = pg_sys::RelationGetIdentityKeyBitmap(rel);
-    if keys.is_null() {
-        return None;
-    }
-    let desc = (*rel).rd_att;
-    let natts = (*desc).natts as usize;
-    let mut values = vec![pg_sys::Datum::from(0); natts];
-    let mut nulls = vec![false; natts];
-    pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-    let mut parts = Vec::new();
-    let mut bit = -1;
-    loop {
-        bit = pg_sys::bms_next_member(keys, bit);
-        if bit < 0 {
-            break;
+    // SAFETY: the caller upholds this function's contract (see its
+    // documentation, or PostgreSQL's for a callback).
+    unsafe {
+        let keys = pg_sys::RelationGetIdentityKeyBitmap(rel);
+        if keys.is_null() {
+            return None;
         }
-        let attnum = bit + pg_sys::FirstLowInvalidHeapAttributeNumber;
-        if attnum <= 0 {
-            continue;
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![false; natts];
+        pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        let mut parts = Vec::new();
+        let mut bit = -1;
+        loop {
+            bit = pg_sys::bms_next_member(keys, bit);
+            if bit < 0 {
+                break;
+            }
+            let attnum = bit + pg_sys::FirstLowInvalidHeapAttributeNumber;
+            if attnum <= 0 {
+                continue;
+            }
+            let i = (attnum - 1) as usize;
+            let attr = &*(*desc).attrs.as_ptr().add(i);
+            parts.push((!nulls[i]).then(|| output_text(attr.atttypid, values[i])));
         }
-        let i = (attnum - 1) as usize;
-        let attr = &*(*desc).attrs.as_ptr().add(i);
-        parts.push((!nulls[i]).then(|| output_text(attr.atttypid, values[i])));
+        Some(key_text(&parts))
     }
-    Some(key_text(&parts))
 }
 
 /// Notes, in `bdr.tombstone`, that the row of `rel` with key `tuple` is gone
@@ -119,16 +127,20 @@ unsafe fn tuple_key(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) -> Option<S
 /// # Safety
 /// `rel` must be open and `tuple` a tuple of it.
 unsafe fn note_gone(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) {
-    let Some(key) = with_canonical_output(|| tuple_key(rel, tuple)) else {
-        return;
-    };
-    let relid = (*rel).rd_id;
-    Spi::run_with_args(
-        "INSERT INTO bdr.tombstone (relid, key_hash) VALUES ($1, pg_catalog.md5($2))
-         ON CONFLICT (relid, key_hash) DO UPDATE SET relid = EXCLUDED.relid",
-        &[relid.into(), key.as_str().into()],
-    )
-    .unwrap_or_else(|e| error!("bdr could not record a deleted row: {e}"));
+    // SAFETY: the caller upholds this function's contract (see its
+    // documentation, or PostgreSQL's for a callback).
+    unsafe {
+        let Some(key) = with_canonical_output(|| tuple_key(rel, tuple)) else {
+            return;
+        };
+        let relid = (*rel).rd_id;
+        Spi::run_with_args(
+            "INSERT INTO bdr.tombstone (relid, key_hash) VALUES ($1, pg_catalog.md5($2))
+             ON CONFLICT (relid, key_hash) DO UPDATE SET relid = EXCLUDED.relid",
+            &[relid.into(), key.as_str().into()],
+        )
+        .unwrap_or_else(|e| error!("bdr could not record a deleted row: {e}"));
+    }
 }
 
 /// Whether two tuples of `rel` differ in a replica identity column (by
@@ -137,57 +149,61 @@ unsafe fn note_gone(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) {
 /// # Safety
 /// `rel` must be open and both tuples tuples of it.
 unsafe fn key_differs(rel: pg_sys::Relation, a: pg_sys::HeapTuple, b: pg_sys::HeapTuple) -> bool {
-    let keys = pg_sys::RelationGetIdentityKeyBitmap(rel);
-    if keys.is_null() {
-        return false;
-    }
-    let desc = (*rel).rd_att;
-    let natts = (*desc).natts as usize;
-    let deform = |t| {
-        let mut values = vec![pg_sys::Datum::from(0); natts];
-        let mut nulls = vec![false; natts];
-        pg_sys::heap_deform_tuple(t, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        (values, nulls)
-    };
-    let ((va, na), (vb, nb)) = (deform(a), deform(b));
-    let mut bit = -1;
-    loop {
-        bit = pg_sys::bms_next_member(keys, bit);
-        if bit < 0 {
+    // SAFETY: the caller upholds this function's contract (see its
+    // documentation, or PostgreSQL's for a callback).
+    unsafe {
+        let keys = pg_sys::RelationGetIdentityKeyBitmap(rel);
+        if keys.is_null() {
             return false;
         }
-        let attnum = bit + pg_sys::FirstLowInvalidHeapAttributeNumber;
-        if attnum <= 0 {
-            continue;
-        }
-        let i = (attnum - 1) as usize;
-        if na[i] != nb[i] {
-            return true;
-        }
-        if na[i] {
-            continue;
-        }
-        let attr = &*(*desc).attrs.as_ptr().add(i);
-        let same = if attr.attbyval {
-            va[i] == vb[i]
-        } else {
-            let bytes = |d: pg_sys::Datum| -> Vec<u8> {
-                if attr.attlen > 0 {
-                    std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), attr.attlen as usize)
-                        .to_vec()
-                } else if attr.attlen == -1 {
-                    let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
-                    pgrx::varlena::varlena_to_byte_slice(v).to_vec()
-                } else {
-                    std::ffi::CStr::from_ptr(d.cast_mut_ptr())
-                        .to_bytes()
-                        .to_vec()
-                }
-            };
-            bytes(va[i]) == bytes(vb[i])
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        let deform = |t| {
+            let mut values = vec![pg_sys::Datum::from(0); natts];
+            let mut nulls = vec![false; natts];
+            pg_sys::heap_deform_tuple(t, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            (values, nulls)
         };
-        if !same {
-            return true;
+        let ((va, na), (vb, nb)) = (deform(a), deform(b));
+        let mut bit = -1;
+        loop {
+            bit = pg_sys::bms_next_member(keys, bit);
+            if bit < 0 {
+                return false;
+            }
+            let attnum = bit + pg_sys::FirstLowInvalidHeapAttributeNumber;
+            if attnum <= 0 {
+                continue;
+            }
+            let i = (attnum - 1) as usize;
+            if na[i] != nb[i] {
+                return true;
+            }
+            if na[i] {
+                continue;
+            }
+            let attr = &*(*desc).attrs.as_ptr().add(i);
+            let same = if attr.attbyval {
+                va[i] == vb[i]
+            } else {
+                let bytes = |d: pg_sys::Datum| -> Vec<u8> {
+                    if attr.attlen > 0 {
+                        std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), attr.attlen as usize)
+                            .to_vec()
+                    } else if attr.attlen == -1 {
+                        let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+                        pgrx::varlena::varlena_to_byte_slice(v).to_vec()
+                    } else {
+                        std::ffi::CStr::from_ptr(d.cast_mut_ptr())
+                            .to_bytes()
+                            .to_vec()
+                    }
+                };
+                bytes(va[i]) == bytes(vb[i])
+            };
+            if !same {
+                return true;
+            }
         }
     }
 }

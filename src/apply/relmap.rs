@@ -77,35 +77,39 @@ impl Drop for RelMap {
 /// # Safety
 /// Inside an SPI connection, with a snapshot.
 pub(super) unsafe fn index_rows(oid: pg_sys::Oid) -> Vec<(pg_sys::Oid, String, bool)> {
-    let q = format!(
-        "SELECT i.indexrelid, pg_catalog.array_to_string((i.indkey::int2[])[0:i.indnkeyatts - 1], ' '),
-                i.indisprimary
-           FROM pg_catalog.pg_index i
-          WHERE i.indrelid = {} AND i.indisunique AND i.indisvalid AND i.indimmediate
-            AND i.indpred IS NULL AND i.indexprs IS NULL
-          ORDER BY i.indisprimary DESC, i.indexrelid",
-        oid.to_u32()
-    );
-    let c = CString::new(q).unwrap_or_default();
-    let mut rows: Vec<(pg_sys::Oid, String, bool)> = Vec::new();
-    spi_check(
-        pg_sys::SPI_execute(c.as_ptr(), true, 0),
-        "reading a table's indexes",
-    );
-    let tt = pg_sys::SPI_tuptable;
-    for i in 0..pg_sys::SPI_processed as usize {
-        let tup = *(*tt).vals.add(i);
-        let mut isnull = false;
-        let d = pg_sys::SPI_getbinval(tup, (*tt).tupdesc, 1, &mut isnull);
-        let cols = pg_sys::SPI_getvalue(tup, (*tt).tupdesc, 2);
-        let primary = pg_sys::SPI_getbinval(tup, (*tt).tupdesc, 3, &mut isnull).value() != 0;
-        rows.push((
-            pg_sys::Oid::from(d.value() as u32),
-            CStr::from_ptr(cols).to_string_lossy().into_owned(),
-            primary,
-        ));
+    // SAFETY: the caller upholds this function's contract (see its
+    // documentation, or PostgreSQL's for a callback).
+    unsafe {
+        let q = format!(
+            "SELECT i.indexrelid, pg_catalog.array_to_string((i.indkey::int2[])[0:i.indnkeyatts - 1], ' '),
+                    i.indisprimary
+               FROM pg_catalog.pg_index i
+              WHERE i.indrelid = {} AND i.indisunique AND i.indisvalid AND i.indimmediate
+                AND i.indpred IS NULL AND i.indexprs IS NULL
+              ORDER BY i.indisprimary DESC, i.indexrelid",
+            oid.to_u32()
+        );
+        let c = CString::new(q).unwrap_or_default();
+        let mut rows: Vec<(pg_sys::Oid, String, bool)> = Vec::new();
+        spi_check(
+            pg_sys::SPI_execute(c.as_ptr(), true, 0),
+            "reading a table's indexes",
+        );
+        let tt = pg_sys::SPI_tuptable;
+        for i in 0..pg_sys::SPI_processed as usize {
+            let tup = *(*tt).vals.add(i);
+            let mut isnull = false;
+            let d = pg_sys::SPI_getbinval(tup, (*tt).tupdesc, 1, &mut isnull);
+            let cols = pg_sys::SPI_getvalue(tup, (*tt).tupdesc, 2);
+            let primary = pg_sys::SPI_getbinval(tup, (*tt).tupdesc, 3, &mut isnull).value() != 0;
+            rows.push((
+                pg_sys::Oid::from(d.value() as u32),
+                CStr::from_ptr(cols).to_string_lossy().into_owned(),
+                primary,
+            ));
+        }
+        rows
     }
-    rows
 }
 
 /// Splits the unique indexes (`index_rows`) of a table into the one that

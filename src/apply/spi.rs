@@ -29,19 +29,23 @@ pub(super) fn commit_ts_of(xid: pg_sys::Datum) -> (Option<i64>, u16) {
 /// # Safety
 /// Right after an SPI execution in this SPI connection.
 pub(super) unsafe fn first_datum_and_free() -> Option<pg_sys::Datum> {
-    let tt = pg_sys::SPI_tuptable;
-    if tt.is_null() {
-        return None;
+    // SAFETY: the caller upholds this function's contract (see its
+    // documentation, or PostgreSQL's for a callback).
+    unsafe {
+        let tt = pg_sys::SPI_tuptable;
+        if tt.is_null() {
+            return None;
+        }
+        let first = if pg_sys::SPI_processed == 0 || (*(*tt).tupdesc).natts < 1 {
+            None
+        } else {
+            let mut isnull = false;
+            let d = pg_sys::SPI_getbinval(*(*tt).vals, (*tt).tupdesc, 1, &mut isnull);
+            (!isnull).then_some(d)
+        };
+        pg_sys::SPI_freetuptable(tt);
+        first
     }
-    let first = if pg_sys::SPI_processed == 0 || (*(*tt).tupdesc).natts < 1 {
-        None
-    } else {
-        let mut isnull = false;
-        let d = pg_sys::SPI_getbinval(*(*tt).vals, (*tt).tupdesc, 1, &mut isnull);
-        (!isnull).then_some(d)
-    };
-    pg_sys::SPI_freetuptable(tt);
-    first
 }
 
 /// A PostgreSQL timestamp as text, for log lines.
@@ -113,22 +117,26 @@ pub(super) fn exec_texts(
 /// # Safety
 /// Right after an SPI execution in this SPI connection.
 pub(super) unsafe fn first_text_and_free() -> Option<String> {
-    let tt = pg_sys::SPI_tuptable;
-    if tt.is_null() {
-        return None;
+    // SAFETY: the caller upholds this function's contract (see its
+    // documentation, or PostgreSQL's for a callback).
+    unsafe {
+        let tt = pg_sys::SPI_tuptable;
+        if tt.is_null() {
+            return None;
+        }
+        let v = if pg_sys::SPI_processed == 0 {
+            None
+        } else {
+            let p = pg_sys::SPI_getvalue(*(*tt).vals, (*tt).tupdesc, 1);
+            (!p.is_null()).then(|| {
+                let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+                pg_sys::pfree(p as *mut std::ffi::c_void);
+                s
+            })
+        };
+        pg_sys::SPI_freetuptable(tt);
+        v
     }
-    let v = if pg_sys::SPI_processed == 0 {
-        None
-    } else {
-        let p = pg_sys::SPI_getvalue(*(*tt).vals, (*tt).tupdesc, 1);
-        (!p.is_null()).then(|| {
-            let s = CStr::from_ptr(p).to_string_lossy().into_owned();
-            pg_sys::pfree(p as *mut std::ffi::c_void);
-            s
-        })
-    };
-    pg_sys::SPI_freetuptable(tt);
-    v
 }
 
 pub(super) fn same_tid(a: &pg_sys::ItemPointerData, b: &pg_sys::ItemPointerData) -> bool {

@@ -1,6 +1,8 @@
 //! The pure logic of bdr: nothing here touches PostgreSQL, so all of it is
 //! tested with plain `cargo test`.
 
+#![forbid(unsafe_code)]
+
 pub mod backoff;
 pub mod conflict;
 pub mod dsn;
