@@ -85,13 +85,18 @@ pub unsafe fn output_text(typid: pg_sys::Oid, d: pg_sys::Datum) -> String {
     }
 }
 
-/// The key of a heap tuple of `rel` by its replica identity index, if it has one.
+/// The replica identity key columns of a tuple of `rel`, in column order:
+/// (attribute, value, is null) each; `None` when the table has no key.
 ///
 /// # Safety
-/// `rel` must be open and `tuple` a tuple of it.
-unsafe fn tuple_key(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) -> Option<String> {
-    // SAFETY: the caller upholds this function's contract (see its
-    // documentation, or PostgreSQL's for a callback).
+/// `rel` must be open and `tuple` a tuple of it; the attributes and values
+/// borrow from both and must not be used after either goes.
+unsafe fn key_columns<'a>(
+    rel: pg_sys::Relation,
+    tuple: pg_sys::HeapTuple,
+) -> Option<Vec<(&'a pg_sys::FormData_pg_attribute, pg_sys::Datum, bool)>> {
+    // SAFETY: the caller upholds this function's contract; the attributes
+    // live in the relation's tuple descriptor, which outlives the trigger.
     unsafe {
         let keys = pg_sys::RelationGetIdentityKeyBitmap(rel);
         if keys.is_null() {
@@ -102,12 +107,12 @@ unsafe fn tuple_key(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) -> Option<S
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![false; natts];
         pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        let mut parts = Vec::new();
+        let mut cols = Vec::new();
         let mut bit = -1;
         loop {
             bit = pg_sys::bms_next_member(keys, bit);
             if bit < 0 {
-                break;
+                return Some(cols);
             }
             let attnum = bit + pg_sys::FirstLowInvalidHeapAttributeNumber;
             if attnum <= 0 {
@@ -115,8 +120,23 @@ unsafe fn tuple_key(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) -> Option<S
             }
             let i = (attnum - 1) as usize;
             let attr = &*(*desc).attrs.as_ptr().add(i);
-            parts.push((!nulls[i]).then(|| output_text(attr.atttypid, values[i])));
+            cols.push((attr, values[i], nulls[i]));
         }
+    }
+}
+
+/// The key of a heap tuple of `rel` by its replica identity index, if it has one.
+///
+/// # Safety
+/// `rel` must be open and `tuple` a tuple of it.
+unsafe fn tuple_key(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) -> Option<String> {
+    // SAFETY: the caller upholds this function's contract; each value is of
+    // its attribute's type.
+    unsafe {
+        let parts: Vec<Option<String>> = key_columns(rel, tuple)?
+            .into_iter()
+            .map(|(attr, v, null)| (!null).then(|| output_text(attr.atttypid, v)))
+            .collect();
         Some(key_text(&parts))
     }
 }
@@ -149,62 +169,39 @@ unsafe fn note_gone(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) {
 /// # Safety
 /// `rel` must be open and both tuples tuples of it.
 unsafe fn key_differs(rel: pg_sys::Relation, a: pg_sys::HeapTuple, b: pg_sys::HeapTuple) -> bool {
-    // SAFETY: the caller upholds this function's contract (see its
-    // documentation, or PostgreSQL's for a callback).
+    // SAFETY: the caller upholds this function's contract; each value is of
+    // its attribute's type and length.
     unsafe {
-        let keys = pg_sys::RelationGetIdentityKeyBitmap(rel);
-        if keys.is_null() {
+        let (Some(ka), Some(kb)) = (key_columns(rel, a), key_columns(rel, b)) else {
             return false;
-        }
-        let desc = (*rel).rd_att;
-        let natts = (*desc).natts as usize;
-        let deform = |t| {
-            let mut values = vec![pg_sys::Datum::from(0); natts];
-            let mut nulls = vec![false; natts];
-            pg_sys::heap_deform_tuple(t, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-            (values, nulls)
         };
-        let ((va, na), (vb, nb)) = (deform(a), deform(b));
-        let mut bit = -1;
-        loop {
-            bit = pg_sys::bms_next_member(keys, bit);
-            if bit < 0 {
-                return false;
-            }
-            let attnum = bit + pg_sys::FirstLowInvalidHeapAttributeNumber;
-            if attnum <= 0 {
-                continue;
-            }
-            let i = (attnum - 1) as usize;
-            if na[i] != nb[i] {
-                return true;
-            }
-            if na[i] {
-                continue;
-            }
-            let attr = &*(*desc).attrs.as_ptr().add(i);
-            let same = if attr.attbyval {
-                va[i] == vb[i]
+        let bytes = |attr: &pg_sys::FormData_pg_attribute, d: pg_sys::Datum| -> Vec<u8> {
+            if attr.attlen > 0 {
+                std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), attr.attlen as usize).to_vec()
+            } else if attr.attlen == -1 {
+                let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+                pgrx::varlena::varlena_to_byte_slice(v).to_vec()
             } else {
-                let bytes = |d: pg_sys::Datum| -> Vec<u8> {
-                    if attr.attlen > 0 {
-                        std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), attr.attlen as usize)
-                            .to_vec()
-                    } else if attr.attlen == -1 {
-                        let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
-                        pgrx::varlena::varlena_to_byte_slice(v).to_vec()
-                    } else {
-                        std::ffi::CStr::from_ptr(d.cast_mut_ptr())
-                            .to_bytes()
-                            .to_vec()
-                    }
-                };
-                bytes(va[i]) == bytes(vb[i])
-            };
-            if !same {
-                return true;
+                std::ffi::CStr::from_ptr(d.cast_mut_ptr())
+                    .to_bytes()
+                    .to_vec()
             }
-        }
+        };
+        ka.iter()
+            .zip(kb.iter())
+            .any(|((attr, va, na), (_, vb, nb))| {
+                if na != nb {
+                    return true;
+                }
+                if *na {
+                    return false;
+                }
+                if attr.attbyval {
+                    va != vb
+                } else {
+                    bytes(attr, *va) != bytes(attr, *vb)
+                }
+            })
     }
 }
 

@@ -622,3 +622,19 @@ pub fn resume_subscriptions(c: &Cluster, db: &str) {
     wait_for_mesh(c, db);
     wait_for_replication(c, db);
 }
+
+/// A small xorshift generator: a test's randomness, repeatable from a seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}

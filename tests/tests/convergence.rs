@@ -236,21 +236,6 @@ fn a_key_change_that_overtook_the_insert_of_the_old_key_wins() {
     assert_converged(&c, DB, &["t"]);
 }
 
-/// A small xorshift generator: the test's randomness, repeatable from a seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 const HOT: i32 = 12;
 
 /// One client transaction: a few writes to hot keys (in key order, so that

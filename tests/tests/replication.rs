@@ -239,20 +239,6 @@ fn every_kind_of_change_replicates_to_every_node() {
     assert_converged(&c, DB, TABLES);
 }
 
-/// A small deterministic generator, so a failure can be replayed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// One node's share of a concurrent workload on shared rows: small
 /// transactions of inserts, updates and deletes of ids all nodes touch, each
 /// also appending a (node, seq) row to `xlog`, which has no key, so that a
