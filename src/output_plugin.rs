@@ -173,7 +173,7 @@ unsafe extern "C-unwind" fn shutdown(_ctx: *mut pg_sys::LogicalDecodingContext) 
 /// changes of this node and are replicated. With
 /// `pg_replication_origin_xact_setup` they carry a commit timestamp of the
 /// session's choosing, which is how tests make two nodes' commits tie.
-pub const LOCAL_ORIGIN: &std::ffi::CStr = c"bdr_local";
+pub const LOCAL_ORIGIN: &std::ffi::CStr = bdr_core::hlc::LOCAL_ORIGIN_C;
 
 #[pg_guard]
 unsafe extern "C-unwind" fn filter_by_origin(

@@ -345,7 +345,10 @@ fn catch_up_from_most_advanced(
         // walrcv_exec wants the exact column count of what returns rows.
         let select = |sql: &str| remote(m, what, c.query(sql, 1).map(|_| ()));
         let begin = format!("BEGIN; {}", crate::tombstone::canonical_output_sql());
-        select("SELECT pg_catalog.pg_replication_origin_session_setup('bdr_local')")?;
+        select(&format!(
+            "SELECT pg_catalog.pg_replication_origin_session_setup({})",
+            bdr_core::quote::literal(bdr_core::hlc::LOCAL_ORIGIN)
+        ))?;
         let mut result = Ok(());
         for (t, v, ts, deleted) in &changes {
             let apply = if *deleted {

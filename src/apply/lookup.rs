@@ -11,8 +11,7 @@ pub(super) struct Found {
     pub(super) writer: Option<Writer>,
 }
 
-/// The commit timestamp of rows a join copied (see `bdr.copied_row`).
-pub(super) const COPIED_COMMIT_TS: i64 = 1;
+pub(super) use bdr_core::time::COPIED_COMMIT_TS;
 
 impl Applier {
     /// The node that made the local row's last write, from its origin.

@@ -173,14 +173,15 @@ pub(super) fn copy_row_writers(
     // bdr.copied_row.
     let writer = |ts: &str, origin: &str| {
         format!(
-            "((EXTRACT(epoch FROM {ts}) - 946684800) * 1000000)::int8,
-             CASE WHEN {origin} = 0 THEN {0}::oid
-                  ELSE (SELECT CASE WHEN {1} THEN {0}::oid ELSE s.origin_node_id END
+            "{micros},
+             CASE WHEN {origin} = 0 THEN {id}::oid
+                  ELSE (SELECT CASE WHEN {local} THEN {id}::oid ELSE s.origin_node_id END
                           FROM pg_catalog.pg_replication_origin o
                           LEFT JOIN bdr.subscription s ON s.origin_name = o.roname
                          WHERE o.roident = {origin}) END",
-            target.id,
-            bdr_core::hlc::local_origin_sql("o.roname")
+            micros = bdr_core::time::micros_sql(ts),
+            id = target.id,
+            local = bdr_core::hlc::local_origin_sql("o.roname")
         )
     };
     for t in tables {
@@ -254,7 +255,7 @@ pub(super) fn use_origin_until_end_of_transaction(origin_name: &str, lsn: u64) {
         // every change that streams in after it is newer, whatever the
         // clocks say. So they get the earliest commit time there is (0
         // would mean "now" to PostgreSQL), not the time of the join.
-        pg_sys::replorigin_session_origin_timestamp = 1;
+        pg_sys::replorigin_session_origin_timestamp = bdr_core::time::COPIED_COMMIT_TS;
     }
     let reset = || {
         // SAFETY: undoes the session setup above once the commit record (with

@@ -17,6 +17,13 @@ pub fn local_commit_stamp(now: i64, newest: i64) -> Option<i64> {
     (now <= newest).then(|| newest.saturating_add(1))
 }
 
+/// The replication origin under which sessions commit local changes with a
+/// timestamp of their choosing (part's catch-up, tests of ties).
+pub const LOCAL_ORIGIN: &str = "bdr_local";
+
+/// `LOCAL_ORIGIN` as a C string, for PostgreSQL's origin lookups.
+pub const LOCAL_ORIGIN_C: &std::ffi::CStr = c"bdr_local";
+
 /// Replication origins a local transaction can borrow to commit with a
 /// chosen timestamp (PostgreSQL 15 records a chosen commit timestamp only
 /// for a session with an origin, and one origin serves one backend at a
@@ -32,7 +39,7 @@ pub fn pool_origin_name(n: usize) -> String {
 /// its own transactions: `bdr_local` (sessions choosing their timestamp) or a
 /// pool origin. Transactions committed under them are local changes.
 pub fn is_local_origin(name: &str) -> bool {
-    match name.strip_prefix("bdr_local") {
+    match name.strip_prefix(LOCAL_ORIGIN) {
         Some("") => true,
         Some(rest) => rest
             .strip_prefix('_')
@@ -66,6 +73,7 @@ mod tests {
     #[test]
     fn local_origin_names() {
         assert!(is_local_origin("bdr_local"));
+        assert_eq!(LOCAL_ORIGIN_C.to_str(), Ok(LOCAL_ORIGIN));
         assert!(is_local_origin(&pool_origin_name(1)));
         assert!(is_local_origin("bdr_local_12"));
         assert!(!is_local_origin("bdr_local_"));

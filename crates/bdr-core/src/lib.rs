@@ -14,4 +14,5 @@ pub mod node;
 pub mod protocol;
 pub mod quote;
 pub mod settings;
+pub mod time;
 pub mod version;
