@@ -152,3 +152,18 @@ pub fn caught_report(
         PostgresError(r) | ErrorReport(r) | RustPanic { ereport: r, .. } => r,
     }
 }
+
+/// Raises an ERROR with SQLSTATE `code` below the SQL boundary (workers,
+/// apply, triggers), where no `BdrError` carries one; does not return.
+pub fn raise_code(code: PgSqlErrorCode, message: String) -> ! {
+    ErrorReport::new(code, message, "bdr").report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
+}
+
+/// `crate::fail!(ERRCODE_..., "format", args...)`: an ERROR with that SQLSTATE.
+#[macro_export]
+macro_rules! fail {
+    ($code:ident, $($arg:tt)*) => {
+        $crate::error::raise_code(pgrx::PgSqlErrorCode::$code, format!($($arg)*))
+    };
+}

@@ -45,7 +45,7 @@ unsafe extern "C-unwind" fn utility_hook(
                  EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.rel);
                END LOOP; END $$",
         )
-        .unwrap_or_else(|e| error!("could not remove bdr's triggers: {e}"));
+        .unwrap_or_else(|e| crate::fail!(ERRCODE_INTERNAL_ERROR, "could not remove bdr's triggers: {e}"));
     }
     // SAFETY: single-threaded backend; restored below even on error.
     let saved = unsafe { guc::IN_SET_LOCAL };

@@ -159,7 +159,12 @@ unsafe fn note_gone(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) {
              ON CONFLICT (relid, key_hash) DO UPDATE SET relid = EXCLUDED.relid",
             &[relid.into(), key.as_str().into()],
         )
-        .unwrap_or_else(|e| error!("bdr could not record a deleted row: {e}"));
+        .unwrap_or_else(|e| {
+            crate::fail!(
+                ERRCODE_INTERNAL_ERROR,
+                "bdr could not record a deleted row: {e}"
+            )
+        });
     }
 }
 

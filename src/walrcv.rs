@@ -29,7 +29,10 @@ fn functions() -> &'static pg_sys::WalReceiverFunctionsType {
             pg_sys::load_file(c"libpqwalreceiver".as_ptr(), false);
         }
         if pg_sys::WalReceiverFunctions.is_null() {
-            pgrx::error!("libpqwalreceiver did not initialise");
+            crate::fail!(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "libpqwalreceiver did not initialise"
+            );
         }
         &*pg_sys::WalReceiverFunctions
     }

@@ -247,7 +247,10 @@ impl Applier {
             unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
             match crate::catalog::conflict_config() {
                 Ok(c) => self.config = c,
-                Err(e) => error!("could not read the conflict settings: {e}"),
+                Err(e) => crate::fail!(
+                    ERRCODE_INTERNAL_ERROR,
+                    "could not read the conflict settings: {e}"
+                ),
             }
             // SAFETY: pushed above.
             unsafe { pg_sys::PopActiveSnapshot() };
@@ -319,7 +322,10 @@ impl Applier {
     /// Runs one row change with a fresh snapshot and per-row memory.
     fn row(&mut self, f: impl FnOnce(&mut Self)) {
         if !self.in_txn {
-            error!("bdr writer: change outside a transaction from the peer");
+            crate::fail!(
+                ERRCODE_PROTOCOL_VIOLATION,
+                "bdr writer: change outside a transaction from the peer"
+            );
         }
         if self.stop.is_some() {
             return;

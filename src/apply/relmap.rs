@@ -379,7 +379,10 @@ impl Applier {
     pub(super) fn rel(&mut self, relid: u32) -> &mut RelMap {
         match self.rels.get_mut(&relid) {
             Some(r) => r,
-            None => error!("bdr writer: change for relation {relid} before its description"),
+            None => crate::fail!(
+                ERRCODE_PROTOCOL_VIOLATION,
+                "bdr writer: change for relation {relid} before its description"
+            ),
         }
     }
 
@@ -398,7 +401,8 @@ impl Applier {
             (r.key.clone(), false)
         };
         if key.is_empty() {
-            error!(
+            crate::fail!(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 "table {} has no replica identity; {what} cannot be applied",
                 r.qualified
             );

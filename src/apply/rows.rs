@@ -83,7 +83,7 @@ impl Applier {
                 }
             }
         }
-        error!(
+        crate::fail!(ERRCODE_UNIQUE_VIOLATION,
             "a row replicated into {} conflicts with a local row on a unique index bdr cannot check (partial, on expressions or deferred)",
             self.rel(relid).qualified
         );

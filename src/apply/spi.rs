@@ -63,7 +63,10 @@ pub(super) fn keep_plan(sql: &str, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlan
     unsafe {
         let p = pg_sys::SPI_prepare(c.as_ptr(), types.len() as i32, types.as_mut_ptr());
         if p.is_null() {
-            error!("bdr writer: could not prepare: {sql}");
+            crate::fail!(
+                ERRCODE_INTERNAL_ERROR,
+                "bdr writer: could not prepare: {sql}"
+            );
         }
         pg_sys::SPI_keepplan(p);
         p
@@ -72,7 +75,10 @@ pub(super) fn keep_plan(sql: &str, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlan
 
 pub(super) fn spi_check(rc: i32, what: &str) {
     if rc < 0 {
-        error!("bdr writer: SPI failed ({rc}) while {what}");
+        crate::fail!(
+            ERRCODE_INTERNAL_ERROR,
+            "bdr writer: SPI failed ({rc}) while {what}"
+        );
     }
 }
 
@@ -247,7 +253,8 @@ impl Applier {
                     }
                     Value::Binary(b) => {
                         if r.remote.columns[i].type_oid != l.typid.to_u32() {
-                            error!(
+                            crate::fail!(
+                                ERRCODE_DATATYPE_MISMATCH,
                                 "column \"{}\" of {} has type {} here but another type on the peer",
                                 l.name,
                                 r.qualified,
@@ -295,9 +302,11 @@ impl Applier {
         let col = |i: usize| -> (&str, pg_sys::Oid) {
             match r.map[i] {
                 Some(li) => (r.local[li].name.as_str(), r.local[li].typid),
-                None => error!(
+                None => crate::fail!(
+                    ERRCODE_UNDEFINED_COLUMN,
                     "column \"{}\" of {} exists on the peer but not on this node",
-                    r.remote.columns[i].name, r.qualified
+                    r.remote.columns[i].name,
+                    r.qualified
                 ),
             }
         };
@@ -422,7 +431,8 @@ impl Applier {
         let plan = unsafe {
             let p = pg_sys::SPI_prepare(c.as_ptr(), types.len() as i32, types.as_mut_ptr());
             if p.is_null() {
-                error!(
+                crate::fail!(
+                    ERRCODE_INTERNAL_ERROR,
                     "bdr writer: could not prepare a statement for {}",
                     r.qualified
                 );

@@ -192,7 +192,10 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                 stop_all(&mut receivers);
                 crate::shmem::record_error(idx, generation, &e);
                 // An ERROR here exits the worker; the supervisor restarts it with backoff.
-                error!("bdr manager could not read the BDR catalogs: {e}");
+                crate::fail!(
+                    ERRCODE_INTERNAL_ERROR,
+                    "bdr manager could not read the BDR catalogs: {e}"
+                );
             }
         }
         if !BackgroundWorker::wait_latch(Some(POLL)) {

@@ -74,14 +74,20 @@ impl Stream {
                     }
                 }
                 Recv::WouldBlock => return,
-                Recv::Detached => error!("the writer of this subscription exited"),
+                Recv::Detached => crate::fail!(
+                    ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "the writer of this subscription exited"
+                ),
             }
         }
     }
 
     fn check_writer(&self) {
         if let Err(BackgroundWorkerStatus::Stopped) = self.writer.handle.pid() {
-            error!("the writer of this subscription exited");
+            crate::fail!(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "the writer of this subscription exited"
+            );
         }
     }
 
@@ -89,7 +95,10 @@ impl Stream {
         loop {
             match self.queues.to_writer.send(data, true) {
                 Sent::Ok => return,
-                Sent::Detached => error!("the writer of this subscription exited"),
+                Sent::Detached => crate::fail!(
+                    ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "the writer of this subscription exited"
+                ),
                 Sent::WouldBlock => {
                     // The writer is behind: take its acknowledgements meanwhile,
                     // so it never waits on us while we wait on it, and keep
@@ -138,7 +147,12 @@ impl Stream {
 fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
     let manager = manager_generation(dboid);
     let sub: Option<SubRow> = BackgroundWorker::transaction(|| catalog::subscription(subid))
-        .unwrap_or_else(|e| error!("could not read the subscription: {e}"));
+        .unwrap_or_else(|e| {
+            crate::fail!(
+                ERRCODE_INTERNAL_ERROR,
+                "could not read the subscription: {e}"
+            )
+        });
     let Some(sub) = sub else {
         shmem::update_task(idx, generation, |t| t.exit_kind = ExitKind::Stopped);
         return;
@@ -164,9 +178,11 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
     );
 
     let mut conn = Conn::connect(&sub.origin_dsn, &sub.sub_name).unwrap_or_else(|e| {
-        error!(
+        crate::fail!(
+            ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
             "could not connect to node \"{}\" for subscription \"{}\": {e}",
-            sub.origin_node_name, sub.sub_name
+            sub.origin_node_name,
+            sub.sub_name
         )
     });
 
@@ -188,7 +204,8 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
         &dsm.to_string(),
         &mut jitter,
     ) else {
-        error!(
+        crate::fail!(
+            ERRCODE_INSUFFICIENT_RESOURCES,
             "could not start the writer of subscription \"{}\"",
             sub.sub_name
         );
@@ -201,9 +218,11 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
         protocol::PROTO_VERSION
     );
     if let Err(e) = conn.start_copy(&cmd) {
-        error!(
+        crate::fail!(
+            ERRCODE_CONNECTION_FAILURE,
             "could not start replication from node \"{}\" (slot \"{}\"): {e}",
-            sub.origin_node_name, sub.slot_name
+            sub.origin_node_name,
+            sub.slot_name
         );
     }
     shmem::update_task(idx, generation, |t| {
@@ -267,7 +286,8 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
                     fd = Some(f);
                     break;
                 }
-                Received::End => error!(
+                Received::End => crate::fail!(
+                    ERRCODE_CONNECTION_FAILURE,
                     "node \"{}\" ended the replication stream",
                     sub.origin_node_name
                 ),
@@ -295,7 +315,11 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
                         }
                         continue;
                     }
-                    Err(e) => error!("bad frame from node \"{}\": {e}", sub.origin_node_name),
+                    Err(e) => crate::fail!(
+                        ERRCODE_PROTOCOL_VIOLATION,
+                        "bad frame from node \"{}\": {e}",
+                        sub.origin_node_name
+                    ),
                 },
             };
             last_msg = now();
@@ -308,7 +332,11 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
                     recv_commit = end_lsn;
                 }
                 Ok(Boundary::Other) => {}
-                Err(e) => error!("bad message from node \"{}\": {e}", sub.origin_node_name),
+                Err(e) => crate::fail!(
+                    ERRCODE_PROTOCOL_VIOLATION,
+                    "bad message from node \"{}\": {e}",
+                    sub.origin_node_name
+                ),
             }
             s.forward(&conn, &payload);
         }
@@ -328,7 +356,7 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
         if timeout_ms > 0 {
             let silent_ms = (ts - last_msg) / 1000;
             if silent_ms > timeout_ms {
-                error!(
+                crate::fail!(ERRCODE_CONNECTION_FAILURE,
                     "terminating the stream from node \"{}\": no message for {} ms (wal_receiver_timeout)",
                     sub.origin_node_name, silent_ms
                 );

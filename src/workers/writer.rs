@@ -55,11 +55,28 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32, extra: &str) {
     let (sub, local) =
         BackgroundWorker::transaction(|| (catalog::subscription(subid), catalog::local_node()));
     let sub = sub
-        .unwrap_or_else(|e| error!("could not read the subscription: {e}"))
-        .unwrap_or_else(|| error!("subscription {subid} no longer exists"));
+        .unwrap_or_else(|e| {
+            crate::fail!(
+                ERRCODE_INTERNAL_ERROR,
+                "could not read the subscription: {e}"
+            )
+        })
+        .unwrap_or_else(|| {
+            crate::fail!(
+                ERRCODE_UNDEFINED_OBJECT,
+                "subscription {subid} no longer exists"
+            )
+        });
     let local = local
-        .unwrap_or_else(|e| error!("could not read the local node: {e}"))
-        .unwrap_or_else(|| error!("this database has no local BDR node any more"));
+        .unwrap_or_else(|e| {
+            crate::fail!(ERRCODE_INTERNAL_ERROR, "could not read the local node: {e}")
+        })
+        .unwrap_or_else(|| {
+            crate::fail!(
+                ERRCODE_UNDEFINED_OBJECT,
+                "this database has no local BDR node any more"
+            )
+        });
 
     // SAFETY: process-wide settings of this worker, set once before applying:
     // replica mode keeps ordinary triggers and FK checks from firing twice,
@@ -88,7 +105,11 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32, extra: &str) {
     loop {
         let msg = match queues.to_writer.receive(false) {
             Recv::Msg(b) => protocol::decode(b).unwrap_or_else(|e| {
-                error!("bad message from node \"{}\": {e}", sub.origin_node_name)
+                crate::fail!(
+                    ERRCODE_PROTOCOL_VIOLATION,
+                    "bad message from node \"{}\": {e}",
+                    sub.origin_node_name
+                )
             }),
             Recv::WouldBlock => continue,
             Recv::Detached => {
