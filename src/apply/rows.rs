@@ -2,6 +2,7 @@
 //! with the conflict each can meet and how it is resolved.
 
 use super::*;
+use bdr_core::flow;
 
 impl Applier {
     /// Applies an incoming row as an INSERT of remote columns `cols`. `kind`
@@ -295,69 +296,68 @@ impl Applier {
         };
         match self.find_or_lock(relid, &key, lookup, full) {
             Some(f) => {
-                let newer = remote_wins(self.remote_writer(), f.writer);
-                // The row was last written by another node than the one
-                // updating it: concurrent changes met (update_origin_change).
-                let apply = if f.writer.is_some_and(|w| w.node_id != self.remote_node_id) {
-                    let detail = self.local_desc(&f);
-                    let index = self.rel(relid).key_index;
-                    match self.conflict(
-                        Seen {
-                            t: ConflictType::UpdateOriginChange,
-                            relid,
-                            index,
-                            key: &key,
-                            key_vals: lookup,
-                            remote: Some(new),
-                            local: Some(&f),
-                            applies_row: true,
-                            detail,
-                        },
-                        Facts {
-                            full_row,
-                            ..Facts::default()
-                        },
-                    ) {
-                        Outcome::ApplyRemote => true,
-                        Outcome::Skip => false,
-                        Outcome::Error => return,
+                let remote = self.remote_writer();
+                let outcome = match flow::update_found_conflict(remote, f.writer) {
+                    Some(t) => {
+                        let detail = self.local_desc(&f);
+                        let index = self.rel(relid).key_index;
+                        Some(self.conflict(
+                            Seen {
+                                t,
+                                relid,
+                                index,
+                                key: &key,
+                                key_vals: lookup,
+                                remote: Some(new),
+                                local: Some(&f),
+                                applies_row: true,
+                                detail,
+                            },
+                            Facts {
+                                full_row,
+                                ..Facts::default()
+                            },
+                        ))
                     }
-                } else {
-                    newer
+                    None => None,
                 };
-                if key_changed && full_row {
-                    // A key change is the old row going and the new one
-                    // coming, each resolved on its own: the new key may be
-                    // taken here by a newer row (update_pkey_exists), and then
-                    // the old row still goes, as it did on the origin.
-                    if apply {
-                        self.exec_delete(relid, f.ctid);
-                        self.note_deleted(relid, &key, lookup);
-                    }
-                    self.insert(relid, new, &cols, ConflictType::UpdatePkeyExists, true);
-                } else if apply {
-                    // In place (also a key change that kept TOASTed values,
-                    // which only the local row has).
-                    let mut others = Vec::new();
-                    if key_changed {
-                        if let Some(p) = self.find(relid, &key, new, false) {
-                            let index = self.rel(relid).key_index.unwrap_or(pg_sys::InvalidOid);
-                            others.push((index, p));
-                        }
-                    }
-                    for (i, o) in self.unique_collisions(relid, new, Some(f.ctid)) {
-                        if !others.iter().any(|(_, g)| same_tid(&g.ctid, &o.ctid)) {
-                            others.push((i, o));
-                        }
-                    }
-                    if others.is_empty() {
-                        self.exec_update(relid, f.ctid, &cols, new);
-                        if key_changed {
-                            // The old key is gone, as after a delete.
+                match flow::update_found_action(remote, f.writer, outcome, key_changed, full_row) {
+                    flow::UpdateFound::Stop | flow::UpdateFound::Keep => {}
+                    flow::UpdateFound::DeleteAndInsert { delete_old } => {
+                        // The new key may be taken here by a newer row
+                        // (update_pkey_exists); the old row still goes if the
+                        // change won, as it did on the origin.
+                        if delete_old {
+                            self.exec_delete(relid, f.ctid);
                             self.note_deleted(relid, &key, lookup);
                         }
-                    } else {
-                        self.resolve_update_collisions(relid, new, &cols, &key, lookup, &f, others);
+                        self.insert(relid, new, &cols, ConflictType::UpdatePkeyExists, true);
+                    }
+                    flow::UpdateFound::InPlace { old_key_gone } => {
+                        // In place (also a key change that kept TOASTed
+                        // values, which only the local row has).
+                        let mut others = Vec::new();
+                        if key_changed {
+                            if let Some(p) = self.find(relid, &key, new, false) {
+                                let index = self.rel(relid).key_index.unwrap_or(pg_sys::InvalidOid);
+                                others.push((index, p));
+                            }
+                        }
+                        for (i, o) in self.unique_collisions(relid, new, Some(f.ctid)) {
+                            if !others.iter().any(|(_, g)| same_tid(&g.ctid, &o.ctid)) {
+                                others.push((i, o));
+                            }
+                        }
+                        if others.is_empty() {
+                            self.exec_update(relid, f.ctid, &cols, new);
+                            if old_key_gone {
+                                self.note_deleted(relid, &key, lookup);
+                            }
+                        } else {
+                            self.resolve_update_collisions(
+                                relid, new, &cols, &key, lookup, &f, others,
+                            );
+                        }
                     }
                 }
             }
@@ -368,13 +368,9 @@ impl Applier {
                 // row was deleted here earlier (update_missing). Inserting
                 // the whole row keeps the update; an older insert arriving
                 // later then loses against it.
-                let recently_deleted = !full && self.deleted_later(relid, &key, lookup);
-                let t = if recently_deleted {
-                    ConflictType::UpdateRecentlyDeleted
-                } else {
-                    ConflictType::UpdateMissing
-                };
-                let detail = if recently_deleted {
+                let deleted_later = !full && self.deleted_later(relid, &key, lookup);
+                let t = flow::update_missing_conflict(deleted_later);
+                let detail = if deleted_later {
                     "the row was deleted on this node by a newer transaction".to_string()
                 } else {
                     "the row does not exist on this node".to_string()
@@ -396,19 +392,12 @@ impl Applier {
                         ..Facts::default()
                     },
                 );
-                if key_changed && !recently_deleted {
-                    // The change deleted the old key on its origin: an
-                    // older insert of that key, still on its way from a third
-                    // node, must find the tombstone.
+                let action = flow::update_missing_action(o, deleted_later, key_changed);
+                if action.old_key_gone {
                     self.note_deleted(relid, &key, lookup);
                 }
-                if o == Outcome::ApplyRemote {
-                    let kind = if key_changed {
-                        ConflictType::UpdatePkeyExists
-                    } else {
-                        ConflictType::InsertExists
-                    };
-                    self.insert(relid, new, &cols, kind, !recently_deleted);
+                if let Some((kind, check_tombstone)) = action.insert {
+                    self.insert(relid, new, &cols, kind, check_tombstone);
                 }
             }
         }
@@ -419,31 +408,31 @@ impl Applier {
         match self.find_or_lock(relid, &key, old, full) {
             Some(f) => {
                 // A row updated here after the delete was made stays.
-                let newer = remote_wins(self.remote_writer(), f.writer);
-                let apply = if newer {
-                    true
-                } else {
-                    let detail = format!(
-                        "the row was updated after the delete was made: {}",
-                        self.local_desc(&f)
-                    );
-                    let index = self.rel(relid).key_index;
-                    self.conflict(
-                        Seen {
-                            t: ConflictType::DeleteRecentlyUpdated,
-                            relid,
-                            index,
-                            key: &key,
-                            key_vals: old,
-                            remote: Some(old),
-                            local: Some(&f),
-                            applies_row: false,
-                            detail,
-                        },
-                        Facts::default(),
-                    ) == Outcome::ApplyRemote
+                let outcome = match flow::delete_found_conflict(self.remote_writer(), f.writer) {
+                    Some(t) => {
+                        let detail = format!(
+                            "the row was updated after the delete was made: {}",
+                            self.local_desc(&f)
+                        );
+                        let index = self.rel(relid).key_index;
+                        Some(self.conflict(
+                            Seen {
+                                t,
+                                relid,
+                                index,
+                                key: &key,
+                                key_vals: old,
+                                remote: Some(old),
+                                local: Some(&f),
+                                applies_row: false,
+                                detail,
+                            },
+                            Facts::default(),
+                        ))
+                    }
+                    None => None,
                 };
-                if apply {
+                if flow::delete_found_action(outcome) {
                     self.exec_delete(relid, f.ctid);
                     if !full {
                         self.note_deleted(relid, &key, old);
@@ -465,9 +454,15 @@ impl Applier {
                     },
                     Facts::default(),
                 );
-                // Gone already, or not here yet: note the delete, so that an
-                // older insert or update arriving later does not bring it back.
-                if o != Outcome::Error && !full && !self.deleted_later(relid, &key, old) {
+                // Gone already, or not here yet: noted, so that an older
+                // insert or update arriving later does not bring it back.
+                if o != Outcome::Error
+                    && flow::delete_missing_notes(
+                        o,
+                        !full,
+                        full || self.deleted_later(relid, &key, old),
+                    )
+                {
                     self.note_deleted(relid, &key, old);
                 }
             }

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod conflict;
 pub mod dsn;
 pub mod dump;
+pub mod flow;
 pub mod hlc;
 pub mod lsn;
 pub mod naming;
