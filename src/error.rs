@@ -47,13 +47,13 @@ pub enum BdrError {
     PeerUnreachable {
         what: String,
         dsn: String,
-        msg: String,
+        msg: crate::walrcv::PeerError,
     },
     #[error("{what} failed on node \"{node}\": {msg}")]
     PeerCommand {
         what: String,
         node: String,
-        msg: String,
+        msg: crate::walrcv::PeerError,
     },
     #[error("{msg}")]
     JoinRefused { msg: String, hint: String },

@@ -8,7 +8,7 @@
 
 use crate::catalog::{self, NodeRow};
 use crate::error::{BdrError, BdrResult};
-use crate::walrcv::Conn;
+use crate::walrcv::{Conn, PeerError};
 use bdr_core::lsn;
 use bdr_core::naming;
 use bdr_core::node::NodeState;
@@ -27,7 +27,7 @@ fn connect(node: &NodeRow) -> BdrResult<Conn> {
     })
 }
 
-fn remote<T>(node: &NodeRow, what: &str, r: Result<T, String>) -> BdrResult<T> {
+fn remote<T>(node: &NodeRow, what: &str, r: Result<T, PeerError>) -> BdrResult<T> {
     r.map_err(|msg| BdrError::PeerCommand {
         what: what.to_string(),
         node: node.node_name.clone(),

@@ -7,6 +7,27 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
 use std::ffi::{CStr, CString};
 
+/// Why a call to a peer failed, as libpq or the peer said it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PeerError {
+    /// The connection could not be made.
+    #[error("{0}")]
+    Connect(String),
+    /// The peer ran the statement and reported an error.
+    #[error("{0}")]
+    Remote(String),
+    /// The peer's answer lacked what was asked for.
+    #[error("{0}")]
+    Answer(String),
+    /// The peer answered with another shape than asked for.
+    #[error("expected {expected} columns, got {got} from: {sql}")]
+    Columns {
+        expected: usize,
+        got: usize,
+        sql: String,
+    },
+}
+
 pub struct Conn {
     conn: *mut pg_sys::WalReceiverConn,
 }
@@ -45,7 +66,7 @@ fn cstring(s: &str) -> CString {
 
 impl Conn {
     /// Connects, or returns libpq's reason for failing.
-    pub fn connect(dsn: &str, appname: &str) -> Result<Conn, String> {
+    pub fn connect(dsn: &str, appname: &str) -> Result<Conn, PeerError> {
         let f = functions();
         let dsn = cstring(dsn);
         let app = cstring(appname);
@@ -66,7 +87,7 @@ impl Conn {
                     .trim()
                     .to_string()
             };
-            return Err(msg);
+            return Err(PeerError::Connect(msg));
         }
         Ok(Conn { conn })
     }
@@ -81,7 +102,7 @@ impl Conn {
     }
 
     /// Runs a query whose `ncols` result columns are read as text.
-    pub fn query(&self, sql: &str, ncols: usize) -> Result<Vec<Vec<Option<String>>>, String> {
+    pub fn query(&self, sql: &str, ncols: usize) -> Result<Vec<Vec<Option<String>>>, PeerError> {
         let res = self.exec_raw(sql, ncols);
         // SAFETY: `res` is a palloc'd result from walrcv_exec; the tuple store
         // and descriptor are valid until walrcv_clear_result.
@@ -91,7 +112,11 @@ impl Conn {
                     let desc = (*res).tupledesc;
                     let natts = (*desc).natts as usize;
                     if natts != ncols {
-                        Err(format!("expected {ncols} columns, got {natts} from: {sql}"))
+                        Err(PeerError::Columns {
+                            expected: ncols,
+                            got: natts,
+                            sql: sql.to_string(),
+                        })
                     } else {
                         let slot =
                             pg_sys::MakeSingleTupleTableSlot(desc, &pg_sys::TTSOpsMinimalTuple);
@@ -119,7 +144,7 @@ impl Conn {
                     }
                 }
                 pg_sys::WalRcvExecStatus::WALRCV_OK_COMMAND => Ok(vec![]),
-                _ => Err(err_text(res)),
+                _ => Err(PeerError::Remote(err_text(res))),
             };
             pg_sys::walrcv_clear_result(res);
             out
@@ -127,14 +152,14 @@ impl Conn {
     }
 
     /// Runs a statement that returns no rows (or whose rows do not matter).
-    pub fn command(&self, sql: &str) -> Result<(), String> {
+    pub fn command(&self, sql: &str) -> Result<(), PeerError> {
         let res = self.exec_raw(sql, 0);
         // SAFETY: as in `query`.
         unsafe {
             let out = match (*res).status {
                 pg_sys::WalRcvExecStatus::WALRCV_OK_COMMAND
                 | pg_sys::WalRcvExecStatus::WALRCV_OK_TUPLES => Ok(()),
-                _ => Err(err_text(res)),
+                _ => Err(PeerError::Remote(err_text(res))),
             };
             pg_sys::walrcv_clear_result(res);
             out
@@ -142,14 +167,14 @@ impl Conn {
     }
 
     /// Starts a COPY BOTH (START_REPLICATION) or COPY OUT (`COPY ... TO STDOUT`).
-    pub fn start_copy(&self, sql: &str) -> Result<(), String> {
+    pub fn start_copy(&self, sql: &str) -> Result<(), PeerError> {
         let res = self.exec_raw(sql, 0);
         // SAFETY: as in `query`.
         unsafe {
             let out = match (*res).status {
                 pg_sys::WalRcvExecStatus::WALRCV_OK_COPY_BOTH
                 | pg_sys::WalRcvExecStatus::WALRCV_OK_COPY_OUT => Ok(()),
-                _ => Err(err_text(res)),
+                _ => Err(PeerError::Remote(err_text(res))),
             };
             pg_sys::walrcv_clear_result(res);
             out

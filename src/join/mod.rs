@@ -27,7 +27,7 @@ use crate::catalog;
 use crate::error::{BdrError, BdrResult};
 use crate::pg::latch;
 use crate::prereq;
-use crate::walrcv::{Conn, Received};
+use crate::walrcv::{Conn, PeerError, Received};
 use bdr_core::lsn;
 use bdr_core::naming;
 use bdr_core::node::NodeState;
@@ -73,7 +73,7 @@ fn connect(what: &str, dsn: &str) -> BdrResult<Conn> {
     })
 }
 
-fn remote<T>(node: &str, what: &str, r: Result<T, String>) -> BdrResult<T> {
+fn remote<T>(node: &str, what: &str, r: Result<T, PeerError>) -> BdrResult<T> {
     r.map_err(|msg| BdrError::PeerCommand {
         what: what.to_string(),
         node: node.to_string(),
@@ -386,7 +386,7 @@ pub fn join_impl(
         ),
     )
     .map_err(|e| match e {
-        BdrError::PeerCommand { msg, .. } if msg.contains("bdr.") => BdrError::JoinRefused {
+        BdrError::PeerCommand { msg, .. } if msg.to_string().contains("bdr.") => BdrError::JoinRefused {
             msg: format!("the join target is not a BDR node: {msg}"),
             hint: "Point join_target_dsn at a node of the group you want to join.".into(),
         },
@@ -539,7 +539,7 @@ pub fn join_impl(
         let start = start.ok_or_else(|| BdrError::PeerCommand {
             what: "creating a slot".into(),
             node: p.name.clone(),
-            msg: "no consistent point returned".into(),
+            msg: PeerError::Answer("no consistent point returned".into()),
         })?;
         let target_slot = naming::slot_name(&p.dbname, &group, &target_name);
         // Shown in the member's bdr.node_summary while the target catches up.
@@ -618,7 +618,7 @@ pub fn join_impl(
         .ok_or_else(|| BdrError::PeerCommand {
             what: "creating a slot".into(),
             node: target.name.clone(),
-            msg: "no consistent point returned".into(),
+            msg: PeerError::Answer("no consistent point returned".into()),
         })?;
 
     if sync == "all" {

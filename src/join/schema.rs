@@ -54,7 +54,9 @@ pub(super) fn copy_schema(target: &Member, snapshot: &str) -> BdrResult<()> {
         return Err(BdrError::PeerCommand {
             what: "dumping the schema".into(),
             node: target.name.clone(),
-            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            msg: crate::walrcv::PeerError::Remote(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ),
         });
     }
     let dump = String::from_utf8_lossy(&out.stdout);
