@@ -266,16 +266,6 @@ mod tests {
                 }
             }
         }
-        // The defaults: a missing row is re-created from a whole row; a row
-        // deleted here by a newer delete stays deleted.
-        assert_eq!(
-            ConflictType::UpdateMissing.default_resolver(),
-            Resolver::InsertOrSkip
-        );
-        assert_eq!(
-            ConflictType::UpdateRecentlyDeleted.default_resolver(),
-            Resolver::Skip
-        );
     }
 
     #[test]
