@@ -40,6 +40,8 @@ const SEEDED: u32 = 2;
 pub struct Clock {
     newest: AtomicI64,
     seeded: AtomicU32,
+    /// The id of `bdr_local`, 0 until a manager has looked it up.
+    local_origin: AtomicU32,
     pool: [AtomicU32; POOL_SIZE],
 }
 
@@ -214,6 +216,10 @@ fn newest_recent_commit() -> i64 {
 /// Run by every manager at start, in a transaction; cheap when done already.
 pub fn prepare_pool() {
     let clock = CLOCK.get();
+    // SAFETY: a catalog lookup inside the caller's transaction.
+    let local =
+        unsafe { pg_sys::replorigin_by_name(crate::output_plugin::LOCAL_ORIGIN.as_ptr(), true) };
+    clock.local_origin.store(local as u32, Ordering::Release);
     // Origin states are bounded by max_replication_slots; the peers' origins
     // come first. Prepared only while every origin that exists can have one.
     let origins = Spi::connect(|c| {
@@ -328,11 +334,7 @@ fn pre_commit() {
         // A session under `bdr_local` chose the timestamp of a local change
         // (part's catch-up, tests). Other origins (PostgreSQL's own
         // subscriptions, other tools) carry foreign clocks: not published.
-        // SAFETY: a syscache lookup inside the committing transaction.
-        let local = unsafe {
-            pg_sys::replorigin_by_name(crate::output_plugin::LOCAL_ORIGIN.as_ptr(), true)
-        };
-        if chosen != 0 && origin == local {
+        if chosen != 0 && origin as u32 == CLOCK.get().local_origin.load(Ordering::Acquire) {
             publish(chosen);
         }
         return;

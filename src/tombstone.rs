@@ -168,6 +168,25 @@ unsafe fn note_gone(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) {
     }
 }
 
+/// The bytes of a non-null value of `attr`, borrowed: a detoasted value
+/// lives in the caller's memory context; no copy per updated row.
+///
+/// # Safety
+/// `d` must be a non-null value of `attr`'s type.
+unsafe fn value_bytes<'a>(attr: &pg_sys::FormData_pg_attribute, d: pg_sys::Datum) -> &'a [u8] {
+    // SAFETY: the caller upholds this function's contract; the length comes
+    // from the attribute (fixed), the varlena header or the NUL terminator.
+    unsafe {
+        if attr.attlen > 0 {
+            std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), attr.attlen as usize)
+        } else if attr.attlen == -1 {
+            pgrx::varlena::varlena_to_byte_slice(pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr()))
+        } else {
+            std::ffi::CStr::from_ptr(d.cast_mut_ptr()).to_bytes()
+        }
+    }
+}
+
 /// Whether two tuples of `rel` differ in a replica identity column (by
 /// their bytes: equal bytes print the same key).
 ///
@@ -179,18 +198,6 @@ unsafe fn key_differs(rel: pg_sys::Relation, a: pg_sys::HeapTuple, b: pg_sys::He
     unsafe {
         let (Some(ka), Some(kb)) = (key_columns(rel, a), key_columns(rel, b)) else {
             return false;
-        };
-        let bytes = |attr: &pg_sys::FormData_pg_attribute, d: pg_sys::Datum| -> Vec<u8> {
-            if attr.attlen > 0 {
-                std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), attr.attlen as usize).to_vec()
-            } else if attr.attlen == -1 {
-                let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
-                pgrx::varlena::varlena_to_byte_slice(v).to_vec()
-            } else {
-                std::ffi::CStr::from_ptr(d.cast_mut_ptr())
-                    .to_bytes()
-                    .to_vec()
-            }
         };
         ka.iter()
             .zip(kb.iter())
@@ -204,7 +211,7 @@ unsafe fn key_differs(rel: pg_sys::Relation, a: pg_sys::HeapTuple, b: pg_sys::He
                 if attr.attbyval {
                     va != vb
                 } else {
-                    bytes(attr, *va) != bytes(attr, *vb)
+                    value_bytes(attr, *va) != value_bytes(attr, *vb)
                 }
             })
     }

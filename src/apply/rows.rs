@@ -456,13 +456,7 @@ impl Applier {
                 );
                 // Gone already, or not here yet: noted, so that an older
                 // insert or update arriving later does not bring it back.
-                if o != Outcome::Error
-                    && flow::delete_missing_notes(
-                        o,
-                        !full,
-                        full || self.deleted_later(relid, &key, old),
-                    )
-                {
+                if flow::delete_missing_notes(o, !full, || self.deleted_later(relid, &key, old)) {
                     self.note_deleted(relid, &key, old);
                 }
             }

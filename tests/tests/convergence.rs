@@ -352,12 +352,12 @@ fn randomized_writes_with_clock_skew_and_a_crash_converge_to_the_latest_write() 
                 let mut cl: Option<Client> = None;
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     let Some(client) = cl.as_mut() else {
-                        // (Re)connect; the node may be down for a moment.
-                        cl = Client::connect(&dsn, NoTls).ok();
-                        if cl.is_none() {
-                            // Poll interval while the node restarts.
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
+                        // Reconnect: the node may be restarting.
+                        cl = Some(wait_for_ok(
+                            &format!("a connection to {node} again"),
+                            Duration::from_secs(60),
+                            || Client::connect(&dsn, NoTls),
+                        ));
                         continue;
                     };
                     match client_txn(client, &mut rng, &node, &mut seq) {

@@ -22,10 +22,10 @@ pub fn remote_wins(remote: Writer, local: Option<Writer>) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn w(ts: i64, node: u32) -> Writer {
+    pub(crate) fn w(ts: i64, node: u32) -> Writer {
         Writer {
             commit_ts: ts,
             node_id: node,

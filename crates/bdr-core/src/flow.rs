@@ -117,22 +117,21 @@ pub fn delete_found_action(outcome: Option<Outcome>) -> bool {
 /// Whether a DELETE whose row is not here (delete_missing) is noted as a
 /// tombstone: gone already, or not here yet, so that an older insert or
 /// update arriving later does not bring the row back; not when the apply
-/// stops, the table has no key, or a newer delete is already noted.
-pub fn delete_missing_notes(outcome: Outcome, has_key: bool, deleted_later: bool) -> bool {
-    outcome != Outcome::Error && has_key && !deleted_later
+/// stops, the table has no key, or a newer delete is already noted
+/// (`deleted_later`, a lookup, asked only when the rest says yes).
+pub fn delete_missing_notes(
+    outcome: Outcome,
+    has_key: bool,
+    deleted_later: impl FnOnce() -> bool,
+) -> bool {
+    outcome != Outcome::Error && has_key && !deleted_later()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conflict::tests::w;
     use crate::conflict::{resolve, Facts, Resolver};
-
-    fn w(ts: i64, node: u32) -> Writer {
-        Writer {
-            commit_ts: ts,
-            node_id: node,
-        }
-    }
 
     const REMOTE: Writer = Writer {
         commit_ts: 100,
@@ -294,7 +293,7 @@ mod tests {
         let t = ConflictType::DeleteMissing;
         for (r, o) in outcomes(t, Facts::default()) {
             for (has_key, deleted_later) in [(true, false), (true, true), (false, false)] {
-                let notes = delete_missing_notes(o, has_key, deleted_later);
+                let notes = delete_missing_notes(o, has_key, || deleted_later);
                 let expect = match r {
                     Resolver::Error => false,
                     Resolver::Skip => has_key && !deleted_later,
