@@ -265,12 +265,23 @@ BEGIN
     END IF;
 END $$;
 
+-- Whether a table's rows replicate (bdr._replicates, bdr_core::tables).
 CREATE FUNCTION bdr._replicated_table(rel oid) RETURNS boolean
 LANGUAGE sql STABLE AS $$
 SELECT EXISTS (
     SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.oid = rel AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartition
-       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bdr') AND n.nspname NOT LIKE 'pg\_%')
+     WHERE c.oid = rel AND bdr._replicates(c.relkind, c.relpersistence, n.nspname))
+$$;
+
+-- The tables that carry the tombstone triggers: those whose rows replicate
+-- and partitioned tables, whose triggers PostgreSQL clones onto their
+-- partitions (so partitions get none of their own).
+CREATE FUNCTION bdr._tombstone_table(rel oid) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+SELECT EXISTS (
+    SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = rel AND NOT c.relispartition
+       AND bdr._replicates(CASE c.relkind WHEN 'p' THEN 'r' ELSE c.relkind END, c.relpersistence, n.nspname))
 $$;
 
 CREATE FUNCTION bdr._on_create_table() RETURNS event_trigger
@@ -279,7 +290,7 @@ DECLARE
     obj record;
 BEGIN
     FOR obj IN SELECT * FROM pg_catalog.pg_event_trigger_ddl_commands() WHERE object_type = 'table' LOOP
-        IF bdr._replicated_table(obj.objid) THEN
+        IF bdr._tombstone_table(obj.objid) THEN
             PERFORM bdr._add_tombstone_trigger(obj.objid::regclass);
         END IF;
     END LOOP;
@@ -290,7 +301,7 @@ CREATE EVENT TRIGGER bdr_tombstone_on_create ON ddl_command_end
     EXECUTE FUNCTION bdr._on_create_table();
 
 SELECT bdr._add_tombstone_trigger(c.oid::regclass)
-  FROM pg_catalog.pg_class c WHERE bdr._replicated_table(c.oid);
+  FROM pg_catalog.pg_class c WHERE bdr._tombstone_table(c.oid);
 
 -- The trigger notes deletes made by any role, in bdr's own table.
 ALTER FUNCTION bdr._tombstone_trigger() SECURITY DEFINER SET search_path = pg_catalog;

@@ -127,12 +127,7 @@ fn ensure_seeded() {
 /// (`bdr.copied_row`): the copies themselves carry the earliest timestamp,
 /// and a local write over one must be later than its real version.
 pub fn publish_copied() {
-    let newest = Spi::connect(|c| {
-        c.select("SELECT max(commit_us) FROM bdr.copied_row", Some(1), &[])?
-            .first()
-            .get_one::<i64>()
-    });
-    match newest {
+    match crate::catalog::newest_copied_commit() {
         Ok(Some(ts)) => publish(ts),
         Ok(None) => {}
         Err(e) => tracing::warn!("could not read bdr.copied_row: {e}"),

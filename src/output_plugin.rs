@@ -286,10 +286,9 @@ unsafe fn replicated(a: &pg_sys::FormData_pg_attribute) -> bool {
     !a.attisdropped && a.attgenerated == 0
 }
 
-/// Whether this relation's changes are sent at all: ordinary tables, not
-/// materialized views (refreshed on each node) nor bdr's own catalogs (kept
-/// in step by the join protocol). Decided once per relation and cached, so
-/// no per-change catalog lookups or allocations.
+/// Whether this relation's changes are sent at all (`bdr_core::tables`):
+/// ordinary tables outside the system schemas and bdr's. Decided once per
+/// relation and cached, so no per-change catalog lookups or allocations.
 unsafe fn wanted(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relation) -> bool {
     // SAFETY: the caller upholds this function's contract (see its
     // documentation, or PostgreSQL's for a callback).
@@ -301,14 +300,12 @@ unsafe fn wanted(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relation
             return *w;
         }
         let form = &*(*rel).rd_rel;
-        let w = form.relkind as u8 == pg_sys::RELKIND_RELATION && {
-            let ns = pg_sys::get_namespace_name(form.relnamespace);
-            let not_bdr = cstr(ns) != "bdr";
-            if !ns.is_null() {
-                pg_sys::pfree(ns.cast());
-            }
-            not_bdr
-        };
+        let ns = pg_sys::get_namespace_name(form.relnamespace);
+        let w =
+            bdr_core::tables::replicates(form.relkind as u8, form.relpersistence as u8, &cstr(ns));
+        if !ns.is_null() {
+            pg_sys::pfree(ns.cast());
+        }
         st.wanted.insert(relid, w);
         w
     }

@@ -155,8 +155,7 @@ unsafe fn note_gone(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) {
         };
         let relid = (*rel).rd_id;
         Spi::run_with_args(
-            "INSERT INTO bdr.tombstone (relid, key_hash) VALUES ($1, pg_catalog.md5($2))
-             ON CONFLICT (relid, key_hash) DO UPDATE SET relid = EXCLUDED.relid",
+            crate::catalog::statements::TOMBSTONE_PUT,
             &[relid.into(), key.as_str().into()],
         )
         .unwrap_or_else(|e| {

@@ -166,3 +166,10 @@ fn _wal_insert_end_lsn() -> String {
 fn _wake_manager_at_commit() {
     crate::shmem::wake_workers_at_commit();
 }
+
+/// Whether a relation of this kind, persistence and schema replicates
+/// (`bdr_core::tables::replicates`, the rule the output plugin follows).
+#[pg_extern(immutable, parallel_safe)]
+fn _replicates(relkind: i8, relpersistence: i8, nspname: &str) -> bool {
+    bdr_core::tables::replicates(relkind as u8, relpersistence as u8, nspname)
+}

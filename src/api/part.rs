@@ -3,8 +3,9 @@
 //! `crate::part`.
 
 use crate::catalog;
-use crate::error::{BdrResult, OrRaise};
+use crate::error::{BdrError, BdrResult, OrRaise};
 use crate::part::*;
+use bdr_core::node::NodeState;
 use pgrx::prelude::*;
 
 /// Removes a node from its group: its last changes reach every member,
@@ -23,13 +24,11 @@ fn part_node(
 #[pg_extern(volatile)]
 fn _set_node_state(node_id: i64, state: i32) -> bool {
     let r: BdrResult<()> = (|| {
-        Spi::run_with_args(
-            "UPDATE bdr.node SET node_state = $2, target_state = $2 WHERE node_id = $1",
-            &[
-                pg_sys::Oid::from(node_id as u32).into(),
-                pg_sys::Oid::from(state as u32).into(),
-            ],
-        )?;
+        let state = NodeState::from_oid(state as u32).ok_or(BdrError::InvalidValue {
+            what: "node state",
+            msg: format!("{state} is not a node state"),
+        })?;
+        crate::catalog::set_node_state(node_id as u32, state)?;
         crate::shmem::wake_workers_at_commit();
         Ok(())
     })();

@@ -244,9 +244,7 @@ impl Applier {
         let local_oid = self.rel(relid).local_oid;
         if self.copied_plan.is_null() {
             self.copied_plan = keep_plan(
-                "SELECT c.commit_us::text || ' ' || COALESCE(c.node_id, 0)::text FROM bdr.copied_row c
-                  WHERE c.relid = $1::oid AND c.key_hash = pg_catalog.md5($2) AND c.deleted = $3::bool
-                  LIMIT 1",
+                crate::catalog::statements::COPIED_ROW_WRITER,
                 &mut [pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
             );
         }

@@ -362,8 +362,7 @@ impl Applier {
         };
         if self.dropped_plan.is_null() {
             self.dropped_plan = keep_plan(
-                "SELECT 1 FROM bdr.dropped_relation WHERE nspname = $1 AND relname = $2
-                    AND dropped_at > pg_catalog.now() - $3::text::interval",
+                crate::catalog::statements::RECENTLY_DROPPED,
                 &mut [pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
             );
         }

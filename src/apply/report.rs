@@ -3,6 +3,7 @@
 //! and the stop of the apply when the resolver says `error`.
 
 use super::*;
+use crate::catalog::statements::{self, HISTORY_PARAMS};
 
 /// A conflict as the writer met it, for resolving and logging.
 pub(super) struct Seen<'a> {
@@ -29,25 +30,6 @@ pub struct Stop {
     pub code: PgSqlErrorCode,
     pub(super) conflict_type: ConflictType,
     pub(super) history: Option<Vec<Option<String>>>,
-}
-
-/// Columns of `bdr.conflict_history` a writer fills, all passed as text.
-pub(super) const HISTORY_COLUMNS: &str =
-    "sub_id, local_xid, local_lsn, remote_xid, remote_commit_lsn,
-    remote_commit_time, conflict_type, conflict_resolution, conflict_index, reloid, nspname,
-    relname, key_tuple, remote_tuple, local_tuple, apply_tuple, local_tuple_xmin,
-    local_tuple_node_id, local_tuple_commit_time";
-
-pub(super) const HISTORY_VALUES: &str = "$1::oid, $2::xid, $3::pg_lsn, $4::xid, $5::pg_lsn,
-    bdr._ts($6::int8), $7, $8, $9::oid::regclass, $10::oid, $11, $12, $13::json, $14::json,
-    $15::json, $16::json, $17::xid, $18::oid, bdr._ts($19::int8)";
-
-pub(super) fn history_insert() -> String {
-    format!("INSERT INTO bdr.conflict_history ({HISTORY_COLUMNS}) VALUES ({HISTORY_VALUES})")
-}
-
-pub(super) fn history_insert_select() -> String {
-    format!("INSERT INTO bdr.conflict_history ({HISTORY_COLUMNS}) SELECT {HISTORY_VALUES}")
 }
 
 impl Applier {
@@ -177,7 +159,10 @@ impl Applier {
 
     pub(super) fn history_plan(&mut self) -> pg_sys::SPIPlanPtr {
         if self.history_plan.is_null() {
-            self.history_plan = keep_plan(&history_insert(), &mut [pg_sys::TEXTOID; 19]);
+            self.history_plan = keep_plan(
+                &statements::history_insert(),
+                &mut [pg_sys::TEXTOID; HISTORY_PARAMS],
+            );
         }
         self.history_plan
     }
@@ -352,15 +337,9 @@ impl Applier {
 
     pub(super) fn history_error_plan(&mut self) -> pg_sys::SPIPlanPtr {
         // Kept plans outlive the aborted transaction.
-        let plan = keep_plan(
-            &format!(
-                "{} WHERE NOT EXISTS (SELECT 1 FROM bdr.conflict_history h
-                   WHERE h.sub_id = $1::oid AND h.remote_commit_lsn = $5::pg_lsn
-                     AND h.conflict_type = $7 AND h.conflict_resolution = 'error')",
-                history_insert_select()
-            ),
-            &mut [pg_sys::TEXTOID; 19],
-        );
-        plan
+        keep_plan(
+            &statements::history_insert_error_once(),
+            &mut [pg_sys::TEXTOID; HISTORY_PARAMS],
+        )
     }
 }

@@ -101,7 +101,7 @@ impl Applier {
         let local_oid = self.rel(relid).local_oid;
         if self.tomb_find.is_null() {
             self.tomb_find = keep_plan(
-                "SELECT xmin FROM bdr.tombstone WHERE relid = $1 AND key_hash = pg_catalog.md5($2)",
+                crate::catalog::statements::TOMBSTONE_FIND,
                 &mut [pg_sys::OIDOID, pg_sys::TEXTOID],
             );
         }
@@ -133,8 +133,7 @@ impl Applier {
         let local_oid = self.rel(relid).local_oid;
         if self.tomb_put.is_null() {
             self.tomb_put = keep_plan(
-                "INSERT INTO bdr.tombstone (relid, key_hash) VALUES ($1, pg_catalog.md5($2))
-                 ON CONFLICT (relid, key_hash) DO UPDATE SET relid = EXCLUDED.relid",
+                crate::catalog::statements::TOMBSTONE_PUT,
                 &mut [pg_sys::OIDOID, pg_sys::TEXTOID],
             );
         }

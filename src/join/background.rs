@@ -13,73 +13,18 @@ pub fn request_join(
     synchronize_structure: &str,
 ) -> BdrResult<()> {
     let (sync, local) = check_join_args(join_target_dsn, pause_in_standby, synchronize_structure)?;
-    let pending: Option<bool> = Spi::connect(|c| {
-        c.select(
-            "SELECT EXISTS (SELECT 1 FROM bdr.join_request WHERE last_error IS NULL)",
-            None,
-            &[],
-        )?
-        .first()
-        .get_one::<bool>()
-    })?;
-    if pending == Some(true) {
+    let pending = catalog::join_pending()?;
+    if pending {
         return Err(BdrError::JoinRefused {
             msg: "a background join of this node is already pending".into(),
             hint: "Wait for it with bdr.wait_for_join_completion().".into(),
         });
     }
-    Spi::run_with_args(
-        "INSERT INTO bdr.join_request (node_id, join_target_dsn, node_group_name, synchronize_structure)
-         VALUES ($1, $2, $3, $4)
-         ON CONFLICT (node_id) DO UPDATE SET join_target_dsn = EXCLUDED.join_target_dsn,
-             node_group_name = EXCLUDED.node_group_name,
-             synchronize_structure = EXCLUDED.synchronize_structure,
-             requested_at = now(), last_error = NULL, last_error_at = NULL",
-        &[
-            pg_sys::Oid::from(local.node_id).into(),
-            join_target_dsn.into(),
-            node_group_name.into(),
-            sync.as_str().into(),
-        ],
-    )?;
-    Spi::run_with_args(
-        "UPDATE bdr.node SET node_state = $2, target_state = $3 WHERE node_id = $1",
-        &[
-            pg_sys::Oid::from(local.node_id).into(),
-            pg_sys::Oid::from(NodeState::JoinStart.oid()).into(),
-            pg_sys::Oid::from(NodeState::Active.oid()).into(),
-        ],
-    )?;
+    catalog::record_join_request(local.node_id, join_target_dsn, node_group_name, &sync)?;
+    catalog::set_local_join_started(local.node_id)?;
     crate::shmem::wake_workers_at_commit();
     pgrx::notice!("the join runs in the background; bdr.wait_for_join_completion() waits for it");
     Ok(())
-}
-
-/// A join requested with `wait_for_completion => false`, not failed yet.
-pub(super) struct JoinRequest {
-    pub(super) dsn: String,
-    pub(super) group: Option<String>,
-    pub(super) sync: String,
-}
-
-pub(super) fn pending_request() -> BdrResult<Option<JoinRequest>> {
-    Spi::connect(|c| -> BdrResult<Option<JoinRequest>> {
-        let t = c.select(
-            "SELECT r.join_target_dsn, r.node_group_name::text, r.synchronize_structure
-               FROM bdr.join_request r JOIN bdr.local_node l USING (node_id)
-              WHERE r.last_error IS NULL",
-            None,
-            &[],
-        )?;
-        let Some(row) = t.into_iter().next() else {
-            return Ok(None);
-        };
-        Ok(Some(JoinRequest {
-            dsn: row.get::<String>(1)?.unwrap_or_default(),
-            group: row.get::<String>(2)?,
-            sync: row.get::<String>(3)?.unwrap_or_default(),
-        }))
-    })
 }
 
 /// Run by the manager of a database whose local node is in no group: does
@@ -87,10 +32,10 @@ pub(super) fn pending_request() -> BdrResult<Option<JoinRequest>> {
 /// transaction of its own. A failure is recorded in `bdr.join_request`,
 /// which `bdr.wait_for_join_completion()` reports.
 pub fn run_requested_join() {
-    let req = pgrx::bgworkers::BackgroundWorker::transaction(pending_request);
+    let req = pgrx::bgworkers::BackgroundWorker::transaction(catalog::join_request);
     let req = match req {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
+        Ok(Some(r)) if r.last_error.is_none() => r,
+        Ok(_) => return,
         Err(e) => {
             tracing::warn!("could not read the join request: {e}");
             return;
@@ -111,7 +56,7 @@ pub fn run_requested_join() {
     }
     let outcome = pgrx::PgTryBuilder::new(|| {
         join_impl(&req.dsn, req.group.as_deref(), false, &req.sync)
-            .and_then(|()| Spi::run("DELETE FROM bdr.join_request").map_err(BdrError::from))
+            .and_then(|()| catalog::clear_join_requests())
             .map_err(|e| e.to_string())
     })
     .catch_others(|e| Err(crate::error::caught_report(&e).message().to_string()))
@@ -130,15 +75,8 @@ pub fn run_requested_join() {
             unsafe { pg_sys::AbortCurrentTransaction() };
             tracing::warn!("the join through {} failed: {msg}", req.dsn);
             let r = pgrx::bgworkers::BackgroundWorker::transaction(|| {
-                Spi::run_with_args(
-                    "UPDATE bdr.join_request SET last_error = $1, last_error_at = now()",
-                    &[msg.as_str().into()],
-                )?;
-                Spi::run_with_args(
-                    "UPDATE bdr.node n SET node_state = $1, target_state = $1
-                       FROM bdr.local_node l WHERE n.node_id = l.node_id",
-                    &[pg_sys::Oid::from(NodeState::Created.oid()).into()],
-                )
+                catalog::record_join_failure(&msg)?;
+                catalog::reset_local_node_state()
             });
             if let Err(e) = r {
                 tracing::warn!("could not record the failed join: {e}");

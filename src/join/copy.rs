@@ -5,7 +5,7 @@
 use super::*;
 
 pub(super) struct CopySrc {
-    pub(super) conn: *mut Conn,
+    pub(super) conn: *mut Peer,
     pub(super) buf: Vec<u8>,
     pub(super) pos: usize,
     pub(super) done: bool,
@@ -51,24 +51,13 @@ pub(super) unsafe extern "C-unwind" fn copy_read(
     }
 }
 
-/// Copies one table from the target's COPY stream into the local table.
-pub(super) fn copy_table(conn: &mut Conn, target: &str, t: &Table) -> BdrResult<u64> {
-    let source = format!("COPY {} ({}) TO STDOUT", t.qualified(), t.column_list());
-    copy_into(conn, target, t, &source)
-}
-
-/// Copies what the target's `source` (a COPY ... TO STDOUT) sends into the
-/// local table `t` (its `columns`).
-pub(super) fn copy_into(conn: &mut Conn, target: &str, t: &Table, source: &str) -> BdrResult<u64> {
-    remote(
-        target,
-        &format!("copying {}", t.qualified()),
-        conn.start_copy(source),
-    )?;
+/// Copies what the target sends of the COPY a `Peer::copy_out_*` started
+/// into the local table `t` (its `columns`).
+pub(super) fn copy_into(conn: &mut Peer, t: &Table) -> BdrResult<u64> {
     let qualified = CString::new(t.qualified()).unwrap_or_default();
     COPY_SRC.with(|s| {
         *s.borrow_mut() = Some(CopySrc {
-            conn: conn as *mut Conn,
+            conn: conn as *mut Peer,
             buf: Vec::new(),
             pos: 0,
             done: false,
@@ -151,16 +140,12 @@ pub(super) fn copy_into(conn: &mut Conn, target: &str, t: &Table, source: &str) 
 /// target still remembers, is copied too (`bdr.copied_row`): the writers
 /// resolve against it as the target does. Runs in the copy's snapshot.
 pub(super) fn copy_row_writers(
-    tconn: &mut Conn,
+    tconn: &mut Peer,
     target: &Member,
     tables: &[Table],
 ) -> BdrResult<()> {
     // Keys print as the tombstone trigger prints them.
-    remote(
-        &target.name,
-        "preparing the copy",
-        tconn.command(&crate::tombstone::canonical_output_sql()),
-    )?;
+    tconn.set_canonical_output()?;
     let dest = Table {
         schema: "bdr".into(),
         name: "copied_row".into(),
@@ -168,66 +153,28 @@ pub(super) fn copy_row_writers(
             .map(String::from)
             .to_vec(),
     };
-    // The node behind a row's replication origin on the target; rows the
-    // target copied at its own join have their real writer in its
-    // bdr.copied_row.
-    let writer = |ts: &str, origin: &str| {
-        format!(
-            "{micros},
-             CASE WHEN {origin} = 0 THEN {id}::oid
-                  ELSE (SELECT CASE WHEN {local} THEN {id}::oid ELSE s.origin_node_id END
-                          FROM pg_catalog.pg_replication_origin o
-                          LEFT JOIN bdr.subscription s ON s.origin_name = o.roname
-                         WHERE o.roident = {origin}) END",
-            micros = bdr_core::time::micros_sql(ts),
-            id = target.id,
-            local = bdr_core::hlc::local_origin_sql("o.roname")
-        )
-    };
     for t in tables {
-        let local: Option<pg_sys::Oid> = Spi::connect(|c| {
-            c.select(
-                &format!(
-                    "SELECT pg_catalog.to_regclass({})::oid",
-                    literal(&t.qualified())
-                ),
-                None,
-                &[],
-            )?
-            .first()
-            .get_one::<pg_sys::Oid>()
-        })?;
-        let Some(local) = local else { continue };
-        let rel = literal(&t.qualified());
-        let source = format!(
-            "COPY (
-               SELECT {local}, h.key_hash, COALESCE(c.commit_us, w.commit_us), COALESCE(c.node_id, w.node_id), false
-                 FROM ONLY {q} t
-                 CROSS JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(t.xmin) x
-                 CROSS JOIN LATERAL (SELECT pg_catalog.md5(bdr._key_text({rel}::regclass, t)) AS key_hash) h
-                 CROSS JOIN LATERAL (SELECT {w}) AS w(commit_us, node_id)
-                 LEFT JOIN LATERAL (SELECT c.commit_us, c.node_id FROM bdr.copied_row c
-                                     WHERE c.relid = {rel}::regclass AND c.key_hash = h.key_hash
-                                       AND NOT c.deleted AND x.timestamp = '2000-01-01 00:00:00.000001+00'
-                                     LIMIT 1) c ON true
-                WHERE h.key_hash IS NOT NULL
-               UNION ALL
-               SELECT {local}, tb.key_hash, w.commit_us, w.node_id, true
-                 FROM bdr.tombstone tb
-                 CROSS JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(tb.xmin) x
-                 CROSS JOIN LATERAL (SELECT {w}) AS w(commit_us, node_id)
-                WHERE tb.relid = {rel}::regclass
-               UNION ALL
-               SELECT {local}, c.key_hash, c.commit_us, c.node_id, true
-                 FROM bdr.copied_row c WHERE c.relid = {rel}::regclass AND c.deleted
-             ) TO STDOUT",
-            local = local.to_u32(),
-            q = t.qualified(),
-            w = writer("x.timestamp", "x.roident"),
-        );
-        copy_into(tconn, &target.name, &dest, &source)?;
+        let Some(local) = local_relid(t)? else {
+            continue;
+        };
+        tconn.copy_out_row_writers(t, local, target.id)?;
+        copy_into(tconn, &dest)?;
     }
     Ok(())
+}
+
+/// The oid of the table here of the same name as `t`, if there is one.
+pub(super) fn local_relid(t: &Table) -> BdrResult<Option<u32>> {
+    let oid: Option<pg_sys::Oid> = Spi::connect(|c| {
+        c.select(
+            "SELECT pg_catalog.to_regclass($1)::oid",
+            None,
+            &[t.qualified().as_str().into()],
+        )?
+        .first()
+        .get_one::<pg_sys::Oid>()
+    })?;
+    Ok(oid.map(|o| o.to_u32()))
 }
 
 /// Until this transaction ends, everything it writes is tagged with the join

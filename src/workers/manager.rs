@@ -16,7 +16,6 @@ use std::time::Duration;
 const POLL: Duration = Duration::from_secs(1);
 /// How often old tombstones are purged, and how old they must be.
 const PURGE_EVERY_US: i64 = 300_000_000;
-const TOMBSTONE_RETENTION: &str = "1 hour";
 
 /// How long every peer must have been streaming, and caught up, before old
 /// tombstones go: a peer that was away replays its backlog first.
@@ -40,40 +39,8 @@ fn purge_tombstones(dboid: u32, subs: &[SubRow]) {
     if !caught_up {
         return;
     }
-    let old = format!("now() - interval '{TOMBSTONE_RETENTION}'");
-    purge(&[
-        (
-            "bdr.tombstone",
-            &format!("COALESCE(pg_catalog.pg_xact_commit_timestamp(xmin), '-infinity') < {old}"),
-        ),
-        // What a join copied is settled by the same time.
-        ("bdr.copied_row", &format!("copied_at < {old}")),
-    ]);
-}
-
-/// Deletes the rows of each (table, condition) that match it. Looks first,
-/// so that a polling manager writes (and uses a transaction id) only when
-/// there is something to delete.
-fn purge(what: &[(&str, &str)]) {
-    let r = BackgroundWorker::transaction(|| {
-        for (table, condition) in what {
-            let any = Spi::connect(|c| {
-                c.select(
-                    &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE {condition})"),
-                    None,
-                    &[],
-                )?
-                .first()
-                .get_one::<bool>()
-            })?;
-            if any == Some(true) {
-                Spi::run(&format!("DELETE FROM {table} WHERE {condition}"))?;
-            }
-        }
-        Ok::<(), pgrx::spi::Error>(())
-    });
-    if let Err(e) = r {
-        tracing::warn!("could not purge old bdr catalog rows: {e}");
+    if let Err(e) = BackgroundWorker::transaction(catalog::purge_tombstones) {
+        tracing::warn!("could not purge old tombstones: {e}");
     }
 }
 
@@ -81,14 +48,9 @@ fn purge(what: &[(&str, &str)]) {
 /// still used by a walsender, or an origin by a writer that has not exited
 /// yet, is tried again on the next round.
 fn drop_parted_artifacts(slots: &[String], origins: &[String]) {
-    let r = BackgroundWorker::transaction(|| {
-        Spi::get_one_with_args::<i32>(
-            "SELECT bdr._drop_parted_artifacts($1, $2)",
-            &[slots.to_vec().into(), origins.to_vec().into()],
-        )
-    });
+    let r = BackgroundWorker::transaction(|| catalog::drop_parted_artifacts(slots, origins));
     match r {
-        Ok(Some(n)) if n > 0 => {
+        Ok(n) if n > 0 => {
             tracing::info!("dropped {n} replication slot(s) and origin(s) of parted nodes")
         }
         Ok(_) => {}
@@ -96,19 +58,11 @@ fn drop_parted_artifacts(slots: &[String], origins: &[String]) {
     }
 }
 
-/// Forgets conflicts older than 30 days (BDR 4 keeps a month of history)
-/// and dropped tables older than a day (skip_if_recently_dropped).
+/// Forgets old conflict history and dropped-table notes.
 fn purge_history() {
-    purge(&[
-        (
-            "bdr.conflict_history",
-            "local_time < now() - interval '30 days'",
-        ),
-        (
-            "bdr.dropped_relation",
-            "dropped_at < now() - interval '1 day'",
-        ),
-    ]);
+    if let Err(e) = BackgroundWorker::transaction(catalog::purge_history) {
+        tracing::warn!("could not purge old bdr catalog rows: {e}");
+    }
 }
 
 enum Seen {

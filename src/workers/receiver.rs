@@ -160,21 +160,10 @@ fn run(idx: usize, generation: u64, dboid: u32, subid: u32) {
     // A node that joined starts from where its copy of the group's data
     // left each peer (bdr.subscription_start), until it has applied more.
     let start = origin_progress(&sub.origin_name).max(
-        BackgroundWorker::transaction(|| {
-            Spi::connect(|c| {
-                c.select(
-                    "SELECT start_lsn::text FROM bdr.subscription_start WHERE origin_node_id = $1",
-                    None,
-                    &[pg_sys::Oid::from(sub.origin_node_id).into()],
-                )?
-                .first()
-                .get_one::<String>()
-            })
-        })
-        .ok()
-        .flatten()
-        .and_then(|l| lsn::parse(&l))
-        .unwrap_or(0),
+        BackgroundWorker::transaction(|| catalog::subscription_start(sub.origin_node_id))
+            .ok()
+            .flatten()
+            .unwrap_or(0),
     );
 
     let mut conn = Conn::connect(&sub.origin_dsn, &sub.sub_name).unwrap_or_else(|e| {

@@ -15,5 +15,6 @@ pub mod node;
 pub mod protocol;
 pub mod quote;
 pub mod settings;
+pub mod tables;
 pub mod time;
 pub mod version;

@@ -2,7 +2,6 @@
 //! Reads use read-only SPI so that polling workers never assign an xid.
 
 use crate::error::BdrResult;
-use bdr_core::conflict::{ConflictConfig, ConflictType, Resolver};
 use bdr_core::naming;
 use bdr_core::node::NodeState;
 use pgrx::datum::DatumWithOid;
@@ -326,41 +325,10 @@ pub fn sync_subscriptions(local: &LocalNode) -> BdrResult<PartedLeftovers> {
     Ok(leftovers)
 }
 
-/// The local node's conflict settings, as the writers apply them. Must run
-/// inside a transaction with a snapshot.
-pub fn conflict_config() -> BdrResult<ConflictConfig> {
-    let mut c = ConflictConfig::default();
-    Spi::connect(|client| -> BdrResult<()> {
-        for row in client.select(
-            "SELECT conflict_type, conflict_resolver FROM bdr.node_conflict_resolver_config",
-            None,
-            &[],
-        )? {
-            let t = row.get::<String>(1)?.unwrap_or_default();
-            let r = row.get::<String>(2)?.unwrap_or_default();
-            if let (Some(t), Some(r)) = (ConflictType::parse(&t), Resolver::parse(&r)) {
-                c.set_resolver(t, r);
-            }
-        }
-        for row in client.select(
-            "SELECT log_to_file, log_to_table, log_conflict_type, log_conflict_res
-               FROM bdr.node_log_config_data LIMIT 1",
-            None,
-            &[],
-        )? {
-            c.log_to_file = row.get::<bool>(1)?.unwrap_or(true);
-            c.log_to_table = row.get::<bool>(2)?.unwrap_or(true);
-            c.log_types = row.get::<Vec<Option<String>>>(3)?.map(|v| {
-                v.into_iter()
-                    .flatten()
-                    .filter_map(|t| ConflictType::parse(&t))
-                    .collect()
-            });
-            c.log_resolutions = row
-                .get::<Vec<Option<String>>>(4)?
-                .map(|v| v.into_iter().flatten().collect());
-        }
-        Ok(())
-    })?;
-    Ok(c)
-}
+mod conflicts;
+mod housekeeping;
+mod membership;
+pub mod statements;
+pub use conflicts::*;
+pub use housekeeping::*;
+pub use membership::*;
