@@ -8,6 +8,7 @@
 //! `bdr_core::conflict::remote_wins` (last update wins, ties to the higher
 //! node id), so every node keeps the same row.
 
+mod backend;
 mod lookup;
 mod relmap;
 mod report;
@@ -17,9 +18,9 @@ mod tombstone;
 
 use crate::pg::xact::in_subtransaction;
 use crate::stats::{self, TxnCounts};
+use backend::{RowWriter, Tid};
 use bdr_core::conflict::{
-    self, clock_skew_excess, remote_wins, ConflictConfig, ConflictType, Facts, Outcome, Resolver,
-    Writer,
+    self, clock_skew_excess, remote_wins, ConflictConfig, ConflictType, Facts, Outcome, Writer,
 };
 use bdr_core::protocol::{Message, Relation, Value};
 use lookup::*;
@@ -69,6 +70,8 @@ pub struct Applier {
     skip_txn: bool,
     commit_ts: i64,
     row_cxt: pg_sys::MemoryContext,
+    /// Where the row writes go.
+    rows: Box<dyn RowWriter>,
     pub ncommits: i64,
 }
 
@@ -126,6 +129,7 @@ impl Applier {
             skip_txn: false,
             commit_ts: 0,
             row_cxt,
+            rows: Box::new(SpiRows { row_cxt }),
             ncommits: 0,
         }
     }

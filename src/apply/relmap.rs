@@ -4,6 +4,7 @@
 //! (target_table_missing, source/target_column_missing are found here).
 
 use super::*;
+use bdr_core::flow;
 
 pub(super) struct LocalCol {
     pub(super) name: String,
@@ -169,6 +170,18 @@ pub(super) fn present(r: &RelMap, vals: &[Value]) -> Vec<usize> {
     (0..r.remote.columns.len())
         .filter(|i| r.map[*i].is_some() && vals.get(*i) != Some(&Value::UnchangedToast))
         .collect()
+}
+
+/// The map of peer relation `relid`, which its RELATION message must have
+/// brought before any change of it.
+pub(super) fn rel_of(rels: &mut HashMap<u32, RelMap>, relid: u32) -> &mut RelMap {
+    match rels.get_mut(&relid) {
+        Some(r) => r,
+        None => crate::fail!(
+            ERRCODE_PROTOCOL_VIOLATION,
+            "bdr writer: change for relation {relid} before its description"
+        ),
+    }
 }
 
 impl Applier {
@@ -376,13 +389,7 @@ impl Applier {
     }
 
     pub(super) fn rel(&mut self, relid: u32) -> &mut RelMap {
-        match self.rels.get_mut(&relid) {
-            Some(r) => r,
-            None => crate::fail!(
-                ERRCODE_PROTOCOL_VIOLATION,
-                "bdr writer: change for relation {relid} before its description"
-            ),
-        }
+        rel_of(&mut self.rels, relid)
     }
 
     /// The replica identity columns to find a row by, and whether that is
@@ -445,9 +452,8 @@ impl Applier {
                 vals.get(i),
                 None | Some(Value::Null) | Some(Value::UnchangedToast)
             );
-            if value_is_null
-                && self.config.resolver(ConflictType::TargetColumnMissing) != Resolver::Error
-            {
+            let resolver = self.config.resolver(ConflictType::TargetColumnMissing);
+            if !flow::target_column_missing_reported(value_is_null, resolver) {
                 continue;
             }
             let detail = format!(
@@ -476,7 +482,7 @@ impl Applier {
                     ..Facts::default()
                 },
             );
-            if o != Outcome::ApplyRemote {
+            if !flow::shape_conflict_goes_on(o) {
                 return None;
             }
         }
@@ -511,7 +517,7 @@ impl Applier {
                 },
                 Facts::default(),
             );
-            if o != Outcome::ApplyRemote {
+            if !flow::shape_conflict_goes_on(o) {
                 return None;
             }
         }

@@ -5,6 +5,20 @@ use super::*;
 use bdr_core::flow;
 
 impl Applier {
+    /// The row writes go to the back-end (`backend::RowWriter`).
+    pub(super) fn exec_insert(&mut self, relid: u32, cols: &[usize], new: &[Value]) -> Option<Tid> {
+        self.rows.insert(rel_of(&mut self.rels, relid), cols, new)
+    }
+
+    pub(super) fn exec_update(&mut self, relid: u32, at: Tid, cols: &[usize], new: &[Value]) {
+        self.rows
+            .update(rel_of(&mut self.rels, relid), at, cols, new)
+    }
+
+    pub(super) fn exec_delete(&mut self, relid: u32, at: Tid) {
+        self.rows.delete(rel_of(&mut self.rels, relid), at)
+    }
+
     /// Applies an incoming row as an INSERT of remote columns `cols`. `kind`
     /// is the conflict type to report when its key is taken (insert_exists,
     /// or update_pkey_exists for the new key of a key-changing UPDATE).
@@ -19,52 +33,26 @@ impl Applier {
         check_tombstone: bool,
     ) {
         let key = self.rel(relid).key.clone();
-        if key.is_empty() {
-            let others = self.unique_collisions(relid, new, None);
-            if others.is_empty() {
-                self.exec_insert(relid, cols, new);
-            } else {
-                self.resolve_insert_collisions(relid, new, cols, kind, None, others);
-            }
-            return;
-        }
-        let mut locked = false;
-        // Rounds: look; if missing, lock the key and look again; then insert,
+        // A table without a key has nothing to lock or look up by key.
+        let mut locked = key.is_empty();
+        // Rounds: look; if free, lock the key and look again; then insert,
         // or, if a local session inserted the key meanwhile, resolve against it.
         for _ in 0..4 {
-            let pk = self.find(relid, &key, new, false);
+            let pk = if key.is_empty() {
+                None
+            } else {
+                self.find(relid, &key, new, false)
+            };
             let others = self.unique_collisions(relid, new, pk.as_ref().map(|f| f.ctid));
-            if !others.is_empty() {
-                self.resolve_insert_collisions(relid, new, cols, kind, pk, others);
-                return;
-            }
-            match pk {
-                Some(f) => {
-                    let index = self.rel(relid).key_index;
-                    let detail = format!("the key already exists: {}", self.local_desc(&f));
-                    let o = self.conflict(
-                        Seen {
-                            t: kind,
-                            relid,
-                            index,
-                            key: &key,
-                            key_vals: new,
-                            remote: Some(new),
-                            local: Some(&f),
-                            applies_row: true,
-                            detail,
-                        },
-                        Facts {
-                            full_row: true,
-                            ..Facts::default()
-                        },
-                    );
-                    if o == Outcome::ApplyRemote {
-                        self.exec_update(relid, f.ctid, cols, new);
-                    }
-                    return;
-                }
-                None => {
+            let c = flow::Collisions {
+                key_row: pk.is_some(),
+                others: others.len(),
+            };
+            let outcome = flow::insert_conflict(c, kind).map(|t| {
+                self.collision_conflict(t, relid, new, &key, new, pk.as_ref(), &others, false, true)
+            });
+            match flow::insert_action(c, outcome) {
+                flow::InsertAction::Insert => {
                     if !locked {
                         locked = true;
                         if self.lock_key(relid, &key, new) {
@@ -75,14 +63,39 @@ impl Applier {
                     // before: the insert may have waited for a local
                     // transaction that inserted and deleted this key, whose
                     // tombstone only a snapshot taken after it can see.
-                    if let Some(ctid) = self.exec_insert(relid, cols, new) {
-                        if check_tombstone && self.deleted_later(relid, &key, new) {
-                            self.exec_delete(relid, ctid);
+                    match self.exec_insert(relid, cols, new) {
+                        Some(ctid)
+                            if !flow::inserted_row_stays(check_tombstone, || {
+                                self.deleted_later(relid, &key, new)
+                            }) =>
+                        {
+                            self.exec_delete(relid, ctid)
                         }
-                        return;
+                        Some(_) => {}
+                        // Taken meanwhile: look again.
+                        None if !key.is_empty() => continue,
+                        None => {}
                     }
                 }
+                flow::InsertAction::UpdateKeyRow => {
+                    if let Some(f) = &pk {
+                        self.exec_update(relid, f.ctid, cols, new);
+                    }
+                }
+                flow::InsertAction::ReplaceOthers => {
+                    for (_, f) in &others {
+                        self.delete_row(relid, f);
+                    }
+                    match &pk {
+                        Some(f) => self.exec_update(relid, f.ctid, cols, new),
+                        None => {
+                            self.exec_insert(relid, cols, new);
+                        }
+                    }
+                }
+                flow::InsertAction::Keep | flow::InsertAction::Stop => {}
             }
+            return;
         }
         crate::fail!(ERRCODE_UNIQUE_VIOLATION,
             "a row replicated into {} conflicts with a local row on a unique index bdr cannot check (partial, on expressions or deferred)",
@@ -90,103 +103,69 @@ impl Applier {
         );
     }
 
-    /// An incoming INSERT collides on unique indexes other than its key's.
-    /// One local row and none with its key: `kind` (insert_exists) against
-    /// that row; if the incoming row wins, the local row is deleted (its key
-    /// noted as deleted) and the incoming one inserted, so that the nodes
-    /// agree whichever side they see it from. More rows:
-    /// multiple_unique_conflicts, which `update` resolves by deleting the
-    /// others and keeping the row with the incoming key.
-    pub(super) fn resolve_insert_collisions(
-        &mut self,
-        relid: u32,
-        new: &[Value],
-        cols: &[usize],
-        kind: ConflictType,
-        pk: Option<Found>,
-        mut others: Vec<(pg_sys::Oid, Found)>,
-    ) {
-        let key = self.rel(relid).key.clone();
-        if pk.is_none() && others.len() == 1 {
-            let (index, f) = others.remove(0);
-            let detail = format!(
-                "a local row with another key holds the same values in unique index {}: {}",
-                relname_of(index).unwrap_or_default(),
-                self.local_desc(&f)
-            );
-            let o = self.conflict(
-                Seen {
-                    t: kind,
-                    relid,
-                    index: Some(index),
-                    key: &key,
-                    key_vals: new,
-                    remote: Some(new),
-                    local: Some(&f),
-                    applies_row: true,
-                    detail,
-                },
-                Facts {
-                    full_row: true,
-                    ..Facts::default()
-                },
-            );
-            if o == Outcome::ApplyRemote {
-                self.delete_row(relid, &f);
-                self.exec_insert(relid, cols, new);
-            }
-            return;
-        }
-        let local = pk.as_ref().or(others.first().map(|(_, f)| f));
-        let index = if pk.is_some() {
-            self.rel(relid).key_index
-        } else {
-            others.first().map(|(i, _)| *i)
-        };
-        if self.multiple_unique(relid, new, &key, new, index, local, &others) {
-            for (_, f) in &others {
-                self.delete_row(relid, f);
-            }
-            match pk {
-                Some(f) => self.exec_update(relid, f.ctid, cols, new),
-                None => {
-                    self.exec_insert(relid, cols, new);
-                }
-            }
-        }
-    }
-
-    /// Reports multiple_unique_conflicts; true when the incoming change is
-    /// to be applied (resolver `update`).
+    /// Reports conflict `t` of an incoming row `new` (found by `key` in
+    /// `key_vals`) with the local row holding its key (`pk`) and the
+    /// `others` holding its values in other unique indexes; returns the
+    /// resolver's outcome. `updating`: the row is an UPDATE's new version.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn multiple_unique(
+    fn collision_conflict(
         &mut self,
+        t: ConflictType,
         relid: u32,
         new: &[Value],
         key: &[usize],
         key_vals: &[Value],
-        index: Option<pg_sys::Oid>,
-        local: Option<&Found>,
+        pk: Option<&Found>,
         others: &[(pg_sys::Oid, Found)],
-    ) -> bool {
-        let mut names: Vec<String> = others
-            .iter()
-            .map(|(i, _)| relname_of(*i).unwrap_or_default())
-            .collect();
-        let mut nrows = others.len();
-        if let (Some(i), Some(_)) = (index, local) {
-            if !others.iter().any(|(o, _)| *o == i) {
-                names.insert(0, relname_of(i).unwrap_or_default());
-                nrows += 1;
+        updating: bool,
+        full_row: bool,
+    ) -> Outcome {
+        let key_index = self.rel(relid).key_index;
+        let (index, local, detail) = if t == ConflictType::MultipleUniqueConflicts {
+            let (index, local) = match pk {
+                Some(f) => (key_index, Some(f)),
+                None => (
+                    others.first().map(|(i, _)| *i),
+                    others.first().map(|(_, f)| f),
+                ),
+            };
+            let mut names: Vec<String> = others
+                .iter()
+                .map(|(i, _)| relname_of(*i).unwrap_or_default())
+                .collect();
+            if let (Some(i), Some(_)) = (index, local) {
+                if !others.iter().any(|(o, _)| *o == i) {
+                    names.insert(0, relname_of(i).unwrap_or_default());
+                }
             }
-        }
-        let detail = format!(
-            "the incoming row collides with {nrows} local rows (unique indexes {})",
-            names.join(", ")
-        );
+            let nrows = others.len() + usize::from(pk.is_some());
+            let detail = format!(
+                "the incoming row collides with {nrows} local rows (unique indexes {})",
+                names.join(", ")
+            );
+            (index, local, detail)
+        } else if let Some(f) = pk {
+            let detail = format!("the key already exists: {}", self.local_desc(f));
+            (key_index, Some(f), detail)
+        } else {
+            let (i, f) = &others[0];
+            let index_name = relname_of(*i).unwrap_or_default();
+            let detail = if updating {
+                format!(
+                    "the updated row would hold values another local row holds in unique index {index_name}: {}",
+                    self.local_desc(f)
+                )
+            } else {
+                format!(
+                    "a local row with another key holds the same values in unique index {index_name}: {}",
+                    self.local_desc(f)
+                )
+            };
+            (Some(*i), Some(f), detail)
+        };
         self.conflict(
             Seen {
-                t: ConflictType::MultipleUniqueConflicts,
+                t,
                 relid,
                 index,
                 key,
@@ -197,18 +176,16 @@ impl Applier {
                 detail,
             },
             Facts {
-                full_row: true,
+                full_row,
                 ..Facts::default()
             },
-        ) == Outcome::ApplyRemote
+        )
     }
 
     /// An incoming UPDATE of the row `f` (found by `lookup`'s `key`) gives
-    /// it values another local row holds in a unique index (its key or
-    /// another). One such row: update_pkey_exists, by default the newer
-    /// write keeps the values and the other row is deleted; that is, when
-    /// the update loses, the updated row goes, as it does on the node where
-    /// the other row won. More rows: multiple_unique_conflicts.
+    /// it values other local rows hold in unique indexes (its key or
+    /// another): update_pkey_exists against one, multiple_unique_conflicts
+    /// against more (`bdr_core::flow` decides what goes).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn resolve_update_collisions(
         &mut self,
@@ -220,51 +197,18 @@ impl Applier {
         f: &Found,
         others: Vec<(pg_sys::Oid, Found)>,
     ) {
-        if others.len() == 1 {
-            let (index, l) = &others[0];
-            let detail = format!(
-                "the updated row would hold values another local row holds in unique index {}: {}",
-                relname_of(*index).unwrap_or_default(),
-                self.local_desc(l)
-            );
-            let o = self.conflict(
-                Seen {
-                    t: ConflictType::UpdatePkeyExists,
-                    relid,
-                    index: Some(*index),
-                    key,
-                    key_vals: lookup,
-                    remote: Some(new),
-                    local: Some(l),
-                    applies_row: true,
-                    detail,
-                },
-                Facts {
-                    full_row: !new.contains(&Value::UnchangedToast),
-                    ..Facts::default()
-                },
-            );
-            match o {
-                Outcome::ApplyRemote => {
+        let t = flow::update_collision_conflict(others.len());
+        let full_row = !new.contains(&Value::UnchangedToast);
+        let o = self.collision_conflict(t, relid, new, key, lookup, None, &others, true, full_row);
+        match flow::update_collision_action(t, self.config.resolver(t), o) {
+            flow::UpdateCollision::ReplaceOthers => {
+                for (_, l) in &others {
                     self.delete_row(relid, l);
-                    self.exec_update(relid, f.ctid, cols, new);
                 }
-                Outcome::Skip
-                    if self.config.resolver(ConflictType::UpdatePkeyExists)
-                        == Resolver::UpdateIfNewer =>
-                {
-                    self.delete_row(relid, f);
-                }
-                _ => {}
+                self.exec_update(relid, f.ctid, cols, new);
             }
-            return;
-        }
-        let (index, local) = (Some(others[0].0), Some(&others[0].1));
-        if self.multiple_unique(relid, new, key, lookup, index, local, &others) {
-            for (_, l) in &others {
-                self.delete_row(relid, l);
-            }
-            self.exec_update(relid, f.ctid, cols, new);
+            flow::UpdateCollision::DeleteUpdated => self.delete_row(relid, f),
+            flow::UpdateCollision::Keep | flow::UpdateCollision::Stop => {}
         }
     }
 

@@ -214,7 +214,7 @@ impl Applier {
         }
     }
 
-    /// Converts remote values to local datums for the given remote columns.
+    /// Remote values as local datums, for the given remote columns.
     pub(super) fn datums(
         &mut self,
         relid: u32,
@@ -222,238 +222,257 @@ impl Applier {
         vals: &[Value],
     ) -> (Vec<pg_sys::Datum>, Vec<std::ffi::c_char>) {
         let row_cxt = self.row_cxt;
-        let r = self.rel(relid);
-        let mut datums = Vec::with_capacity(cols.len() + 1);
-        let mut nulls = Vec::with_capacity(cols.len() + 1);
-        // SPI calls leave the SPI procedure context current, which lives to
-        // the remote commit; values belong to the row, reset after it.
-        // SAFETY: switched back below.
-        let old_cxt = unsafe { pg_sys::MemoryContextSwitchTo(row_cxt) };
-        for &i in cols {
-            let Some(li) = r.map[i] else {
-                datums.push(pg_sys::Datum::from(0));
-                nulls.push(b'n' as std::ffi::c_char);
-                continue;
-            };
-            let l = &r.local[li];
-            let v = vals.get(i).unwrap_or(&Value::Null);
-            // SAFETY: type input/receive functions of the local column's type,
-            // called with NUL-terminated text or a StringInfo over the bytes.
-            let d = unsafe {
-                match v {
-                    Value::Null | Value::UnchangedToast => None,
-                    Value::Text(s) => {
-                        let c = CString::new(s.as_str()).unwrap_or_default();
-                        Some(pg_sys::OidInputFunctionCall(
-                            l.input,
-                            c.as_ptr() as *mut _,
-                            l.input_param,
-                            l.typmod,
-                        ))
-                    }
-                    Value::Binary(b) => {
-                        if r.remote.columns[i].type_oid != l.typid.to_u32() {
-                            crate::fail!(
-                                ERRCODE_DATATYPE_MISMATCH,
-                                "column \"{}\" of {} has type {} here but another type on the peer",
-                                l.name,
-                                r.qualified,
-                                l.typid.to_u32()
-                            );
-                        }
-                        let buf = pg_sys::makeStringInfo();
-                        pg_sys::appendBinaryStringInfo(buf, b.as_ptr() as *const _, b.len() as i32);
-                        let d = pg_sys::OidReceiveFunctionCall(l.recv, buf, l.recv_param, l.typmod);
-                        if (*buf).cursor != (*buf).len {
-                            pgrx::ereport!(
-                                ERROR,
-                                PgSqlErrorCode::ERRCODE_INVALID_BINARY_REPRESENTATION,
-                                format!(
-                                    "incorrect binary data format in column \"{}\" of {}",
-                                    l.name, r.qualified
-                                )
-                            );
-                        }
-                        Some(d)
-                    }
-                }
-            };
-            match d {
-                Some(d) => {
-                    datums.push(d);
-                    nulls.push(b' ' as std::ffi::c_char);
-                }
-                None => {
-                    datums.push(pg_sys::Datum::from(0));
-                    nulls.push(b'n' as std::ffi::c_char);
-                }
-            }
-        }
-        // SAFETY: restores the context switched from above.
-        unsafe { pg_sys::MemoryContextSwitchTo(old_cxt) };
-        (datums, nulls)
+        datums(self.rel(relid), cols, vals, row_cxt)
     }
 
     pub(super) fn plan(&mut self, relid: u32, key: PlanKey) -> pg_sys::SPIPlanPtr {
-        let r = self.rel(relid);
-        if let Some(p) = r.plans.get(&key) {
-            return *p;
-        }
-        let col = |i: usize| -> (&str, pg_sys::Oid) {
-            match r.map[i] {
-                Some(li) => (r.local[li].name.as_str(), r.local[li].typid),
-                None => crate::fail!(
-                    ERRCODE_UNDEFINED_COLUMN,
-                    "column \"{}\" of {} exists on the peer but not on this node",
-                    r.remote.columns[i].name,
-                    r.qualified
-                ),
-            }
+        plan(self.rel(relid), key)
+    }
+}
+
+/// Converts remote values to local datums for the given remote columns.
+pub(super) fn datums(
+    r: &RelMap,
+    cols: &[usize],
+    vals: &[Value],
+    row_cxt: pg_sys::MemoryContext,
+) -> (Vec<pg_sys::Datum>, Vec<std::ffi::c_char>) {
+    let mut datums = Vec::with_capacity(cols.len() + 1);
+    let mut nulls = Vec::with_capacity(cols.len() + 1);
+    // SPI calls leave the SPI procedure context current, which lives to
+    // the remote commit; values belong to the row, reset after it.
+    // SAFETY: switched back below.
+    let old_cxt = unsafe { pg_sys::MemoryContextSwitchTo(row_cxt) };
+    for &i in cols {
+        let Some(li) = r.map[i] else {
+            datums.push(pg_sys::Datum::from(0));
+            nulls.push(b'n' as std::ffi::c_char);
+            continue;
         };
-        let mut types: Vec<pg_sys::Oid> = Vec::new();
-        let sql = match &key {
-            PlanKey::Find(cols, full) => {
-                let conds: Vec<String> = cols
-                    .iter()
-                    .enumerate()
-                    .map(|(n, &i)| {
-                        let (name, t) = col(i);
-                        types.push(t);
-                        let op = if *full { "IS NOT DISTINCT FROM" } else { "=" };
-                        format!("{} {op} ${}", quote_ident(name), n + 1)
-                    })
-                    .collect();
-                format!(
-                    // The commit timestamp is looked up from the xmin of the row
-                    // version we locked: a join here would, after waiting for a
-                    // concurrent writer, pair the new version with the old
-                    // version's timestamp.
-                    "SELECT t.ctid, t.xmin FROM ONLY {} t WHERE {} LIMIT 1 FOR UPDATE",
-                    r.qualified,
-                    conds.join(" AND ")
-                )
-            }
-            PlanKey::Insert(cols) => {
-                let names: Vec<String> = cols
-                    .iter()
-                    .map(|&i| {
-                        let (name, t) = col(i);
-                        types.push(t);
-                        quote_ident(name)
-                    })
-                    .collect();
-                let params: Vec<String> = (1..=cols.len()).map(|n| format!("${n}")).collect();
-                format!(
-                    "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING RETURNING ctid",
-                    r.qualified,
-                    names.join(", "),
-                    params.join(", ")
-                )
-            }
-            PlanKey::Update(cols) => {
-                let sets: Vec<String> = cols
-                    .iter()
-                    .enumerate()
-                    .map(|(n, &i)| {
-                        let (name, t) = col(i);
-                        types.push(t);
-                        format!("{} = ${}", quote_ident(name), n + 1)
-                    })
-                    .collect();
-                types.push(pg_sys::TIDOID);
-                format!(
-                    "UPDATE ONLY {} SET {} WHERE ctid = ${}",
-                    r.qualified,
-                    sets.join(", "),
-                    cols.len() + 1
-                )
-            }
-            PlanKey::Delete => {
-                types.push(pg_sys::TIDOID);
-                format!("DELETE FROM ONLY {} WHERE ctid = $1", r.qualified)
-            }
-            PlanKey::KeyAt => {
-                types.push(pg_sys::TIDOID);
-                let cols: Vec<String> = r
-                    .key
-                    .iter()
-                    .map(|&i| format!("{}::text", quote_ident(col(i).0)))
-                    .collect();
-                format!(
-                    "SELECT {} FROM ONLY {} WHERE ctid = $1",
-                    cols.join(", "),
-                    r.qualified
-                )
-            }
-            PlanKey::LocalJson => {
-                types.push(pg_sys::TIDOID);
-                format!(
-                    "SELECT pg_catalog.to_json(t)::text FROM ONLY {} t WHERE ctid = $1",
-                    r.qualified
-                )
-            }
-            PlanKey::Json(cols) => {
-                // json_build_object takes at most 100 arguments: objects of
-                // 50 columns are merged.
-                let pairs: Vec<String> = cols
-                    .iter()
-                    .enumerate()
-                    .map(|(n, &i)| {
-                        let t = match r.map[i] {
-                            Some(li) => r.local[li].typid,
-                            None => pg_sys::TEXTOID,
-                        };
-                        types.push(t);
-                        format!(
-                            "{}, ${}",
-                            bdr_core::quote::literal(&r.remote.columns[i].name),
-                            n + 1
-                        )
-                    })
-                    .collect();
-                let objects: Vec<String> = pairs
-                    .chunks(50)
-                    .map(|c| format!("pg_catalog.jsonb_build_object({})", c.join(", ")))
-                    .collect();
-                if objects.len() == 1 {
-                    format!(
-                        "SELECT pg_catalog.json_build_object({})::text",
-                        pairs.join(", ")
-                    )
-                } else {
-                    format!("SELECT ({})::text", objects.join(" || "))
+        let l = &r.local[li];
+        let v = vals.get(i).unwrap_or(&Value::Null);
+        // SAFETY: type input/receive functions of the local column's type,
+        // called with NUL-terminated text or a StringInfo over the bytes.
+        let d = unsafe {
+            match v {
+                Value::Null | Value::UnchangedToast => None,
+                Value::Text(s) => {
+                    let c = CString::new(s.as_str()).unwrap_or_default();
+                    Some(pg_sys::OidInputFunctionCall(
+                        l.input,
+                        c.as_ptr() as *mut _,
+                        l.input_param,
+                        l.typmod,
+                    ))
+                }
+                Value::Binary(b) => {
+                    if r.remote.columns[i].type_oid != l.typid.to_u32() {
+                        crate::fail!(
+                            ERRCODE_DATATYPE_MISMATCH,
+                            "column \"{}\" of {} has type {} here but another type on the peer",
+                            l.name,
+                            r.qualified,
+                            l.typid.to_u32()
+                        );
+                    }
+                    let buf = pg_sys::makeStringInfo();
+                    pg_sys::appendBinaryStringInfo(buf, b.as_ptr() as *const _, b.len() as i32);
+                    let d = pg_sys::OidReceiveFunctionCall(l.recv, buf, l.recv_param, l.typmod);
+                    if (*buf).cursor != (*buf).len {
+                        pgrx::ereport!(
+                            ERROR,
+                            PgSqlErrorCode::ERRCODE_INVALID_BINARY_REPRESENTATION,
+                            format!(
+                                "incorrect binary data format in column \"{}\" of {}",
+                                l.name, r.qualified
+                            )
+                        );
+                    }
+                    Some(d)
                 }
             }
         };
-        let c = CString::new(sql).unwrap_or_default();
-        // SAFETY: prepared inside the apply transaction's SPI connection and
-        // kept, so it outlives the transaction; freed when the RelMap goes.
-        let plan = unsafe {
-            let p = pg_sys::SPI_prepare(c.as_ptr(), types.len() as i32, types.as_mut_ptr());
-            if p.is_null() {
-                crate::fail!(
-                    ERRCODE_INTERNAL_ERROR,
-                    "bdr writer: could not prepare a statement for {}",
-                    r.qualified
-                );
+        match d {
+            Some(d) => {
+                datums.push(d);
+                nulls.push(b' ' as std::ffi::c_char);
             }
-            pg_sys::SPI_keepplan(p);
-            p
-        };
-        r.plans.insert(key, plan);
-        plan
+            None => {
+                datums.push(pg_sys::Datum::from(0));
+                nulls.push(b'n' as std::ffi::c_char);
+            }
+        }
     }
+    // SAFETY: restores the context switched from above.
+    unsafe { pg_sys::MemoryContextSwitchTo(old_cxt) };
+    (datums, nulls)
+}
 
+/// The kept plan of statement `key` on `r`, prepared at first use.
+pub(super) fn plan(r: &mut RelMap, key: PlanKey) -> pg_sys::SPIPlanPtr {
+    if let Some(p) = r.plans.get(&key) {
+        return *p;
+    }
+    let col = |i: usize| -> (&str, pg_sys::Oid) {
+        match r.map[i] {
+            Some(li) => (r.local[li].name.as_str(), r.local[li].typid),
+            None => crate::fail!(
+                ERRCODE_UNDEFINED_COLUMN,
+                "column \"{}\" of {} exists on the peer but not on this node",
+                r.remote.columns[i].name,
+                r.qualified
+            ),
+        }
+    };
+    let mut types: Vec<pg_sys::Oid> = Vec::new();
+    let sql = match &key {
+        PlanKey::Find(cols, full) => {
+            let conds: Vec<String> = cols
+                .iter()
+                .enumerate()
+                .map(|(n, &i)| {
+                    let (name, t) = col(i);
+                    types.push(t);
+                    let op = if *full { "IS NOT DISTINCT FROM" } else { "=" };
+                    format!("{} {op} ${}", quote_ident(name), n + 1)
+                })
+                .collect();
+            format!(
+                // The commit timestamp is looked up from the xmin of the row
+                // version we locked: a join here would, after waiting for a
+                // concurrent writer, pair the new version with the old
+                // version's timestamp.
+                "SELECT t.ctid, t.xmin FROM ONLY {} t WHERE {} LIMIT 1 FOR UPDATE",
+                r.qualified,
+                conds.join(" AND ")
+            )
+        }
+        PlanKey::Insert(cols) => {
+            let names: Vec<String> = cols
+                .iter()
+                .map(|&i| {
+                    let (name, t) = col(i);
+                    types.push(t);
+                    quote_ident(name)
+                })
+                .collect();
+            let params: Vec<String> = (1..=cols.len()).map(|n| format!("${n}")).collect();
+            format!(
+                "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING RETURNING ctid",
+                r.qualified,
+                names.join(", "),
+                params.join(", ")
+            )
+        }
+        PlanKey::Update(cols) => {
+            let sets: Vec<String> = cols
+                .iter()
+                .enumerate()
+                .map(|(n, &i)| {
+                    let (name, t) = col(i);
+                    types.push(t);
+                    format!("{} = ${}", quote_ident(name), n + 1)
+                })
+                .collect();
+            types.push(pg_sys::TIDOID);
+            format!(
+                "UPDATE ONLY {} SET {} WHERE ctid = ${}",
+                r.qualified,
+                sets.join(", "),
+                cols.len() + 1
+            )
+        }
+        PlanKey::Delete => {
+            types.push(pg_sys::TIDOID);
+            format!("DELETE FROM ONLY {} WHERE ctid = $1", r.qualified)
+        }
+        PlanKey::KeyAt => {
+            types.push(pg_sys::TIDOID);
+            let cols: Vec<String> = r
+                .key
+                .iter()
+                .map(|&i| format!("{}::text", quote_ident(col(i).0)))
+                .collect();
+            format!(
+                "SELECT {} FROM ONLY {} WHERE ctid = $1",
+                cols.join(", "),
+                r.qualified
+            )
+        }
+        PlanKey::LocalJson => {
+            types.push(pg_sys::TIDOID);
+            format!(
+                "SELECT pg_catalog.to_json(t)::text FROM ONLY {} t WHERE ctid = $1",
+                r.qualified
+            )
+        }
+        PlanKey::Json(cols) => {
+            // json_build_object takes at most 100 arguments: objects of
+            // 50 columns are merged.
+            let pairs: Vec<String> = cols
+                .iter()
+                .enumerate()
+                .map(|(n, &i)| {
+                    let t = match r.map[i] {
+                        Some(li) => r.local[li].typid,
+                        None => pg_sys::TEXTOID,
+                    };
+                    types.push(t);
+                    format!(
+                        "{}, ${}",
+                        bdr_core::quote::literal(&r.remote.columns[i].name),
+                        n + 1
+                    )
+                })
+                .collect();
+            let objects: Vec<String> = pairs
+                .chunks(50)
+                .map(|c| format!("pg_catalog.jsonb_build_object({})", c.join(", ")))
+                .collect();
+            if objects.len() == 1 {
+                format!(
+                    "SELECT pg_catalog.json_build_object({})::text",
+                    pairs.join(", ")
+                )
+            } else {
+                format!("SELECT ({})::text", objects.join(" || "))
+            }
+        }
+    };
+    let c = CString::new(sql).unwrap_or_default();
+    // SAFETY: prepared inside the apply transaction's SPI connection and
+    // kept, so it outlives the transaction; freed when the RelMap goes.
+    let plan = unsafe {
+        let p = pg_sys::SPI_prepare(c.as_ptr(), types.len() as i32, types.as_mut_ptr());
+        if p.is_null() {
+            crate::fail!(
+                ERRCODE_INTERNAL_ERROR,
+                "bdr writer: could not prepare a statement for {}",
+                r.qualified
+            );
+        }
+        pg_sys::SPI_keepplan(p);
+        p
+    };
+    r.plans.insert(key, plan);
+    plan
+}
+
+/// The SPI back-end: each row change is a kept, prepared statement on the
+/// table (`plan`), so that it goes through the executor: constraints,
+/// indexes, triggers the DBA enabled for replicas, and row locks, as a
+/// local statement would.
+pub(super) struct SpiRows {
+    /// Per-row memory for the datums, reset after each change.
+    pub(super) row_cxt: pg_sys::MemoryContext,
+}
+
+impl RowWriter for SpiRows {
     /// Inserts the row and returns where it went; `None` if a unique
     /// constraint already holds its key.
-    pub(super) fn exec_insert(
-        &mut self,
-        relid: u32,
-        cols: &[usize],
-        new: &[Value],
-    ) -> Option<pg_sys::ItemPointerData> {
-        let plan = self.plan(relid, PlanKey::Insert(cols.to_vec()));
-        let (mut datums, nulls) = self.datums(relid, cols, new);
+    fn insert(&mut self, r: &mut RelMap, cols: &[usize], new: &[Value]) -> Option<Tid> {
+        let plan = plan(r, PlanKey::Insert(cols.to_vec()));
+        let (mut datums, nulls) = datums(r, cols, new, self.row_cxt);
         // SAFETY: a kept plan with matching parameters; the one result row
         // (RETURNING ctid) is read before it is freed.
         unsafe {
@@ -474,15 +493,9 @@ impl Applier {
         }
     }
 
-    pub(super) fn exec_update(
-        &mut self,
-        relid: u32,
-        mut ctid: pg_sys::ItemPointerData,
-        cols: &[usize],
-        new: &[Value],
-    ) {
-        let plan = self.plan(relid, PlanKey::Update(cols.to_vec()));
-        let (mut datums, mut nulls) = self.datums(relid, cols, new);
+    fn update(&mut self, r: &mut RelMap, mut ctid: Tid, cols: &[usize], new: &[Value]) {
+        let plan = plan(r, PlanKey::Update(cols.to_vec()));
+        let (mut datums, mut nulls) = datums(r, cols, new, self.row_cxt);
         datums.push(pg_sys::Datum::from(
             &mut ctid as *mut pg_sys::ItemPointerData,
         ));
@@ -496,8 +509,8 @@ impl Applier {
         };
     }
 
-    pub(super) fn exec_delete(&mut self, relid: u32, mut ctid: pg_sys::ItemPointerData) {
-        let plan = self.plan(relid, PlanKey::Delete);
+    fn delete(&mut self, r: &mut RelMap, mut ctid: Tid) {
+        let plan = plan(r, PlanKey::Delete);
         let mut datums = [pg_sys::Datum::from(
             &mut ctid as *mut pg_sys::ItemPointerData,
         )];
