@@ -53,9 +53,9 @@ unsafe extern "C-unwind" fn utility_hook(
     unsafe { guc::IN_SET_LOCAL = is_set_local };
     PgTryBuilder::new(|| unsafe {
         // SAFETY: forwarding the arguments we were given, unchanged.
-        match PREV_UTILITY_HOOK {
-            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
-                prev(
+        macro_rules! forward {
+            ($f:expr) => {
+                $f(
                     pstmt,
                     query_string,
                     read_only_tree,
@@ -65,17 +65,11 @@ unsafe extern "C-unwind" fn utility_hook(
                     dest,
                     qc,
                 )
-            }),
-            None => pg_sys::standard_ProcessUtility(
-                pstmt,
-                query_string,
-                read_only_tree,
-                context,
-                params,
-                query_env,
-                dest,
-                qc,
-            ),
+            };
+        }
+        match PREV_UTILITY_HOOK {
+            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| forward!(prev)),
+            None => forward!(pg_sys::standard_ProcessUtility),
         }
     })
     // SAFETY: single-threaded backend; puts back the flag saved above.

@@ -485,49 +485,40 @@ unsafe extern "C-unwind" fn change(
         in_change_context(ctx, || {
             use pg_sys::ReorderBufferChangeType::*;
             let tp = (*change).data.tp;
-            let msg = match (*change).action {
-                REORDER_BUFFER_CHANGE_INSERT => {
-                    if tp.newtuple.is_null() {
-                        return;
-                    }
-                    ensure_begin(ctx, txn);
-                    let relid = ensure_relation(ctx, rel);
-                    Message::Insert {
-                        relid,
-                        new: tuple_values(ctx, rel, tp.newtuple),
-                    }
-                }
-                REORDER_BUFFER_CHANGE_UPDATE => {
-                    if tp.newtuple.is_null() {
-                        return;
-                    }
-                    ensure_begin(ctx, txn);
-                    let relid = ensure_relation(ctx, rel);
-                    let old = (!tp.oldtuple.is_null()).then(|| tuple_values(ctx, rel, tp.oldtuple));
-                    Message::Update {
-                        relid,
-                        old,
-                        new: tuple_values(ctx, rel, tp.newtuple),
-                    }
-                }
-                REORDER_BUFFER_CHANGE_DELETE => {
-                    if tp.oldtuple.is_null() {
-                        // No replica identity: the origin refuses such deletes, so
-                        // this is a table whose identity changed while in flight.
-                        pgrx::warning!(
-                            "bdr: DELETE on \"{}\" has no replica identity and is not replicated",
-                            cstr((*(*rel).rd_rel).relname.data.as_ptr())
-                        );
-                        return;
-                    }
-                    ensure_begin(ctx, txn);
-                    let relid = ensure_relation(ctx, rel);
-                    Message::Delete {
-                        relid,
-                        old: tuple_values(ctx, rel, tp.oldtuple),
-                    }
-                }
+            let action = (*change).action;
+            // The tuple a change needs: the new row, or a delete's old key.
+            let needed = match action {
+                REORDER_BUFFER_CHANGE_INSERT | REORDER_BUFFER_CHANGE_UPDATE => tp.newtuple,
+                REORDER_BUFFER_CHANGE_DELETE => tp.oldtuple,
                 _ => return,
+            };
+            if needed.is_null() {
+                if action == REORDER_BUFFER_CHANGE_DELETE {
+                    // No replica identity: the origin refuses such deletes, so
+                    // this is a table whose identity changed while in flight.
+                    pgrx::warning!(
+                        "bdr: DELETE on \"{}\" has no replica identity and is not replicated",
+                        cstr((*(*rel).rd_rel).relname.data.as_ptr())
+                    );
+                }
+                return;
+            }
+            ensure_begin(ctx, txn);
+            let relid = ensure_relation(ctx, rel);
+            let msg = match action {
+                REORDER_BUFFER_CHANGE_INSERT => Message::Insert {
+                    relid,
+                    new: tuple_values(ctx, rel, tp.newtuple),
+                },
+                REORDER_BUFFER_CHANGE_UPDATE => Message::Update {
+                    relid,
+                    old: (!tp.oldtuple.is_null()).then(|| tuple_values(ctx, rel, tp.oldtuple)),
+                    new: tuple_values(ctx, rel, tp.newtuple),
+                },
+                _ => Message::Delete {
+                    relid,
+                    old: tuple_values(ctx, rel, tp.oldtuple),
+                },
             };
             write(ctx, &msg);
         });

@@ -15,25 +15,19 @@ fn join_node_group(
     wait_for_completion: default!(bool, true),
     synchronize_structure: default!(&str, "'all'"),
 ) {
+    let args = JoinArgs {
+        target_dsn: join_target_dsn,
+        group: node_group_name,
+        pause_in_standby,
+        synchronize_structure,
+    };
     if !wait_for_completion {
-        request_join(
-            join_target_dsn,
-            node_group_name,
-            pause_in_standby,
-            synchronize_structure,
-        )
-        .or_raise();
+        request_join(&args).or_raise();
         return;
     }
     // The join is complete when this returns; the connections to the peers
     // start when the transaction commits (see bdr.wait_for_join_completion).
-    join_impl(
-        join_target_dsn,
-        node_group_name,
-        pause_in_standby,
-        synchronize_structure,
-    )
-    .or_raise()
+    join_impl(&args).or_raise()
 }
 
 /// Called by a joining node on each member: records the joiner.

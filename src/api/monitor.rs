@@ -1,6 +1,6 @@
 //! Version and worker monitoring functions.
 
-use crate::shmem::{self, TASKS};
+use crate::shmem::{self, Task, TASKS};
 use bdr_core::version;
 use pgrx::prelude::*;
 
@@ -14,6 +14,17 @@ fn bdr_version() -> &'static str {
 #[pg_extern(immutable, parallel_safe)]
 fn bdr_version_num() -> i32 {
     version::VERSION_NUM
+}
+
+/// One row per task in use of the shared-memory task table.
+fn task_rows<R>(row: impl Fn(&Task) -> R) -> Vec<R> {
+    TASKS
+        .share()
+        .tasks
+        .iter()
+        .filter(|t| t.in_use)
+        .map(row)
+        .collect()
 }
 
 /// Raw rows of the shared-memory task table; `bdr.worker_tasks` presents them.
@@ -45,37 +56,31 @@ fn _worker_tasks() -> TableIterator<
         name!(failures, i32),
     ),
 > {
-    let snapshot = TASKS.share().tasks;
-    let rows: Vec<_> = snapshot
-        .iter()
-        .filter(|t| t.in_use)
-        .map(|t| {
-            (
-                t.role as i32,
-                t.role.name().to_string(),
-                pg_sys::Oid::from(t.dboid),
-                pg_sys::Oid::from(t.subid),
-                t.pid,
-                t.registered,
-                t.attached,
-                t.exited,
-                t.success(),
-                t.next_launch_not_before,
-                t.last_request_pid,
-                t.last_request_time,
-                t.last_request_approved,
-                t.nrequests,
-                t.nregistrations,
-                t.prev_pid,
-                t.prev_registered,
-                t.prev_launched,
-                t.prev_exited,
-                t.first_registered,
-                t.failures as i32,
-            )
-        })
-        .collect();
-    TableIterator::new(rows)
+    TableIterator::new(task_rows(|t| {
+        (
+            t.role as i32,
+            t.role.name().to_string(),
+            pg_sys::Oid::from(t.dboid),
+            pg_sys::Oid::from(t.subid),
+            t.pid,
+            t.registered,
+            t.attached,
+            t.exited,
+            t.success(),
+            t.next_launch_not_before,
+            t.last_request_pid,
+            t.last_request_time,
+            t.last_request_approved,
+            t.nrequests,
+            t.nregistrations,
+            t.prev_pid,
+            t.prev_registered,
+            t.prev_launched,
+            t.prev_exited,
+            t.first_registered,
+            t.failures as i32,
+        )
+    }))
 }
 
 /// Replication state of receivers and writers, and the last error of every
@@ -85,12 +90,12 @@ fn _worker_tasks() -> TableIterator<
 fn _worker_status() -> TableIterator<
     'static,
     (
-        name!(role, i32),
         name!(role_name, String),
         name!(dboid, pg_sys::Oid),
         name!(subid, pg_sys::Oid),
-        name!(pid, i32),
         name!(connected, bool),
+        name!(role, i32),
+        name!(pid, i32),
         name!(recv_lsn, String),
         name!(recv_commit_lsn, String),
         name!(flush_lsn, String),
@@ -103,32 +108,26 @@ fn _worker_status() -> TableIterator<
     ),
 > {
     use bdr_core::lsn::format;
-    let snapshot = TASKS.share().tasks;
-    let rows: Vec<_> = snapshot
-        .iter()
-        .filter(|t| t.in_use)
-        .map(|t| {
-            let err = t.last_error.as_str();
-            (
-                t.role as i32,
-                t.role.name().to_string(),
-                pg_sys::Oid::from(t.dboid),
-                pg_sys::Oid::from(t.subid),
-                t.pid,
-                t.connected && t.pid != 0,
-                format(t.recv_lsn),
-                format(t.recv_commit_lsn),
-                format(t.flush_lsn),
-                format(t.replay_lsn),
-                t.replay_time,
-                t.ncommits,
-                (!err.is_empty()).then(|| err.to_string()),
-                t.last_error_time,
-                t.last_error_pid,
-            )
-        })
-        .collect();
-    TableIterator::new(rows)
+    TableIterator::new(task_rows(|t| {
+        let err = t.last_error.as_str();
+        (
+            t.role.name().to_string(),
+            pg_sys::Oid::from(t.dboid),
+            pg_sys::Oid::from(t.subid),
+            t.connected && t.pid != 0,
+            t.role as i32,
+            t.pid,
+            format(t.recv_lsn),
+            format(t.recv_commit_lsn),
+            format(t.flush_lsn),
+            format(t.replay_lsn),
+            t.replay_time,
+            t.ncommits,
+            (!err.is_empty()).then(|| err.to_string()),
+            t.last_error_time,
+            t.last_error_pid,
+        )
+    }))
 }
 
 /// Lets every worker that is waiting out a backoff be launched at once.

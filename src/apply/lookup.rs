@@ -92,7 +92,7 @@ impl Applier {
             .collect();
         let mut found: Vec<(pg_sys::Oid, Found)> = Vec::new();
         for (oid, cols) in checks {
-            if let Some(f) = self.find(relid, &cols, new, false) {
+            if let Some(f) = self.find(relid, &cols, new, false, false) {
                 if except.is_some_and(|e| same_tid(&e, &f.ctid))
                     || found.iter().any(|(_, g)| same_tid(&g.ctid, &f.ctid))
                 {
@@ -106,26 +106,14 @@ impl Applier {
 
     /// The key columns of the local row at `ctid`, as text values placed at
     /// their remote column indexes.
-    pub(super) fn key_values_at(
-        &mut self,
-        relid: u32,
-        key: &[usize],
-        mut ctid: pg_sys::ItemPointerData,
-    ) -> Vec<Value> {
+    pub(super) fn key_values_at(&mut self, relid: u32, key: &[usize], ctid: Tid) -> Vec<Value> {
         let plan = self.plan(relid, PlanKey::KeyAt);
         let n = self.rel(relid).remote.columns.len();
         let mut vals = vec![Value::Null; n];
-        let mut datums = [pg_sys::Datum::from(
-            &mut ctid as *mut pg_sys::ItemPointerData,
-        )];
-        let nulls = [b' ' as std::ffi::c_char];
-        // SAFETY: a kept plan with one tid parameter; the one result row is
-        // read (and its strings freed) before the result is freed.
+        exec_at_tid(plan, ctid, 1, "reading a local key");
+        // SAFETY: the one result row is read (and its strings freed) before
+        // the result is freed.
         unsafe {
-            spi_check(
-                pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 1),
-                "reading a local key",
-            );
             let tt = pg_sys::SPI_tuptable;
             if !tt.is_null() && pg_sys::SPI_processed > 0 {
                 for (j, &i) in key.iter().enumerate() {
@@ -155,60 +143,54 @@ impl Applier {
         }
     }
 
-    /// Finds the row; when it is missing and has a key, locks the key and
-    /// looks again, so that what is decided about a missing row is decided
-    /// by one writer at a time and sees the others' committed work.
-    pub(super) fn find_or_lock(
-        &mut self,
-        relid: u32,
-        key: &[usize],
-        vals: &[Value],
-        full: bool,
-    ) -> Option<Found> {
-        if let Some(f) = self.find(relid, key, vals, full) {
-            return Some(f);
-        }
-        if full || !self.lock_key(relid, key, vals) {
-            return None;
-        }
-        self.find(relid, key, vals, full)
-    }
-
+    /// Finds the local row with `vals` in remote columns `key` (the whole
+    /// row when `full`) and locks it. `lock_if_missing`: when it is missing
+    /// and has a key, locks the key and looks again, so that what is decided
+    /// about a missing row is decided by one writer at a time and sees the
+    /// others' committed work.
     pub(super) fn find(
         &mut self,
         relid: u32,
         key: &[usize],
         vals: &[Value],
         full: bool,
+        lock_if_missing: bool,
     ) -> Option<Found> {
         let plan = self.plan(relid, PlanKey::Find(key.to_vec(), full));
         let (mut datums, nulls) = self.datums(relid, key, vals);
-        // SAFETY: executes a kept plan with as many datums as it has
-        // parameters; reads the one result row before freeing it.
-        let found = unsafe {
-            spi_check(
-                pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 1),
-                "finding a row",
-            );
-            if pg_sys::SPI_processed == 0 {
-                if !pg_sys::SPI_tuptable.is_null() {
-                    pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
+        let mut lock = lock_if_missing && !full;
+        let (ctid, ts, ro, xmin) = loop {
+            // SAFETY: executes a kept plan with as many datums as it has
+            // parameters; reads the one result row before freeing it.
+            let found = unsafe {
+                spi_check(
+                    pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 1),
+                    "finding a row",
+                );
+                if pg_sys::SPI_processed == 0 {
+                    if !pg_sys::SPI_tuptable.is_null() {
+                        pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
+                    }
+                    None
+                } else {
+                    let tt = pg_sys::SPI_tuptable;
+                    let tup = *(*tt).vals;
+                    let desc = (*tt).tupdesc;
+                    let mut isnull = false;
+                    let ctid_d = pg_sys::SPI_getbinval(tup, desc, 1, &mut isnull);
+                    let ctid = *(ctid_d.cast_mut_ptr::<pg_sys::ItemPointerData>());
+                    let xmin = pg_sys::SPI_getbinval(tup, desc, 2, &mut isnull);
+                    pg_sys::SPI_freetuptable(tt);
+                    let (ts, ro) = commit_ts_of(xmin);
+                    Some((ctid, ts, ro, xmin.value() as u32))
                 }
-                None
-            } else {
-                let tt = pg_sys::SPI_tuptable;
-                let tup = *(*tt).vals;
-                let desc = (*tt).tupdesc;
-                let mut isnull = false;
-                let ctid_d = pg_sys::SPI_getbinval(tup, desc, 1, &mut isnull);
-                let ctid = *(ctid_d.cast_mut_ptr::<pg_sys::ItemPointerData>());
-                let xmin = pg_sys::SPI_getbinval(tup, desc, 2, &mut isnull);
-                pg_sys::SPI_freetuptable(tt);
-                let (ts, ro) = commit_ts_of(xmin);
-                Some((ctid, ts, ro, xmin.value() as u32))
+            };
+            match found {
+                Some(f) => break f,
+                None if lock && self.lock_key(relid, key, vals) => lock = false,
+                None => return None,
             }
         };
-        let (ctid, ts, ro, xmin) = found?;
         let mut writer = ts.map(|commit_ts| Writer {
             commit_ts,
             node_id: self.node_of_origin(ro),

@@ -332,17 +332,15 @@ impl Applier {
         let recently_dropped = self.recently_dropped(relid);
         let detail = "the table does not exist on this node".to_string();
         self.conflict(
-            Seen {
-                t: ConflictType::TargetTableMissing,
+            Seen::of(
+                ConflictType::TargetTableMissing,
                 relid,
-                index: None,
-                key: &[],
-                key_vals: vals,
-                remote: Some(vals),
-                local: None,
-                applies_row: false,
+                &[],
+                vals,
+                vals,
                 detail,
-            },
+            )
+            .deleting(),
             Facts {
                 recently_dropped,
                 ..Facts::default()
@@ -466,17 +464,14 @@ impl Applier {
                 }
             );
             let o = self.conflict(
-                Seen {
-                    t: ConflictType::TargetColumnMissing,
+                Seen::of(
+                    ConflictType::TargetColumnMissing,
                     relid,
-                    index: None,
-                    key: &key,
-                    key_vals: vals,
-                    remote: Some(vals),
-                    local: None,
-                    applies_row: true,
+                    &key,
+                    vals,
+                    vals,
                     detail,
-                },
+                ),
                 Facts {
                     value_is_null,
                     ..Facts::default()
@@ -504,17 +499,14 @@ impl Applier {
                 }
             );
             let o = self.conflict(
-                Seen {
-                    t: ConflictType::SourceColumnMissing,
+                Seen::of(
+                    ConflictType::SourceColumnMissing,
                     relid,
-                    index: None,
-                    key: &key,
-                    key_vals: vals,
-                    remote: Some(vals),
-                    local: None,
-                    applies_row: true,
+                    &key,
+                    vals,
+                    vals,
                     detail,
-                },
+                ),
                 Facts::default(),
             );
             if !flow::shape_conflict_goes_on(o) {

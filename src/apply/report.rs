@@ -22,6 +22,54 @@ pub(super) struct Seen<'a> {
     pub(super) detail: String,
 }
 
+impl<'a> Seen<'a> {
+    /// Conflict `t` of the incoming row `remote` (for a DELETE, its key)
+    /// into peer relation `relid`, looked up by remote columns `key` in
+    /// `key_vals`, with no local row.
+    pub(super) fn of(
+        t: ConflictType,
+        relid: u32,
+        key: &'a [usize],
+        key_vals: &'a [Value],
+        remote: &'a [Value],
+        detail: String,
+    ) -> Seen<'a> {
+        Seen {
+            t,
+            relid,
+            index: None,
+            key,
+            key_vals,
+            remote: Some(remote),
+            local: None,
+            applies_row: true,
+            detail,
+        }
+    }
+
+    /// Against the local row `local`, found through `index`.
+    pub(super) fn against(self, index: Option<pg_sys::Oid>, local: &'a Found) -> Seen<'a> {
+        self.against_any(index, Some(local))
+    }
+
+    pub(super) fn against_any(
+        mut self,
+        index: Option<pg_sys::Oid>,
+        local: Option<&'a Found>,
+    ) -> Seen<'a> {
+        self.index = index;
+        self.local = local;
+        self
+    }
+
+    /// Applying it does not make the incoming row the local row (a DELETE,
+    /// a change of a missing table).
+    pub(super) fn deleting(mut self) -> Seen<'a> {
+        self.applies_row = false;
+        self
+    }
+}
+
 /// A conflict whose resolver stops the apply: the writer rolls back, logs
 /// it, and exits with this error; it retries from the same transaction.
 pub struct Stop {
@@ -272,24 +320,11 @@ impl Applier {
     }
 
     /// The local row at `ctid` as JSON.
-    pub(super) fn local_json(
-        &mut self,
-        relid: u32,
-        mut ctid: pg_sys::ItemPointerData,
-    ) -> Option<String> {
+    pub(super) fn local_json(&mut self, relid: u32, ctid: Tid) -> Option<String> {
         let plan = self.plan(relid, PlanKey::LocalJson);
-        let mut datums = [pg_sys::Datum::from(
-            &mut ctid as *mut pg_sys::ItemPointerData,
-        )];
-        let nulls = [b' ' as std::ffi::c_char];
-        // SAFETY: a kept plan with one tid parameter; `ctid` outlives the call.
-        unsafe {
-            spi_check(
-                pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 1),
-                "describing a local row",
-            );
-            first_text_and_free()
-        }
+        exec_at_tid(plan, ctid, 1, "describing a local row");
+        // SAFETY: right after the execution above.
+        unsafe { first_text_and_free() }
     }
 
     /// The stop a conflict asked for, if any.

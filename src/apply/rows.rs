@@ -41,7 +41,7 @@ impl Applier {
             let pk = if key.is_empty() {
                 None
             } else {
-                self.find(relid, &key, new, false)
+                self.find(relid, &key, new, false, false)
             };
             let others = self.unique_collisions(relid, new, pk.as_ref().map(|f| f.ctid));
             let c = flow::Collisions {
@@ -164,17 +164,7 @@ impl Applier {
             (Some(*i), Some(f), detail)
         };
         self.conflict(
-            Seen {
-                t,
-                relid,
-                index,
-                key,
-                key_vals,
-                remote: Some(new),
-                local,
-                applies_row: true,
-                detail,
-            },
+            Seen::of(t, relid, key, key_vals, new, detail).against_any(index, local),
             Facts {
                 full_row,
                 ..Facts::default()
@@ -238,7 +228,7 @@ impl Applier {
         let Some(cols) = self.present_cols(relid, new, false) else {
             return;
         };
-        match self.find_or_lock(relid, &key, lookup, full) {
+        match self.find(relid, &key, lookup, full, true) {
             Some(f) => {
                 let remote = self.remote_writer();
                 let outcome = match flow::update_found_conflict(remote, f.writer) {
@@ -246,17 +236,7 @@ impl Applier {
                         let detail = self.local_desc(&f);
                         let index = self.rel(relid).key_index;
                         Some(self.conflict(
-                            Seen {
-                                t,
-                                relid,
-                                index,
-                                key: &key,
-                                key_vals: lookup,
-                                remote: Some(new),
-                                local: Some(&f),
-                                applies_row: true,
-                                detail,
-                            },
+                            Seen::of(t, relid, &key, lookup, new, detail).against(index, &f),
                             Facts {
                                 full_row,
                                 ..Facts::default()
@@ -282,7 +262,7 @@ impl Applier {
                         // values, which only the local row has).
                         let mut others = Vec::new();
                         if key_changed {
-                            if let Some(p) = self.find(relid, &key, new, false) {
+                            if let Some(p) = self.find(relid, &key, new, false, false) {
                                 let index = self.rel(relid).key_index.unwrap_or(pg_sys::InvalidOid);
                                 others.push((index, p));
                             }
@@ -320,17 +300,7 @@ impl Applier {
                     "the row does not exist on this node".to_string()
                 };
                 let o = self.conflict(
-                    Seen {
-                        t,
-                        relid,
-                        index: None,
-                        key: &key,
-                        key_vals: lookup,
-                        remote: Some(new),
-                        local: None,
-                        applies_row: true,
-                        detail,
-                    },
+                    Seen::of(t, relid, &key, lookup, new, detail),
                     Facts {
                         full_row,
                         ..Facts::default()
@@ -349,7 +319,7 @@ impl Applier {
 
     pub(super) fn delete(&mut self, relid: u32, old: &[Value]) {
         let (key, full) = self.identity(relid, old, "DELETE");
-        match self.find_or_lock(relid, &key, old, full) {
+        match self.find(relid, &key, old, full, true) {
             Some(f) => {
                 // A row updated here after the delete was made stays.
                 let outcome = match flow::delete_found_conflict(self.remote_writer(), f.writer) {
@@ -359,20 +329,14 @@ impl Applier {
                             self.local_desc(&f)
                         );
                         let index = self.rel(relid).key_index;
-                        Some(self.conflict(
-                            Seen {
-                                t,
-                                relid,
-                                index,
-                                key: &key,
-                                key_vals: old,
-                                remote: Some(old),
-                                local: Some(&f),
-                                applies_row: false,
-                                detail,
-                            },
-                            Facts::default(),
-                        ))
+                        Some(
+                            self.conflict(
+                                Seen::of(t, relid, &key, old, old, detail)
+                                    .against(index, &f)
+                                    .deleting(),
+                                Facts::default(),
+                            ),
+                        )
                     }
                     None => None,
                 };
@@ -385,17 +349,15 @@ impl Applier {
             }
             None => {
                 let o = self.conflict(
-                    Seen {
-                        t: ConflictType::DeleteMissing,
+                    Seen::of(
+                        ConflictType::DeleteMissing,
                         relid,
-                        index: None,
-                        key: &key,
-                        key_vals: old,
-                        remote: Some(old),
-                        local: None,
-                        applies_row: false,
-                        detail: "the row does not exist on this node".into(),
-                    },
+                        &key,
+                        old,
+                        old,
+                        "the row does not exist on this node".into(),
+                    )
+                    .deleting(),
                     Facts::default(),
                 );
                 // Gone already, or not here yet: noted, so that an older

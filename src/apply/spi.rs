@@ -48,6 +48,21 @@ pub(super) unsafe fn first_datum_and_free() -> Option<pg_sys::Datum> {
     }
 }
 
+/// Runs kept plan `plan`, whose one parameter is a tid, for the row at
+/// `ctid`, returning at most `max_rows` rows; the result is in
+/// SPI_tuptable.
+pub(super) fn exec_at_tid(plan: pg_sys::SPIPlanPtr, mut ctid: Tid, max_rows: i64, what: &str) {
+    let mut datums = [pg_sys::Datum::from(&mut ctid as *mut Tid)];
+    let nulls = [b' ' as std::ffi::c_char];
+    // SAFETY: a kept plan with one tid parameter; `ctid` outlives the call.
+    unsafe {
+        spi_check(
+            pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, max_rows),
+            what,
+        )
+    };
+}
+
 /// A PostgreSQL timestamp as text, for log lines.
 pub(super) fn timestamp_text(ts: i64) -> String {
     // SAFETY: formats a timestamp value; returns a palloc'd C string.
@@ -509,18 +524,7 @@ impl RowWriter for SpiRows {
         };
     }
 
-    fn delete(&mut self, r: &mut RelMap, mut ctid: Tid) {
-        let plan = plan(r, PlanKey::Delete);
-        let mut datums = [pg_sys::Datum::from(
-            &mut ctid as *mut pg_sys::ItemPointerData,
-        )];
-        let nulls = [b' ' as std::ffi::c_char];
-        // SAFETY: a kept plan with one tid parameter; `ctid` outlives the call.
-        unsafe {
-            spi_check(
-                pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 0),
-                "deleting a row",
-            )
-        };
+    fn delete(&mut self, r: &mut RelMap, ctid: Tid) {
+        exec_at_tid(plan(r, PlanKey::Delete), ctid, 0, "deleting a row");
     }
 }

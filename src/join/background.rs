@@ -6,13 +6,8 @@ use super::*;
 /// `wait_for_completion => false`: checks what can be checked here, and
 /// leaves the join to this database's manager once this transaction
 /// commits. The local node is JOIN_START until it is done.
-pub fn request_join(
-    join_target_dsn: &str,
-    node_group_name: Option<&str>,
-    pause_in_standby: bool,
-    synchronize_structure: &str,
-) -> BdrResult<()> {
-    let (sync, local) = check_join_args(join_target_dsn, pause_in_standby, synchronize_structure)?;
+pub fn request_join(args: &JoinArgs<'_>) -> BdrResult<()> {
+    let (sync, local) = check_join_args(args)?;
     let pending = catalog::join_pending()?;
     if pending {
         return Err(BdrError::JoinRefused {
@@ -20,7 +15,7 @@ pub fn request_join(
             hint: "Wait for it with bdr.wait_for_join_completion().".into(),
         });
     }
-    catalog::record_join_request(local.node_id, join_target_dsn, node_group_name, &sync)?;
+    catalog::record_join_request(local.node_id, args.target_dsn, args.group, &sync)?;
     catalog::set_local_join_started(local.node_id)?;
     crate::shmem::wake_workers_at_commit();
     pgrx::notice!("the join runs in the background; bdr.wait_for_join_completion() waits for it");
@@ -55,9 +50,14 @@ pub fn run_requested_join() {
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let outcome = pgrx::PgTryBuilder::new(|| {
-        join_impl(&req.dsn, req.group.as_deref(), false, &req.sync)
-            .and_then(|()| catalog::clear_join_requests())
-            .map_err(|e| e.to_string())
+        join_impl(&JoinArgs {
+            target_dsn: &req.dsn,
+            group: req.group.as_deref(),
+            pause_in_standby: false,
+            synchronize_structure: &req.sync,
+        })
+        .and_then(|()| catalog::clear_join_requests())
+        .map_err(|e| e.to_string())
     })
     .catch_others(|e| Err(crate::error::caught_report(&e).message().to_string()))
     .execute();

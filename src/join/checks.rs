@@ -6,13 +6,10 @@ use super::*;
 /// What a join checks before it contacts anyone, in the session (also for
 /// a background join): returns `synchronize_structure` normalized and the
 /// local node, which must be in no group.
-pub(super) fn check_join_args(
-    join_target_dsn: &str,
-    pause_in_standby: bool,
-    synchronize_structure: &str,
-) -> BdrResult<(String, catalog::LocalNode)> {
+pub(super) fn check_join_args(args: &JoinArgs<'_>) -> BdrResult<(String, catalog::LocalNode)> {
+    let (join_target_dsn, synchronize_structure) = (args.target_dsn, args.synchronize_structure);
     prereq::check()?;
-    if pause_in_standby {
+    if args.pause_in_standby {
         return Err(BdrError::NotSupported(
             "joining as a standby (pause_in_standby)".into(),
         ));

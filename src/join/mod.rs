@@ -81,13 +81,18 @@ struct SlotStart {
     lsn: u64,
 }
 
-pub fn join_impl(
-    join_target_dsn: &str,
-    node_group_name: Option<&str>,
-    pause_in_standby: bool,
-    synchronize_structure: &str,
-) -> BdrResult<()> {
-    let (sync, local) = check_join_args(join_target_dsn, pause_in_standby, synchronize_structure)?;
+/// What `bdr.join_node_group` was asked to do.
+pub struct JoinArgs<'a> {
+    pub target_dsn: &'a str,
+    /// The group the target must be in; `None`: whichever it is in.
+    pub group: Option<&'a str>,
+    pub pause_in_standby: bool,
+    /// 'all' (copy the schema) or 'none', in any case.
+    pub synchronize_structure: &'a str,
+}
+
+pub fn join_impl(args: &JoinArgs<'_>) -> BdrResult<()> {
+    let (sync, local) = check_join_args(args)?;
     lock_join()?;
     let me_row = catalog::node_by_id(local.node_id)?.ok_or(BdrError::NoLocalNode)?;
     let me = Member {
@@ -97,8 +102,8 @@ pub fn join_impl(
         dbname: catalog::current_database()?,
         state: NodeState::Active,
     };
-    let mut target = Peer::connect("the join target", join_target_dsn, APPNAME)?;
-    let plan = read_group(&mut target, &me, node_group_name, &sync)?;
+    let mut target = Peer::connect("the join target", args.target_dsn, APPNAME)?;
+    let plan = read_group(&mut target, &me, args.group, &sync)?;
     create_local_slots(&me, &plan)?;
     let slot_starts = register_with_members(&me, &plan, &target)?;
     let stream_starts = copy_from_target(&mut target, &me, &plan, &slot_starts, &sync)?;

@@ -55,15 +55,34 @@ fn run_as_postgres_with(
         .unwrap_or_else(|e| panic!("running {program}: {e}"))
 }
 
-/// A free TCP port on the loopback interface.
+/// Where the ports the servers listen on are taken from: below the
+/// kernel's ephemeral range, which outgoing connections (every walreceiver
+/// and libpq client of a running test) take their local ports from. A port
+/// picked there could be taken by such a connection before the server
+/// that was to listen on it starts.
+const PORT_FLOOR: u32 = 16_384;
+
+fn ephemeral_floor() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .filter(|&p: &u32| p > PORT_FLOOR + 1000)
+        .unwrap_or(32_768)
+}
+
+/// A free TCP port on the loopback interface, outside the ephemeral range,
+/// not handed out before by this process.
 pub fn free_port() -> u16 {
-    for _ in 0..100 {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = l.local_addr().unwrap().port();
-        drop(l);
-        // Also keep clear of a socket lock file from an earlier run.
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let span = ephemeral_floor() - PORT_FLOOR;
+    // Test binaries run one after another: each starts elsewhere in the
+    // range, so that a server an earlier one left behind is not met first.
+    let start = std::process::id() * 97;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = PORT_FLOOR + (start + n) % span;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
         }
     }
     panic!("no free port found");
