@@ -23,6 +23,7 @@ use bdr_core::conflict::{
     self, clock_skew_excess, remote_wins, ConflictConfig, ConflictType, Facts, Outcome, Writer,
 };
 use bdr_core::protocol::{Message, Relation, Value};
+use bdr_core::quote::ident;
 use lookup::*;
 use pgrx::pg_sys;
 use pgrx::prelude::*;

@@ -186,7 +186,7 @@ pub(super) fn rel_of(rels: &mut HashMap<u32, RelMap>, relid: u32) -> &mut RelMap
 
 impl Applier {
     pub(super) fn map_relation(&mut self, r: Relation) -> RelMap {
-        let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.name));
+        let qualified = format!("{}.{}", ident(&r.schema), ident(&r.name));
         let mut local = Vec::new();
         let mut local_oid = pg_sys::InvalidOid;
         let mut index_list = Vec::new();
@@ -195,7 +195,7 @@ impl Applier {
               WHERE a.attrelid = pg_catalog.to_regclass({})
                 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
               ORDER BY a.attnum",
-            crate::walrcv::literal(&qualified)
+            bdr_core::quote::literal(&qualified)
         ))
         .unwrap_or_default();
         // SAFETY: a read-only catalog query in the current transaction (or a
@@ -352,7 +352,7 @@ impl Applier {
     pub(super) fn rel_exists_now(&mut self, relid: u32) -> bool {
         let q = format!(
             "SELECT pg_catalog.to_regclass({})::oid",
-            crate::walrcv::literal(&self.rel(relid).qualified)
+            bdr_core::quote::literal(&self.rel(relid).qualified)
         );
         let c = CString::new(q).unwrap_or_default();
         // SAFETY: a read-only query in the apply transaction's SPI connection.

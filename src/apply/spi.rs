@@ -3,10 +3,6 @@
 
 use super::*;
 
-pub(super) fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
 /// When and where the transaction `xid` (an xmin datum) committed; no
 /// timestamp for frozen or too old transactions, or our own uncommitted one.
 pub(super) fn commit_ts_of(xid: pg_sys::Datum) -> (Option<i64>, u16) {
@@ -349,7 +345,7 @@ pub(super) fn plan(r: &mut RelMap, key: PlanKey) -> pg_sys::SPIPlanPtr {
                     let (name, t) = col(i);
                     types.push(t);
                     let op = if *full { "IS NOT DISTINCT FROM" } else { "=" };
-                    format!("{} {op} ${}", quote_ident(name), n + 1)
+                    format!("{} {op} ${}", ident(name), n + 1)
                 })
                 .collect();
             format!(
@@ -368,7 +364,7 @@ pub(super) fn plan(r: &mut RelMap, key: PlanKey) -> pg_sys::SPIPlanPtr {
                 .map(|&i| {
                     let (name, t) = col(i);
                     types.push(t);
-                    quote_ident(name)
+                    ident(name)
                 })
                 .collect();
             let params: Vec<String> = (1..=cols.len()).map(|n| format!("${n}")).collect();
@@ -386,7 +382,7 @@ pub(super) fn plan(r: &mut RelMap, key: PlanKey) -> pg_sys::SPIPlanPtr {
                 .map(|(n, &i)| {
                     let (name, t) = col(i);
                     types.push(t);
-                    format!("{} = ${}", quote_ident(name), n + 1)
+                    format!("{} = ${}", ident(name), n + 1)
                 })
                 .collect();
             types.push(pg_sys::TIDOID);
@@ -406,7 +402,7 @@ pub(super) fn plan(r: &mut RelMap, key: PlanKey) -> pg_sys::SPIPlanPtr {
             let cols: Vec<String> = r
                 .key
                 .iter()
-                .map(|&i| format!("{}::text", quote_ident(col(i).0)))
+                .map(|&i| format!("{}::text", ident(col(i).0)))
                 .collect();
             format!(
                 "SELECT {} FROM ONLY {} WHERE ctid = $1",
