@@ -5,6 +5,7 @@
 
 pub mod backoff;
 pub mod conflict;
+pub mod consensus;
 pub mod dsn;
 pub mod dump;
 pub mod flow;
