@@ -538,3 +538,16 @@ BEGIN
                    rel, pg_catalog.quote_literal(rel::text))
        USING key_hash, ts;
 END $$;
+
+-- BDR 4's other name for bdr.get_consensus_status().
+CREATE FUNCTION bdr.get_raft_status()
+RETURNS TABLE (node_id oid, node_name text, state text, leader_id oid, leader_name text,
+               current_term bigint, commit_index bigint, apply_index bigint, last_index bigint,
+               snapshot_index bigint, voting_nodes int, voters oid[], protocol_version int,
+               enabled boolean)
+LANGUAGE sql VOLATILE AS $$ SELECT * FROM bdr.get_consensus_status() $$;
+REVOKE ALL ON FUNCTION bdr._consensus_deliver(bytea) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr._consensus_change_voter(bigint, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr.consensus_disable() FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr.consensus_enable() FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr.consensus_kv_store(text, jsonb, jsonb, integer) FROM PUBLIC;

@@ -166,3 +166,39 @@ CREATE TABLE bdr.copied_row (
 CREATE INDEX copied_row_key ON bdr.copied_row (relid, key_hash);
 -- No key; bdr_replica_identity_check (FOR ALL TABLES) would refuse deletes.
 ALTER TABLE bdr.copied_row REPLICA IDENTITY FULL;
+
+-- Consensus (src/consensus/): this node's part of the group's Raft log,
+-- its durable Raft state, and the state machine the log builds. Written by
+-- the consensus worker only, with synchronous_commit on.
+CREATE TABLE bdr.global_consensus_journal (
+    log_index bigint PRIMARY KEY,
+    term bigint NOT NULL,
+    -- the proposing node and its request (0 for Raft's own entries)
+    origin oid NOT NULL,
+    req_id bigint NOT NULL,
+    -- the Raft entry as raft-rs encodes it (protobuf)
+    req_payload bytea NOT NULL,
+    trace_context bytea
+);
+
+CREATE TABLE bdr.local_consensus_state (
+    node_id oid PRIMARY KEY,
+    current_term bigint NOT NULL,
+    apply_index bigint NOT NULL,
+    voted_for oid NOT NULL,
+    last_known_leader oid NOT NULL,
+    commit_index bigint NOT NULL,
+    -- the voters (raft-rs ConfState, protobuf) as of apply_index
+    conf_state bytea NOT NULL,
+    -- the state machine (bdr_core::consensus::State) as of apply_index
+    sm_state bytea NOT NULL
+);
+
+-- Where the log was last compacted, with the state machine as of there.
+CREATE TABLE bdr.local_consensus_snapshot (
+    log_index bigint NOT NULL,
+    log_term bigint NOT NULL,
+    snapshot bytea NOT NULL
+);
+ALTER TABLE bdr.local_consensus_snapshot REPLICA IDENTITY FULL;
+

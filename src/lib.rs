@@ -9,6 +9,7 @@ pub mod api;
 pub mod apply;
 pub mod catalog;
 pub mod conflict_settings;
+pub mod consensus;
 pub mod error;
 pub mod guc;
 pub mod hlc;
@@ -56,6 +57,7 @@ pub extern "C-unwind" fn _PG_init() {
     log::init();
     shmem::init();
     hlc::init();
+    consensus::shmem::init();
     stats::init();
     hooks::init();
     workers::init();

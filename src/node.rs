@@ -80,6 +80,7 @@ pub fn create_node_group_impl(
     catalog::insert_group(gid, node_group_name)?;
     if join_node_group {
         catalog::set_node_group(local.node_id, gid, NodeState::Active, 1)?;
+        crate::consensus::bootstrap(local.node_id)?;
     }
     shmem::wake_workers_at_commit();
     Ok(gid)

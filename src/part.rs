@@ -144,6 +144,16 @@ pub fn part_impl(node_name: &str, wait_for_completion: bool, force: bool) -> Bdr
     if let Some(pc) = &pconn {
         pc.set_node_state(parting.node_id, NodeState::Parted)?;
     }
+    // The group's consensus forgets it too, which needs a majority of its
+    // voters; without one the node stays a voter that never answers.
+    let removed = conns
+        .first()
+        .map(|(_, c)| c.change_voter(parting.node_id, false));
+    if let Some(Err(e)) = removed {
+        warning!(
+            "node \"{node_name}\" is parted but remains a voter of the group's consensus: {e}"
+        );
+    }
     if !wait_for_completion {
         return Ok(());
     }

@@ -610,6 +610,24 @@ impl Peer {
         )
     }
 
+    /// Hands a batch of Raft messages to the peer's consensus worker.
+    pub fn deliver_consensus(&self, batch: &[u8]) -> BdrResult<()> {
+        let hex: String = batch.iter().map(|b| format!("{b:02x}")).collect();
+        self.call(
+            "delivering consensus messages",
+            &format!("SELECT bdr._consensus_deliver('\\x{hex}'::bytea)::text"),
+        )
+    }
+
+    /// Asks the peer to make node `node_id` a voter of the group's
+    /// consensus (or, `add` false, to take it out), and waits for it.
+    pub fn change_voter(&self, node_id: u32, add: bool) -> BdrResult<()> {
+        self.call(
+            "changing the consensus voters",
+            &format!("SELECT bdr._consensus_change_voter({node_id}, {add})::text"),
+        )
+    }
+
     /// Records `dsn` as node `node_id`'s connection string on the peer.
     pub fn set_node_dsn(&self, node_id: u32, dsn: &str) -> BdrResult<()> {
         self.call(

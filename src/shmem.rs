@@ -19,6 +19,7 @@ pub enum Role {
     Manager = 1,
     Receiver = 2,
     Writer = 3,
+    Consensus = 4,
     Supervisor = 6,
 }
 
@@ -29,6 +30,7 @@ impl Role {
             Role::Manager => "manager",
             Role::Receiver => "receiver",
             Role::Writer => "writer",
+            Role::Consensus => "consensus",
             Role::Supervisor => "supervisor",
         }
     }

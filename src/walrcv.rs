@@ -73,9 +73,14 @@ impl Conn {
         let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
         let connect = f.walrcv_connect.expect("walrcv_connect");
         // SAFETY: a function pointer from libpqwalreceiver's table, called with
-        // NUL-terminated strings that outlive the call.
+        // NUL-terminated strings that outlive the call. The connection is
+        // allocated in TopMemoryContext: it may outlive the transaction it
+        // is made in (Drop frees it).
         let conn = unsafe {
-            pg_guard_ffi_boundary(|| connect(dsn.as_ptr(), true, app.as_ptr(), &mut err))
+            let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+            let c = pg_guard_ffi_boundary(|| connect(dsn.as_ptr(), true, app.as_ptr(), &mut err));
+            pg_sys::MemoryContextSwitchTo(old);
+            c
         };
         if conn.is_null() {
             let msg = if err.is_null() {

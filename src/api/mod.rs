@@ -1,6 +1,7 @@
 //! SQL-callable functions, one file per area.
 
 pub mod conflicts;
+pub mod consensus;
 pub mod join;
 pub mod monitor;
 pub mod node;

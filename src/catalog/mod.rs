@@ -184,6 +184,7 @@ pub fn drop_all_metadata() -> BdrResult<()> {
     Spi::run("DELETE FROM bdr.local_node")?;
     Spi::run("DELETE FROM bdr.node")?;
     Spi::run("DELETE FROM bdr.node_group")?;
+    drop_consensus_state()?;
     Ok(())
 }
 
@@ -326,9 +327,11 @@ pub fn sync_subscriptions(local: &LocalNode) -> BdrResult<PartedLeftovers> {
 }
 
 mod conflicts;
+mod consensus;
 mod housekeeping;
 mod membership;
 pub mod statements;
 pub use conflicts::*;
+pub use consensus::*;
 pub use housekeeping::*;
 pub use membership::*;

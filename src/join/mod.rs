@@ -382,7 +382,10 @@ fn record_group(me: &Member, plan: &Plan, stream_starts: &[(u32, u64)]) -> BdrRe
     Ok(())
 }
 
-/// Phase 6: every member marks us active; their managers subscribe to us.
+/// Phase 6: every member marks us active; their managers subscribe to us;
+/// and the group's consensus takes us as a voter (committed by the voters
+/// there are, so it does not wait for our consensus worker, which starts
+/// when this transaction commits).
 fn activate_everywhere(me: &Member, plan: &Plan, target: &Peer) -> BdrResult<()> {
     for p in &plan.peers {
         if p.name == plan.target.name {
@@ -391,7 +394,7 @@ fn activate_everywhere(me: &Member, plan: &Plan, target: &Peer) -> BdrResult<()>
             Peer::connect(&p.name, &p.dsn, APPNAME)?.activate_node(me.id)?;
         }
     }
-    Ok(())
+    target.change_voter(me.id, true)
 }
 
 /// Called on a member by a joining node: records the joiner in its group.

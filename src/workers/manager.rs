@@ -104,6 +104,7 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
     let mut jitter = Jitter::new(unsafe { pg_sys::MyProcPid } as u64 ^ crate::shmem::now() as u64);
     let mut announced = false;
     let mut receivers: HashMap<u32, Running> = HashMap::new();
+    let mut consensus: Option<Running> = None;
     let mut last_purge = crate::shmem::now();
     loop {
         match read_catalogs() {
@@ -120,6 +121,9 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                     crate::join::run_requested_join();
                 }
                 tend_receivers(dboid, &subs, &mut receivers, &mut jitter);
+                if local.node_group_id != 0 {
+                    tend_consensus(dboid, &mut consensus, &mut jitter);
+                }
                 crate::hlc::save_floor();
                 if !parted.slots.is_empty() || !parted.origins.is_empty() {
                     drop_parted_artifacts(&parted.slots, &parted.origins);
@@ -135,6 +139,9 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                     tracing::info!("no local BDR node in this database any more; manager exiting");
                 }
                 stop_all(&mut receivers);
+                if let Some(c) = consensus.take() {
+                    let _ = c.handle.terminate();
+                }
                 let mut t = TASKS.exclusive();
                 let me = &mut t.tasks[idx];
                 if me.generation == generation {
@@ -144,6 +151,9 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
             }
             Err(e) => {
                 stop_all(&mut receivers);
+                if let Some(c) = consensus.take() {
+                    let _ = c.handle.terminate();
+                }
                 crate::shmem::record_error(idx, generation, &e);
                 // An ERROR here exits the worker; the supervisor restarts it with backoff.
                 crate::fail!(
@@ -154,6 +164,9 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
         }
         if !BackgroundWorker::wait_latch(Some(POLL)) {
             stop_all(&mut receivers);
+            if let Some(c) = consensus.take() {
+                let _ = c.handle.terminate();
+            }
             return;
         }
         if BackgroundWorker::sighup_received() {
@@ -220,6 +233,32 @@ fn tend_receivers(
             receivers.insert(s.sub_id, r);
         }
     }
+}
+
+/// Keeps this database's consensus worker running, relaunching it after a
+/// failure no sooner than the backoff allows.
+fn tend_consensus(dboid: u32, running: &mut Option<Running>, jitter: &mut Jitter) {
+    if let Some(r) = running {
+        if !matches!(r.handle.pid(), Err(BackgroundWorkerStatus::Stopped)) {
+            return;
+        }
+        if reap(r.idx) == ExitKind::Unknown {
+            tracing::warn!(
+                "the consensus worker exited with an error; it will be restarted after a backoff"
+            );
+            record_failure(r.idx, jitter);
+        }
+        *running = None;
+    }
+    *running = launch(
+        Role::Consensus,
+        dboid,
+        0,
+        "bdr consensus",
+        "bdr_consensus_main",
+        "",
+        jitter,
+    );
 }
 
 fn forget_task(dboid: u32, subid: u32) {

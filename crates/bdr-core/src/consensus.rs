@@ -46,6 +46,40 @@ pub enum Command {
         ttl_ms: Option<i64>,
         now_us: i64,
     },
+    /// Reads `key` in log order: the answer reflects every command
+    /// committed before it (a linearizable read); changes nothing.
+    KvFetch { key: String, now_us: i64 },
+}
+
+/// What a backend asks its consensus worker for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Commit a command and return what applying it gave.
+    Command(Command),
+    /// Make a node a voter of the group.
+    AddVoter(u64),
+    /// Take a node out of the group.
+    RemoveVoter(u64),
+}
+
+impl Request {
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serialize(self).unwrap_or_default()
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Request> {
+        bincode::deserialize(b).ok()
+    }
+}
+
+impl Applied {
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serialize(self).unwrap_or_default()
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Applied> {
+        bincode::deserialize(b).ok()
+    }
 }
 
 /// A command as it travels in the Raft log: who proposed it, so that the
@@ -104,6 +138,14 @@ impl State {
                 value: None,
                 at_us: self.clock_us,
             },
+            Command::KvFetch { key, now_us } => {
+                let now = self.clock_us.max(*now_us);
+                Applied {
+                    ok: true,
+                    value: self.get(key, now),
+                    at_us: now,
+                }
+            }
             Command::KvStore {
                 key,
                 value,
@@ -267,6 +309,22 @@ mod tests {
         assert_eq!(s.get("a", 10), Some("1".into()));
         assert!(s.apply(&store("a", None, None, 11)).ok);
         assert_eq!(s.get("a", 11), None);
+    }
+
+    #[test]
+    fn fetch_reads_without_changing() {
+        let mut s = State::default();
+        s.apply(&store("a", Some("1"), None, 10));
+        let before = s.clone();
+        let r = s.apply(&Command::KvFetch {
+            key: "a".into(),
+            now_us: 99,
+        });
+        assert_eq!(r.value, Some("1".into()));
+        assert_eq!(s, before);
+        let q = Request::AddVoter(3);
+        assert_eq!(Request::decode(&q.encode()), Some(q));
+        assert_eq!(Applied::decode(&r.encode()), Some(r));
     }
 
     #[test]

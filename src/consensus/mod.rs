@@ -1,0 +1,179 @@
+//! Consensus: one Raft group per BDR group (TiKV's raft-rs, driven by the
+//! consensus worker of each node), for what the group must agree on. A
+//! backend submits a request (`submit`) and waits, at most
+//! `bdr.raft_response_timeout`, until the worker has it committed by a
+//! majority and applied here.
+//!
+//! Messages between the workers travel on connections of their own
+//! (`Peer::deliver_consensus`), not with replication, so a node whose apply
+//! lags still votes.
+
+pub mod shmem;
+mod storage;
+pub mod worker;
+
+/// Makes this node the first and only voter of a new group's consensus.
+pub fn bootstrap(node_id: u32) -> BdrResult<()> {
+    use protobuf::Message as _;
+    let cs = raft::prelude::ConfState::from((vec![node_id as u64], vec![]));
+    crate::catalog::bootstrap_consensus(
+        node_id,
+        &cs.write_to_bytes().unwrap_or_default(),
+        &bdr_core::consensus::State::default().encode(),
+    )
+}
+
+use crate::error::{BdrError, BdrResult};
+use bdr_core::consensus::{Applied, Request, Role};
+use pgrx::prelude::*;
+use shmem::{ReqState, CONSENSUS};
+
+/// How often a waiting backend looks at its request when nothing wakes it.
+const SUBMIT_POLL_MS: i64 = 100;
+
+fn my_database() -> u32 {
+    // SAFETY: MyDatabaseId is set for the life of a connected backend.
+    unsafe { pg_sys::MyDatabaseId.to_u32() }
+}
+
+fn no_majority(what: &str, waited_ms: i64) -> BdrError {
+    BdrError::Prerequisite {
+        msg: format!("{what}: no majority of the group's consensus answered within {waited_ms} ms"),
+        hint: "Check that most nodes of the group are up and reachable (bdr.get_consensus_status(), bdr.monitor_group_raft()); bdr.raft_response_timeout sets how long to wait.".into(),
+    }
+}
+
+/// Commits `req` through the group's consensus and returns what applying
+/// it gave here; fails after `bdr.raft_response_timeout` without a
+/// majority.
+pub fn submit(req: &Request, what: &str) -> BdrResult<Applied> {
+    let dboid = my_database();
+    let data = req.encode();
+    if data.len() > shmem::REQUEST_BYTES {
+        return Err(BdrError::InvalidValue {
+            what: "consensus request",
+            msg: format!(
+                "{} bytes is more than the {} a request can carry",
+                data.len(),
+                shmem::REQUEST_BYTES
+            ),
+        });
+    }
+    let timeout_ms = crate::guc::get_int(crate::guc::RAFT_RESPONSE_TIMEOUT).max(0) as i64;
+    let started = crate::shmem::now();
+    let (slot, id, worker) = {
+        let mut s = CONSENSUS.exclusive();
+        let worker = s
+            .db(dboid)
+            .map(|d| (d.worker, d.disabled))
+            .unwrap_or((0, false));
+        if worker.1 {
+            return Err(BdrError::Prerequisite {
+                msg: "consensus is disabled on this node".into(),
+                hint: "Enable it with bdr.consensus_enable().".into(),
+            });
+        }
+        let Some(slot) = s.requests.iter().position(|r| r.state == ReqState::Free) else {
+            return Err(BdrError::Prerequisite {
+                msg: format!(
+                    "{what}: {} consensus requests are already waiting",
+                    shmem::MAX_REQUESTS
+                ),
+                hint: "Try again when fewer requests are in flight.".into(),
+            });
+        };
+        let id = s.next_id;
+        s.next_id += 1;
+        let r = &mut s.requests[slot];
+        r.state = ReqState::Submitted;
+        r.dboid = dboid;
+        r.id = id;
+        // SAFETY: MyProc is set for every connected backend.
+        r.waiter = unsafe { pg_sys::MyProc } as usize;
+        r.len = data.len();
+        r.data[..data.len()].copy_from_slice(&data);
+        (slot, id, worker.0)
+    };
+    crate::shmem::set_latch_of(worker);
+    loop {
+        {
+            let mut s = CONSENSUS.exclusive();
+            let r = &mut s.requests[slot];
+            if r.id == id && r.state == ReqState::Done {
+                let out = Applied::decode(&r.data[..r.len]);
+                *r = Default::default();
+                let took = (crate::shmem::now() - started) / 1000;
+                if took > crate::guc::get_int(crate::guc::RAFT_LOG_MIN_MESSAGE_DURATION) as i64 {
+                    tracing::info!("consensus: {what} took {took} ms");
+                }
+                return out.ok_or_else(|| BdrError::Prerequisite {
+                    msg: format!("{what}: the consensus worker could not read the request"),
+                    hint: String::new(),
+                });
+            }
+            let waited = (crate::shmem::now() - started) / 1000;
+            if waited >= timeout_ms {
+                if r.id == id {
+                    r.state = ReqState::Abandoned;
+                }
+                return Err(no_majority(what, waited));
+            }
+        }
+        let left = timeout_ms - (crate::shmem::now() - started) / 1000;
+        crate::pg::latch::wait(None, left.clamp(1, SUBMIT_POLL_MS));
+    }
+}
+
+/// This node's view of its consensus group.
+pub struct Status {
+    pub node_id: u64,
+    pub role: Role,
+    pub term: u64,
+    pub leader: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub last_index: u64,
+    pub snapshot_index: u64,
+    pub voters: Vec<u64>,
+    pub running: bool,
+    pub disabled: bool,
+}
+
+pub fn status() -> Status {
+    let s = CONSENSUS.share();
+    let d = s.db(my_database());
+    let st = d.map(|d| d.status).unwrap_or_default();
+    Status {
+        node_id: st.node_id,
+        role: match st.role {
+            2 => Role::Leader,
+            1 => Role::Candidate,
+            _ => Role::Follower,
+        },
+        term: st.term,
+        leader: st.leader,
+        commit: st.commit,
+        applied: st.applied,
+        last_index: st.last_index,
+        snapshot_index: st.snapshot_index,
+        voters: st.voters[..st.nvoters].to_vec(),
+        running: d.is_some_and(|d| d.worker != 0),
+        disabled: d.is_some_and(|d| d.disabled),
+    }
+}
+
+/// `bdr.consensus_disable()` / `enable()`: the worker stops taking part
+/// (drops what peers send and what backends submit) or takes part again.
+pub fn set_disabled(disabled: bool) -> BdrResult<()> {
+    let mut s = CONSENSUS.exclusive();
+    match s.db_or_take(my_database()) {
+        Some(d) => {
+            d.disabled = disabled;
+            Ok(())
+        }
+        None => Err(BdrError::Prerequisite {
+            msg: "no consensus runs in this database".into(),
+            hint: "Create or join a BDR group first.".into(),
+        }),
+    }
+}
