@@ -57,6 +57,10 @@ pub enum BdrError {
     },
     #[error("{msg}")]
     JoinRefused { msg: String, hint: String },
+    /// A request may or may not have taken effect (a consensus timeout
+    /// after it was handed to Raft).
+    #[error("{msg}")]
+    OutcomeUnknown { msg: String, hint: String },
     #[error("{0}")]
     Spi(#[from] pgrx::spi::Error),
 }
@@ -82,6 +86,7 @@ impl BdrError {
             BdrError::PeerUnreachable { .. } => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
             BdrError::PeerCommand { .. } => ERRCODE_CONNECTION_EXCEPTION,
             BdrError::JoinRefused { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            BdrError::OutcomeUnknown { .. } => ERRCODE_T_R_STATEMENT_COMPLETION_UNKNOWN,
             BdrError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -112,6 +117,7 @@ impl BdrError {
             }
             BdrError::PeerCommand { .. } => "See that node's server log for details.".into(),
             BdrError::JoinRefused { hint, .. } => hint.clone(),
+            BdrError::OutcomeUnknown { hint, .. } => hint.clone(),
             BdrError::InvalidValue { .. } | BdrError::Spi(_) => return None,
         })
     }

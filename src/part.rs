@@ -138,21 +138,21 @@ pub fn part_impl(node_name: &str, wait_for_completion: bool, force: bool) -> Bdr
         }
         catch_up_from_most_advanced(&parting, &group, &conns)?;
     }
+    // The group's consensus forgets it, while its own consensus worker
+    // still answers (it stops once the node is parted). That needs a
+    // majority of the voters; without one the node stays a voter that
+    // never answers, and the part goes on.
+    let removed = conns
+        .first()
+        .map(|(_, c)| c.change_voter(parting.node_id, false));
+    if let Some(Err(e)) = removed {
+        warning!("node \"{node_name}\" remains a voter of the group's consensus: {e}");
+    }
     for (_, c) in &conns {
         c.set_node_state(parting.node_id, NodeState::Parted)?;
     }
     if let Some(pc) = &pconn {
         pc.set_node_state(parting.node_id, NodeState::Parted)?;
-    }
-    // The group's consensus forgets it too, which needs a majority of its
-    // voters; without one the node stays a voter that never answers.
-    let removed = conns
-        .first()
-        .map(|(_, c)| c.change_voter(parting.node_id, false));
-    if let Some(Err(e)) = removed {
-        warning!(
-            "node \"{node_name}\" is parted but remains a voter of the group's consensus: {e}"
-        );
     }
     if !wait_for_completion {
         return Ok(());

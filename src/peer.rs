@@ -628,6 +628,20 @@ impl Peer {
         )
     }
 
+    /// The peer's consensus state (BDR 4's RAFT_* names) and the leader it
+    /// follows (0: none).
+    pub fn consensus_state(&self) -> BdrResult<(String, u64)> {
+        let rows = self.query(
+            "reading the consensus status",
+            "SELECT state, COALESCE(leader_id::bigint, 0)::text FROM bdr.get_consensus_status()",
+            2,
+        )?;
+        Ok(rows
+            .first()
+            .map(|r| (text(&r[0]), text(&r[1]).parse().unwrap_or(0)))
+            .unwrap_or_default())
+    }
+
     /// Records `dsn` as node `node_id`'s connection string on the peer.
     pub fn set_node_dsn(&self, node_id: u32, dsn: &str) -> BdrResult<()> {
         self.call(

@@ -184,3 +184,64 @@ fn _consensus_change_voter(node_id: i64, add: bool) -> bool {
     consensus::submit(&req, "changing the consensus voters").or_raise();
     true
 }
+
+/// BDR 4's health check of the group's consensus: `status` OK, WARNING,
+/// CRITICAL or UNKNOWN, and what it means.
+#[pg_extern(volatile)]
+fn monitor_group_raft() -> TableIterator<'static, (name!(status, String), name!(message, String))> {
+    let (s, m) = consensus::group_health().or_raise();
+    TableIterator::once((s.to_string(), m.to_string()))
+}
+
+/// Hands the group's consensus leadership to `node_name`; with
+/// `wait_for_completion`, returns once it has it.
+#[pg_extern(volatile)]
+fn raft_leadership_transfer(node_name: &str, wait_for_completion: bool) {
+    let r: BdrResult<()> = (|| {
+        let n = crate::catalog::node_by_name(node_name)?
+            .ok_or_else(|| BdrError::NoSuchNode(node_name.to_string()))?;
+        consensus::transfer_leadership(n.node_id, wait_for_completion)
+    })();
+    r.or_raise()
+}
+
+/// The consensus state machine as this node applied it, for
+/// `bdr.consensus_snapshot_verify` (and a record of what the group agreed).
+#[pg_extern(volatile)]
+fn consensus_snapshot_export(version: default!(Option<i32>, "NULL")) -> Vec<u8> {
+    if let Some(v) = version {
+        if v != PROTO_VERSION {
+            BdrError::InvalidValue {
+                what: "version",
+                msg: format!(
+                    "this node exports consensus protocol version {PROTO_VERSION} only, not {v}"
+                ),
+            }
+            .raise();
+        }
+    }
+    consensus::snapshot_export().or_raise()
+}
+
+/// Checks that `snapshot` is a consensus snapshot this node can read.
+#[pg_extern(immutable)]
+fn consensus_snapshot_verify(snapshot: &[u8]) -> bool {
+    bdr_core::consensus::verify_snapshot(snapshot)
+        .map_err(|msg| BdrError::InvalidValue {
+            what: "consensus snapshot",
+            msg,
+        })
+        .or_raise();
+    true
+}
+
+/// Importing a snapshot would replace what the group agreed on this node
+/// outside the Raft log; a node that lost its consensus state gets it from
+/// the leader instead (part and join it again).
+#[pg_extern(volatile)]
+fn consensus_snapshot_import(_snapshot: &[u8]) {
+    BdrError::NotSupported(
+        "bdr.consensus_snapshot_import (a node gets the group's consensus state from the leader when it joins)".into(),
+    )
+    .raise()
+}

@@ -36,10 +36,20 @@ fn my_database() -> u32 {
     unsafe { pg_sys::MyDatabaseId.to_u32() }
 }
 
-fn no_majority(what: &str, waited_ms: i64) -> BdrError {
-    BdrError::Prerequisite {
-        msg: format!("{what}: no majority of the group's consensus answered within {waited_ms} ms"),
-        hint: "Check that most nodes of the group are up and reachable (bdr.get_consensus_status(), bdr.monitor_group_raft()); bdr.raft_response_timeout sets how long to wait.".into(),
+fn no_majority(what: &str, waited_ms: i64, proposed: bool) -> BdrError {
+    let hint = "Check that most nodes of the group are up and reachable (bdr.get_consensus_status(), bdr.monitor_group_raft()); bdr.raft_response_timeout sets how long to wait.".to_string();
+    if proposed {
+        // Handed to Raft: a majority may still commit it after we stop
+        // waiting, so the caller cannot know whether it took effect.
+        BdrError::OutcomeUnknown {
+            msg: format!("{what}: no majority of the group's consensus confirmed it within {waited_ms} ms; it may still take effect"),
+            hint,
+        }
+    } else {
+        BdrError::Prerequisite {
+            msg: format!("{what}: no majority of the group's consensus answered within {waited_ms} ms; it was not applied"),
+            hint,
+        }
     }
 }
 
@@ -113,10 +123,16 @@ pub fn submit(req: &Request, what: &str) -> BdrResult<Applied> {
             }
             let waited = (crate::shmem::now() - started) / 1000;
             if waited >= timeout_ms {
+                let proposed = r.id == id && r.state == ReqState::Proposed;
                 if r.id == id {
-                    r.state = ReqState::Abandoned;
+                    if r.state == ReqState::Submitted {
+                        // Never proposed: free it, it cannot take effect.
+                        *r = Default::default();
+                    } else {
+                        r.state = ReqState::Abandoned;
+                    }
                 }
-                return Err(no_majority(what, waited));
+                return Err(no_majority(what, waited, proposed));
             }
         }
         let left = timeout_ms - (crate::shmem::now() - started) / 1000;
@@ -160,6 +176,81 @@ pub fn status() -> Status {
         running: d.is_some_and(|d| d.worker != 0),
         disabled: d.is_some_and(|d| d.disabled),
     }
+}
+
+/// BDR 4's `bdr.monitor_group_raft()`: asks every member for its Raft
+/// state and says whether the group agrees on one leader.
+pub fn group_health() -> BdrResult<(&'static str, &'static str)> {
+    use crate::peer::Peer;
+    let Some(local) = crate::catalog::local_node()? else {
+        return Ok(bdr_core::consensus::raft_health(&[]));
+    };
+    if local.node_group_id == 0 {
+        return Ok(bdr_core::consensus::raft_health(&[]));
+    }
+    let me = status();
+    let mut states = vec![(me.running, me.role, me.leader)];
+    for p in crate::catalog::group_peers(&local)?
+        .into_iter()
+        .filter(|p| p.node_id != local.node_id && p.node_state != bdr_core::node::NodeState::Parted)
+    {
+        let seen = Peer::connect(&p.node_name, &p.node_dsn, "bdr monitor")
+            .and_then(|c| c.consensus_state());
+        states.push(match seen {
+            Ok((state, leader)) => (
+                state != "NOT_RUNNING",
+                match state.as_str() {
+                    "RAFT_LEADER" => Role::Leader,
+                    "RAFT_CANDIDATE" => Role::Candidate,
+                    _ => Role::Follower,
+                },
+                leader,
+            ),
+            Err(_) => (false, Role::Follower, 0),
+        });
+    }
+    Ok(bdr_core::consensus::raft_health(&states))
+}
+
+/// Hands the leadership to `node_id`; with `wait`, until it has it (at
+/// most `bdr.raft_response_timeout`).
+pub fn transfer_leadership(node_id: u32, wait: bool) -> BdrResult<()> {
+    if !status().voters.contains(&(node_id as u64)) {
+        return Err(BdrError::Prerequisite {
+            msg: format!("node {node_id} is not a voter of the group's consensus"),
+            hint: "See the voters in bdr.get_consensus_status().".into(),
+        });
+    }
+    submit(
+        &Request::TransferLeader(node_id as u64),
+        "transferring the leadership",
+    )?;
+    if !wait {
+        return Ok(());
+    }
+    let timeout_ms = crate::guc::get_int(crate::guc::RAFT_RESPONSE_TIMEOUT).max(0) as i64;
+    let started = crate::shmem::now();
+    while status().leader != node_id as u64 {
+        if (crate::shmem::now() - started) / 1000 >= timeout_ms {
+            return Err(BdrError::OutcomeUnknown {
+                msg: format!("node {node_id} did not take the leadership within {timeout_ms} ms"),
+                hint: "It may still take it; see bdr.get_consensus_status().".into(),
+            });
+        }
+        crate::pg::latch::wait(None, SUBMIT_POLL_MS);
+    }
+    Ok(())
+}
+
+/// The state machine as applied here, with a header, for
+/// `bdr.consensus_snapshot_export`.
+pub fn snapshot_export() -> BdrResult<Vec<u8>> {
+    let state =
+        crate::catalog::consensus_state_machine()?.ok_or_else(|| BdrError::Prerequisite {
+            msg: "this node has no consensus state".into(),
+            hint: "Create or join a BDR group first.".into(),
+        })?;
+    Ok(bdr_core::consensus::export_snapshot(&state))
 }
 
 /// `bdr.consensus_disable()` / `enable()`: the worker stops taking part

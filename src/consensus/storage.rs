@@ -8,7 +8,6 @@
 
 use crate::error::BdrResult;
 use bdr_core::consensus::{Applied, Command, State};
-use pgrx::prelude::*;
 use protobuf::Message as _;
 use raft::prelude::*;
 use raft::storage::MemStorage;
@@ -42,38 +41,9 @@ impl Store {
     pub fn load(node_id: u64) -> BdrResult<(Store, Durable)> {
         let mem = MemStorage::new();
         let mut d = Durable::default();
-        let snap = Spi::connect(|c| {
-            let mut out = (None, None);
-            for row in c.select(
-                "SELECT log_index, log_term FROM bdr.local_consensus_snapshot ORDER BY log_index DESC LIMIT 1",
-                None,
-                &[],
-            )? {
-                out = (row.get::<i64>(1)?, row.get::<i64>(2)?);
-            }
-            Ok::<_, pgrx::spi::Error>(out)
-        })?;
-        let state = Spi::connect(|c| {
-            let t = c.select(
-                "SELECT current_term, voted_for, commit_index, apply_index, conf_state, sm_state
-                   FROM bdr.local_consensus_state WHERE node_id = $1",
-                None,
-                &[pg_sys::Oid::from(node_id as u32).into()],
-            )?;
-            let mut out = None;
-            for row in t {
-                out = Some((
-                    row.get::<i64>(1)?.unwrap_or(0),
-                    row.get::<pg_sys::Oid>(2)?.map(|o| o.to_u32()).unwrap_or(0),
-                    row.get::<i64>(3)?.unwrap_or(0),
-                    row.get::<i64>(4)?.unwrap_or(0),
-                    row.get::<Vec<u8>>(5)?.unwrap_or_default(),
-                    row.get::<Vec<u8>>(6)?.unwrap_or_default(),
-                ));
-            }
-            Ok::<_, pgrx::spi::Error>(out)
-        })?;
-        let Some((term, vote, commit, apply, conf, sm)) = state else {
+        let snap = crate::catalog::consensus_snapshot_point()?;
+        let state = crate::catalog::consensus_state_row(node_id as u32)?;
+        let Some(row) = state else {
             // A node that joins: it learns the group from the leader.
             let store = Store {
                 node_id,
@@ -83,8 +53,8 @@ impl Store {
             return Ok((store, d));
         };
         let mut cs = ConfState::default();
-        let _ = cs.merge_from_bytes(&conf);
-        if let (Some(i), Some(t)) = snap {
+        let _ = cs.merge_from_bytes(&row.conf_state);
+        if let Some((i, t)) = snap {
             let mut s = Snapshot::default();
             s.mut_metadata().index = i as u64;
             s.mut_metadata().term = t as u64;
@@ -92,34 +62,24 @@ impl Store {
             let _ = mem.wl().apply_snapshot(s);
             d.snapshot_index = i as u64;
         }
-        let entries: Vec<Entry> = Spi::connect(|c| {
-            let t = c.select(
-                "SELECT req_payload FROM bdr.global_consensus_journal WHERE log_index > $1 ORDER BY log_index",
-                None,
-                &[(d.snapshot_index as i64).into()],
-            )?;
-            let mut v = Vec::new();
-            for row in t {
+        let entries: Vec<Entry> = crate::catalog::consensus_entries_after(d.snapshot_index as i64)?
+            .iter()
+            .filter_map(|b| {
                 let mut e = Entry::default();
-                if e.merge_from_bytes(&row.get::<Vec<u8>>(1)?.unwrap_or_default())
-                    .is_ok()
-                {
-                    v.push(e);
-                }
-            }
-            Ok::<_, pgrx::spi::Error>(v)
-        })?;
+                e.merge_from_bytes(b).is_ok().then_some(e)
+            })
+            .collect();
         let _ = mem.wl().append(&entries);
         let hs = HardState {
-            term: term as u64,
-            vote: vote as u64,
-            commit: (commit as u64).max(d.snapshot_index),
+            term: row.term as u64,
+            vote: row.vote as u64,
+            commit: (row.commit as u64).max(d.snapshot_index),
             ..Default::default()
         };
         mem.wl().set_hardstate(hs);
         mem.wl().set_conf_state(cs.clone());
-        d.state = State::decode(&sm).unwrap_or_default();
-        d.applied = (apply as u64).max(d.snapshot_index);
+        d.state = State::decode(&row.sm_state).unwrap_or_default();
+        d.applied = (row.apply as u64).max(d.snapshot_index);
         d.applied_term = mem.term(d.applied).unwrap_or(0);
         d.conf = cs;
         let out = Durable {
@@ -142,24 +102,17 @@ impl Store {
         let Some(first) = entries.first() else {
             return Ok(());
         };
-        Spi::run_with_args(
-            "DELETE FROM bdr.global_consensus_journal WHERE log_index >= $1",
-            &[(first.index as i64).into()],
-        )?;
         for e in entries {
             let (origin, req) = bdr_core::consensus::Proposal::decode(&e.data)
                 .map(|p| (p.origin as u32, p.request_id as i64))
                 .unwrap_or((0, 0));
-            Spi::run_with_args(
-                "INSERT INTO bdr.global_consensus_journal (log_index, term, origin, req_id, req_payload)
-                 VALUES ($1, $2, COALESCE($3, 0::oid), $4, $5)",
-                &[
-                    (e.index as i64).into(),
-                    (e.term as i64).into(),
-                    pg_sys::Oid::from(origin).into(),
-                    req.into(),
-                    bytes_of(e).into(),
-                ],
+            crate::catalog::append_consensus_entry(
+                e.index as i64,
+                e.term as i64,
+                origin,
+                req,
+                &bytes_of(e),
+                e.index == first.index,
             )?;
         }
         let _ = self.mem.wl().append(entries);
@@ -198,23 +151,16 @@ impl Store {
     pub fn save_applied(&self) -> BdrResult<()> {
         let hs = self.mem.rl().hard_state().clone();
         let d = self.sm.borrow();
-        Spi::run_with_args(
-            "INSERT INTO bdr.local_consensus_state
-                    (node_id, current_term, apply_index, voted_for, last_known_leader, commit_index, conf_state, sm_state)
-             VALUES ($1, $2, $3, COALESCE($4, 0::oid), 0, $5, $6, $7)
-             ON CONFLICT (node_id) DO UPDATE SET current_term = EXCLUDED.current_term,
-                    apply_index = EXCLUDED.apply_index, voted_for = EXCLUDED.voted_for,
-                    commit_index = EXCLUDED.commit_index, conf_state = EXCLUDED.conf_state,
-                    sm_state = EXCLUDED.sm_state",
-            &[
-                pg_sys::Oid::from(self.node_id as u32).into(),
-                (hs.term as i64).into(),
-                (d.applied as i64).into(),
-                pg_sys::Oid::from(hs.vote as u32).into(),
-                (hs.commit as i64).into(),
-                bytes_of(&d.conf).into(),
-                d.state.encode().into(),
-            ],
+        crate::catalog::save_consensus_state(
+            self.node_id as u32,
+            &crate::catalog::ConsensusRow {
+                term: hs.term as i64,
+                vote: hs.vote as u32,
+                commit: hs.commit as i64,
+                apply: d.applied as i64,
+                conf_state: bytes_of(&d.conf),
+                sm_state: d.state.encode(),
+            },
         )?;
         Ok(())
     }
@@ -231,22 +177,17 @@ impl Store {
             d.snapshot_index = meta.index;
         }
         let _ = self.mem.wl().apply_snapshot(s.clone());
-        Spi::run("DELETE FROM bdr.global_consensus_journal")?;
+        crate::catalog::drop_consensus_entries(None)?;
         self.record_snapshot(meta.index, meta.term)?;
         self.save_applied()
     }
 
     fn record_snapshot(&self, index: u64, term: u64) -> BdrResult<()> {
-        Spi::run("DELETE FROM bdr.local_consensus_snapshot")?;
-        Spi::run_with_args(
-            "INSERT INTO bdr.local_consensus_snapshot (log_index, log_term, snapshot) VALUES ($1, $2, $3)",
-            &[
-                (index as i64).into(),
-                (term as i64).into(),
-                self.sm.borrow().state.encode().into(),
-            ],
-        )?;
-        Ok(())
+        crate::catalog::record_consensus_snapshot(
+            index as i64,
+            term as i64,
+            &self.sm.borrow().state.encode(),
+        )
     }
 
     /// (index of the last compaction, applied index)
@@ -265,10 +206,7 @@ impl Store {
                 msg: format!("compacting the consensus log: {e}"),
                 hint: String::new(),
             })?;
-        Spi::run_with_args(
-            "DELETE FROM bdr.global_consensus_journal WHERE log_index < $1",
-            &[(point as i64).into()],
-        )?;
+        crate::catalog::drop_consensus_entries(Some(point as i64))?;
         self.sm.borrow_mut().snapshot_index = point - 1;
         self.record_snapshot(point - 1, term)
     }

@@ -148,15 +148,9 @@ fn run(dboid: u32) {
             }
         }
         // A node that left its group (or was parted) takes no more part.
-        let member = BackgroundWorker::transaction(|| {
-            let Some(l) = catalog::local_node()? else {
-                return Ok(false);
-            };
-            let me = catalog::node_by_id(l.node_id)?;
-            Ok::<_, crate::error::BdrError>(
-                l.node_group_id != 0
-                    && me.is_some_and(|n| n.node_state != bdr_core::node::NodeState::Parted),
-            )
+        let member = BackgroundWorker::transaction(|| match catalog::local_node()? {
+            Some(l) => catalog::takes_part_in_consensus(&l),
+            None => Ok(false),
         });
         if !member.unwrap_or(false) {
             break;
@@ -216,6 +210,20 @@ fn take_requests(dboid: u32, node: &mut RawNode<Store>, proposed: &mut HashMap<u
                     continue;
                 };
                 let context = r.id.to_le_bytes().to_vec();
+                if let Request::TransferLeader(to) = req {
+                    node.transfer_leader(to);
+                    let b = Applied {
+                        ok: true,
+                        value: None,
+                        at_us: 0,
+                    }
+                    .encode();
+                    r.data[..b.len()].copy_from_slice(&b);
+                    r.len = b.len();
+                    r.state = ReqState::Done;
+                    crate::shmem::set_latch_of(r.waiter);
+                    continue;
+                }
                 let ok = match req {
                     Request::Command(command) => {
                         let p = Proposal {
@@ -225,6 +233,7 @@ fn take_requests(dboid: u32, node: &mut RawNode<Store>, proposed: &mut HashMap<u
                         };
                         node.propose(context, p.encode()).is_ok()
                     }
+                    Request::TransferLeader(_) => false,
                     Request::AddVoter(id) | Request::RemoveVoter(id) => {
                         let mut cc = ConfChange {
                             node_id: id,
@@ -286,7 +295,7 @@ fn handle_ready(
     }
     send(links, light.take_messages());
     node.advance_apply();
-    compact(node, store);
+    compact(store);
 }
 
 /// Writes what a Ready asks to keep and applies the committed entries, in
@@ -452,20 +461,11 @@ fn send_now(links: &mut HashMap<u64, Link>, msgs: Vec<Message>) {
 }
 
 /// Compacts the log once enough of it is applied (`bdr.raft_keep_min_entries`).
-fn compact(node: &RawNode<Store>, store: &Store) {
+fn compact(store: &Store) {
     let keep = crate::guc::get_int(crate::guc::RAFT_KEEP_MIN_ENTRIES).max(0) as u64;
     let (snap_index, applied) = store.compaction_state();
-    // A follower that lags is still sent entries while they exist.
-    let slowest = node
-        .raft
-        .prs()
-        .iter()
-        .map(|(_, p)| p.matched)
-        .min()
-        .unwrap_or(applied);
-    let Some(point) =
-        rules::compaction_point(snap_index, applied.min(slowest.max(snap_index)), keep)
-    else {
+    // A follower behind the compacted log is sent a snapshot instead.
+    let Some(point) = rules::compaction_point(snap_index, applied, keep) else {
         return;
     };
     let r = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {

@@ -66,7 +66,9 @@ fn purge_history() {
 }
 
 enum Seen {
-    Node(LocalNode, Vec<SubRow>, catalog::PartedLeftovers),
+    /// The local node, its subscriptions, what parted nodes left, and
+    /// whether it takes part in consensus.
+    Node(LocalNode, Vec<SubRow>, catalog::PartedLeftovers, bool),
     NoNode,
 }
 
@@ -81,7 +83,8 @@ fn read_catalogs() -> Result<Seen, String> {
             };
             let parted = catalog::sync_subscriptions(&local)?;
             let subs = catalog::local_subscriptions()?;
-            Ok(Seen::Node(local, subs, parted))
+            let consensus = catalog::takes_part_in_consensus(&local)?;
+            Ok(Seen::Node(local, subs, parted, consensus))
         };
         inner().map_err(|e| e.to_string())
     })
@@ -108,7 +111,7 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
     let mut last_purge = crate::shmem::now();
     loop {
         match read_catalogs() {
-            Ok(Seen::Node(local, subs, parted)) => {
+            Ok(Seen::Node(local, subs, parted, in_consensus)) => {
                 if !announced {
                     tracing::info!("manager started for local node \"{}\"", local.node_name);
                     BackgroundWorker::transaction(|| {
@@ -121,8 +124,10 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                     crate::join::run_requested_join();
                 }
                 tend_receivers(dboid, &subs, &mut receivers, &mut jitter);
-                if local.node_group_id != 0 {
+                if in_consensus {
                     tend_consensus(dboid, &mut consensus, &mut jitter);
+                } else if let Some(c) = consensus.take() {
+                    let _ = c.handle.terminate();
                 }
                 crate::hlc::save_floor();
                 if !parted.slots.is_empty() || !parted.origins.is_empty() {
