@@ -100,6 +100,7 @@ pub fn submit(req: &Request, what: &str) -> BdrResult<Applied> {
         r.id = id;
         // SAFETY: MyProc is set for every connected backend.
         r.waiter = unsafe { pg_sys::MyProc } as usize;
+        r.created_at = started;
         r.len = data.len();
         r.data[..data.len()].copy_from_slice(&data);
         (slot, id, worker.0)

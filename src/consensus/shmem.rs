@@ -40,6 +40,8 @@ pub struct Request {
     pub id: u64,
     /// The waiting backend's PGPROC.
     pub waiter: usize,
+    /// When the backend submitted it.
+    pub created_at: i64,
     pub len: usize,
     pub data: [u8; REQUEST_BYTES],
 }
@@ -51,6 +53,7 @@ impl Default for Request {
             dboid: 0,
             id: 0,
             waiter: 0,
+            created_at: 0,
             len: 0,
             data: [0; REQUEST_BYTES],
         }
@@ -84,6 +87,9 @@ pub struct Db {
     pub status: Status,
     /// `bdr.consensus_disable()`: the worker stops taking part.
     pub disabled: bool,
+    /// Consensus connections its worker has open (a new worker starts
+    /// from 0, so a worker that died leaks none).
+    pub connections: u32,
 }
 
 impl Default for Db {
@@ -96,6 +102,7 @@ impl Default for Db {
             dropped: 0,
             status: Status::default(),
             disabled: false,
+            connections: 0,
         }
     }
 }
@@ -149,6 +156,29 @@ impl Shared {
             d.dboid = dboid;
         }
         Some(d)
+    }
+}
+
+/// Takes one of the instance's consensus connections, if
+/// `bdr.raft_group_max_connections` leaves one.
+pub fn take_connection(dboid: u32) -> bool {
+    let max = crate::guc::get_int(crate::guc::RAFT_GROUP_MAX_CONNECTIONS).max(1) as u32;
+    let mut s = CONSENSUS.exclusive();
+    let open: u32 = s.dbs.iter().map(|d| d.connections).sum();
+    match s.db_mut(dboid) {
+        Some(d) if open < max => {
+            d.connections += 1;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Gives `n` of `dboid`'s connections back.
+pub fn give_back_connections(dboid: u32, n: u32) {
+    let mut s = CONSENSUS.exclusive();
+    if let Some(d) = s.db_mut(dboid) {
+        d.connections = d.connections.saturating_sub(n);
     }
 }
 

@@ -73,7 +73,9 @@ impl Store {
         let hs = HardState {
             term: row.term as u64,
             vote: row.vote as u64,
-            commit: (row.commit as u64).max(d.snapshot_index),
+            // What was applied was committed, whatever the last write of
+            // the commit index said.
+            commit: (row.commit.max(row.apply) as u64).max(d.snapshot_index),
             ..Default::default()
         };
         mem.wl().set_hardstate(hs);

@@ -86,8 +86,11 @@ fn run(dboid: u32) {
     {
         let mut s = CONSENSUS.exclusive();
         match s.db_or_take(dboid) {
-            // SAFETY: MyProc is set for every started backend.
-            Some(d) => d.worker = unsafe { pg_sys::MyProc } as usize,
+            Some(d) => {
+                // SAFETY: MyProc is set for every started backend.
+                d.worker = unsafe { pg_sys::MyProc } as usize;
+                d.connections = 0;
+            }
             None => crate::fail!(
                 ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
                 "more than {} databases run bdr consensus in this instance",
@@ -109,7 +112,16 @@ fn run(dboid: u32) {
         let now = crate::shmem::now();
         if now - last_members > 1_000_000 {
             last_members = now;
-            refresh_links(&mut links, me);
+            // A node that left its group (or was parted) takes no more part.
+            let member = BackgroundWorker::transaction(|| match catalog::local_node()? {
+                Some(l) => catalog::takes_part_in_consensus(&l),
+                None => Ok(false),
+            });
+            if !member.unwrap_or(false) {
+                break;
+            }
+            refresh_links(dboid, &mut links, me);
+            free_stale_requests(dboid);
         }
         for m in shmem::split_batch(&shmem::take_inbox(dboid)) {
             if let Ok(msg) = Message::parse_from_bytes(m) {
@@ -147,15 +159,11 @@ fn run(dboid: u32) {
                 break;
             }
         }
-        // A node that left its group (or was parted) takes no more part.
-        let member = BackgroundWorker::transaction(|| match catalog::local_node()? {
-            Some(l) => catalog::takes_part_in_consensus(&l),
-            None => Ok(false),
-        });
-        if !member.unwrap_or(false) {
-            break;
-        }
     }
+    shmem::give_back_connections(
+        dboid,
+        links.values().filter(|l| l.peer.is_some()).count() as u32,
+    );
     let mut s = CONSENSUS.exclusive();
     if let Some(d) = s.db_mut(dboid) {
         d.worker = 0;
@@ -163,7 +171,7 @@ fn run(dboid: u32) {
 }
 
 /// The peers to talk to: the other members of the group that are not parted.
-fn refresh_links(links: &mut HashMap<u64, Link>, me: u64) {
+fn refresh_links(dboid: u32, links: &mut HashMap<u64, Link>, me: u64) {
     let Ok(Some(local)) = BackgroundWorker::transaction(catalog::local_node) else {
         return;
     };
@@ -174,7 +182,10 @@ fn refresh_links(links: &mut HashMap<u64, Link>, me: u64) {
         .into_iter()
         .filter(|p| p.node_id as u64 != me && p.node_state != bdr_core::node::NodeState::Parted)
         .collect();
+    let before = links.values().filter(|l| l.peer.is_some()).count();
     links.retain(|id, _| wanted.iter().any(|p| p.node_id as u64 == *id));
+    let dropped = before - links.values().filter(|l| l.peer.is_some()).count();
+    shmem::give_back_connections(dboid, dropped as u32);
     for p in wanted {
         let l = links.entry(p.node_id as u64).or_insert_with(|| Link {
             name: p.node_name.clone(),
@@ -185,10 +196,31 @@ fn refresh_links(links: &mut HashMap<u64, Link>, me: u64) {
         });
         if l.dsn != p.node_dsn {
             l.dsn = p.node_dsn.clone();
-            l.peer = None;
+            if l.peer.take().is_some() {
+                shmem::give_back_connections(dboid, 1);
+            }
         }
     }
 }
+
+/// Frees request slots no backend will read any more: one whose backend
+/// died while it waited stays Done (or Proposed, if it never applies).
+fn free_stale_requests(dboid: u32) {
+    let timeout_us = crate::guc::get_int(crate::guc::RAFT_RESPONSE_TIMEOUT).max(0) as i64 * 1000;
+    let now = crate::shmem::now();
+    let mut s = CONSENSUS.exclusive();
+    for r in s.requests.iter_mut() {
+        if r.dboid == dboid
+            && r.state != ReqState::Free
+            && now - r.created_at > 2 * timeout_us + STALE_MARGIN_US
+        {
+            *r = Default::default();
+        }
+    }
+}
+
+/// How long past twice the response timeout a request slot is kept.
+const STALE_MARGIN_US: i64 = 10_000_000;
 
 /// Proposes what backends submitted.
 fn take_requests(dboid: u32, node: &mut RawNode<Store>, proposed: &mut HashMap<u64, usize>) {
@@ -267,7 +299,7 @@ fn handle_ready(
     proposed: &mut HashMap<u64, usize>,
 ) {
     let mut ready = node.ready();
-    send(links, ready.take_messages());
+    send(dboid, links, ready.take_messages());
     let snapshot = (!ready.snapshot().is_empty()).then(|| ready.snapshot().clone());
     let committed = ready.take_committed_entries();
     let entries = ready.entries().clone();
@@ -282,18 +314,19 @@ fn handle_ready(
         );
     }
     answer(dboid, results, proposed);
-    send(links, ready.take_persisted_messages());
+    send(dboid, links, ready.take_persisted_messages());
     let mut light = node.advance(ready);
     let committed = light.take_committed_entries();
     let commit = light.commit_index();
     if !committed.is_empty() || commit.is_some() {
-        let results = persist(node, store, None, &[], None, &committed);
+        // The commit index goes into the same write as what it applies.
         if let Some(c) = commit {
             store.commit_to(c);
         }
+        let results = persist(node, store, None, &[], None, &committed);
         answer(dboid, results, proposed);
     }
-    send(links, light.take_messages());
+    send(dboid, links, light.take_messages());
     node.advance_apply();
     compact(store);
 }
@@ -404,16 +437,18 @@ fn answer(dboid: u32, results: Vec<(u64, Applied)>, proposed: &mut HashMap<u64, 
 /// consensus connections (`Peer::deliver_consensus`). A peer that cannot
 /// be reached is tried again after a backoff; Raft sends again what it
 /// needs.
-fn send(links: &mut HashMap<u64, Link>, msgs: Vec<Message>) {
+fn send(dboid: u32, links: &mut HashMap<u64, Link>, msgs: Vec<Message>) {
     if msgs.is_empty() {
         return;
     }
     // walrcv builds its result tuples with the catalog caches, which need a
     // transaction's resource owner.
-    BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| send_now(links, msgs)));
+    BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+        send_now(dboid, links, msgs)
+    }));
 }
 
-fn send_now(links: &mut HashMap<u64, Link>, msgs: Vec<Message>) {
+fn send_now(dboid: u32, links: &mut HashMap<u64, Link>, msgs: Vec<Message>) {
     let mut batches: HashMap<u64, Vec<u8>> = HashMap::new();
     for m in msgs {
         if let Ok(b) = m.write_to_bytes() {
@@ -422,24 +457,19 @@ fn send_now(links: &mut HashMap<u64, Link>, msgs: Vec<Message>) {
     }
     let now = crate::shmem::now();
     let (min, max) = crate::workers::backoff_settings();
-    // bdr.raft_group_max_connections bounds this worker's connections.
-    let max_connections =
-        crate::guc::get_int(crate::guc::RAFT_GROUP_MAX_CONNECTIONS).max(1) as usize;
-    let mut connected = links.values().filter(|l| l.peer.is_some()).count();
     for (to, batch) in batches {
         let Some(l) = links.get_mut(&to) else {
             continue;
         };
         if l.peer.is_none() {
-            if now < l.retry_at || connected >= max_connections {
+            // bdr.raft_group_max_connections bounds the instance's.
+            if now < l.retry_at || !shmem::take_connection(dboid) {
                 continue;
             }
             match Peer::connect(&l.name, &l.dsn, "bdr consensus") {
-                Ok(p) => {
-                    l.peer = Some(p);
-                    connected += 1;
-                }
+                Ok(p) => l.peer = Some(p),
                 Err(e) => {
+                    shmem::give_back_connections(dboid, 1);
                     l.failures = l.failures.saturating_add(1);
                     let delay = bdr_core::backoff::delay_ms(l.failures, min, max, 0.5);
                     l.retry_at = now + delay as i64 * 1000;
@@ -454,6 +484,7 @@ fn send_now(links: &mut HashMap<u64, Link>, msgs: Vec<Message>) {
             Some(Err(e)) => {
                 tracing::debug!("consensus: {e}");
                 l.peer = None;
+                shmem::give_back_connections(dboid, 1);
             }
             None => {}
         }
