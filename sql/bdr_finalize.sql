@@ -299,6 +299,9 @@ END $$;
 CREATE EVENT TRIGGER bdr_tombstone_on_create ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
     EXECUTE FUNCTION bdr._on_create_table();
+-- Also for tables a writer creates when it replays a peer's DDL (writers
+-- run with session_replication_role = replica).
+ALTER EVENT TRIGGER bdr_tombstone_on_create ENABLE ALWAYS;
 
 SELECT bdr._add_tombstone_trigger(c.oid::regclass)
   FROM pg_catalog.pg_class c WHERE bdr._tombstone_table(c.oid);
@@ -551,3 +554,4 @@ REVOKE ALL ON FUNCTION bdr._consensus_change_voter(bigint, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.consensus_disable() FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.consensus_enable() FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.consensus_kv_store(text, jsonb, jsonb, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr.replicate_ddl_command(text, text[], text) FROM PUBLIC;

@@ -57,6 +57,9 @@ pub enum BdrError {
     },
     #[error("{msg}")]
     JoinRefused { msg: String, hint: String },
+    /// A statement bdr will not replicate, because the nodes would diverge.
+    #[error("{msg}")]
+    Refused { msg: String, hint: String },
     /// A request may or may not have taken effect (a consensus timeout
     /// after it was handed to Raft).
     #[error("{msg}")]
@@ -87,6 +90,7 @@ impl BdrError {
             BdrError::PeerCommand { .. } => ERRCODE_CONNECTION_EXCEPTION,
             BdrError::JoinRefused { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             BdrError::OutcomeUnknown { .. } => ERRCODE_T_R_STATEMENT_COMPLETION_UNKNOWN,
+            BdrError::Refused { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             BdrError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -118,6 +122,7 @@ impl BdrError {
             BdrError::PeerCommand { .. } => "See that node's server log for details.".into(),
             BdrError::JoinRefused { hint, .. } => hint.clone(),
             BdrError::OutcomeUnknown { hint, .. } => hint.clone(),
+            BdrError::Refused { hint, .. } => hint.clone(),
             BdrError::InvalidValue { .. } | BdrError::Spi(_) => return None,
         })
     }

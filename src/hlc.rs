@@ -73,6 +73,12 @@ pub fn exempt_this_process() {
     EXEMPT.set(true);
 }
 
+/// Whether this process is a bdr writer (exempt from the clock; its DDL
+/// is a peer's, not to be queued again).
+pub fn is_exempt() -> bool {
+    EXEMPT.get()
+}
+
 /// Records that a commit with timestamp `ts` (µs since 2000) is about to
 /// become visible on this node.
 pub fn publish(ts: i64) {

@@ -1,5 +1,6 @@
 //! The ProcessUtility hook: tells the `bdr.xact_replication` check whether it
-//! runs inside `SET LOCAL`, which PostgreSQL does not pass to check hooks.
+//! runs inside `SET LOCAL`, which PostgreSQL does not pass to check hooks,
+//! and hands DDL to `crate::ddl` for the group.
 
 use crate::guc;
 use pgrx::pg_sys;
@@ -47,6 +48,10 @@ unsafe extern "C-unwind" fn utility_hook(
         )
         .unwrap_or_else(|e| crate::fail!(ERRCODE_INTERNAL_ERROR, "could not remove bdr's triggers: {e}"));
     }
+    // DDL for the group is decided before it runs (refusals change
+    // nothing) and queued once it succeeded.
+    // SAFETY: the hook's own arguments.
+    let ddl = unsafe { crate::ddl::capture(pstmt, query_string, context) };
     // SAFETY: single-threaded backend; restored below even on error.
     let saved = unsafe { guc::IN_SET_LOCAL };
     // SAFETY: as above.
@@ -75,6 +80,9 @@ unsafe extern "C-unwind" fn utility_hook(
     // SAFETY: single-threaded backend; puts back the flag saved above.
     .finally(|| unsafe { guc::IN_SET_LOCAL = saved })
     .execute();
+    if let Some(p) = ddl {
+        crate::ddl::queue(p);
+    }
 }
 
 /// Whether the statement is `DROP EXTENSION ... bdr ...` in a database that has it.

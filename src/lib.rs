@@ -10,6 +10,7 @@ pub mod apply;
 pub mod catalog;
 pub mod conflict_settings;
 pub mod consensus;
+pub mod ddl;
 pub mod error;
 pub mod guc;
 pub mod hlc;

@@ -57,6 +57,7 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
         (*cb).change_cb = Some(change);
         (*cb).truncate_cb = Some(truncate);
         (*cb).commit_cb = Some(commit);
+        (*cb).message_cb = Some(message);
         (*cb).filter_by_origin_cb = Some(filter_by_origin);
         (*cb).shutdown_cb = Some(shutdown);
     }
@@ -272,6 +273,40 @@ unsafe extern "C-unwind" fn commit(
                 commit_time: (*txn).xact_time.commit_time,
             },
         );
+    }
+}
+
+/// Transactional logical messages of bdr's own (the DDL a session queued,
+/// `crate::ddl`) go to the peers inside their transaction; others are
+/// not bdr's business.
+#[pg_guard]
+unsafe extern "C-unwind" fn message(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    _lsn: pg_sys::XLogRecPtr,
+    transactional: bool,
+    prefix: *const std::ffi::c_char,
+    size: pg_sys::Size,
+    content: *const std::ffi::c_char,
+) {
+    // SAFETY: the caller upholds this function's contract (see its
+    // documentation, or PostgreSQL's for a callback).
+    unsafe {
+        if !transactional || txn.is_null() || cstr(prefix) != bdr_core::ddl::DDL_PREFIX {
+            return;
+        }
+        let content = std::slice::from_raw_parts(content as *const u8, size).to_vec();
+        in_change_context(ctx, || {
+            ensure_begin(ctx, txn);
+            write(
+                ctx,
+                &Message::Message {
+                    transactional,
+                    prefix: bdr_core::ddl::DDL_PREFIX.to_string(),
+                    content,
+                },
+            );
+        });
     }
 }
 

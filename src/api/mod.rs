@@ -2,6 +2,7 @@
 
 pub mod conflicts;
 pub mod consensus;
+pub mod ddl;
 pub mod join;
 pub mod monitor;
 pub mod node;

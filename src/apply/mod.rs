@@ -9,6 +9,7 @@
 //! node id), so every node keeps the same row.
 
 mod backend;
+mod ddl;
 mod lookup;
 mod relmap;
 mod report;
@@ -69,6 +70,9 @@ pub struct Applier {
     applied_up_to: u64,
     in_txn: bool,
     skip_txn: bool,
+    /// The rest of the remote transaction is left out (apply_error_ddl
+    /// resolved by skip_transaction): rolled back at its commit.
+    discard_txn: bool,
     commit_ts: i64,
     row_cxt: pg_sys::MemoryContext,
     /// Where the row writes go.
@@ -128,6 +132,7 @@ impl Applier {
             applied_up_to,
             in_txn: false,
             skip_txn: false,
+            discard_txn: false,
             commit_ts: 0,
             row_cxt,
             rows: Box::new(SpiRows { row_cxt }),
@@ -172,6 +177,9 @@ impl Applier {
                     self.skip_txn = false;
                     return Some((end_lsn, 0));
                 }
+                if self.discard_txn {
+                    return Some((end_lsn, self.discard(end_lsn, commit_time)));
+                }
                 let local_end = self.commit(end_lsn, commit_time);
                 self.applied_up_to = self.applied_up_to.max(end_lsn);
                 Some((end_lsn, local_end))
@@ -183,8 +191,8 @@ impl Applier {
                 self.rels.insert(map.remote.id, map);
                 None
             }
-            Message::Origin { .. } | Message::Message { .. } => None,
-            _ if self.skip_txn => None,
+            Message::Origin { .. } => None,
+            _ if self.skip_txn || self.discard_txn => None,
             _ if self.stop.is_some() => None,
             Message::Insert { relid, new } => {
                 self.counts.ninsert += 1;
@@ -215,6 +223,15 @@ impl Applier {
                 });
                 None
             }
+            Message::Message {
+                transactional: true,
+                prefix,
+                content,
+            } if prefix == bdr_core::ddl::DDL_PREFIX => {
+                self.row(|a| a.ddl(&content));
+                None
+            }
+            Message::Message { .. } => None,
             Message::Truncate {
                 relids,
                 cascade,
@@ -321,6 +338,35 @@ impl Applier {
         CURRENT_REMOTE_LSN.store(0, std::sync::atomic::Ordering::Relaxed);
         stats::add_commit(self.dboid, self.sub_id, self.remote_final_lsn, &self.counts);
         // SAFETY: set by the commit just made (0 if it wrote no WAL).
+        unsafe { pg_sys::XactLastCommitEnd }
+    }
+
+    /// Rolls the remote transaction back, and records it as applied: an
+    /// otherwise empty transaction whose commit record carries the origin's
+    /// progress.
+    fn discard(&mut self, end_lsn: u64, commit_time: i64) -> u64 {
+        // SAFETY: ends the apply transaction begun in `begin` without its
+        // changes, then commits one that only advances the origin (an xid,
+        // so that there is a commit record to carry it).
+        unsafe {
+            pg_sys::SPI_finish();
+            pg_sys::AbortCurrentTransaction();
+            pg_sys::StartTransactionCommand();
+            pg_sys::GetCurrentTransactionId();
+            pg_sys::replorigin_session_origin_lsn = end_lsn;
+            pg_sys::replorigin_session_origin_timestamp = commit_time;
+            pg_sys::CommitTransactionCommand();
+        }
+        self.in_txn = false;
+        self.discard_txn = false;
+        self.pending_history.clear();
+        CURRENT_REMOTE_LSN.store(0, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            "skipped transaction {} of node {} (apply_error_ddl resolved by skip_transaction)",
+            self.remote_xid,
+            self.remote_node_id
+        );
+        // SAFETY: set by the commit just made.
         unsafe { pg_sys::XactLastCommitEnd }
     }
 

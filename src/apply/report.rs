@@ -370,6 +370,74 @@ impl Applier {
         });
     }
 
+    /// A peer's DDL failed here (apply_error_ddl): resolved like any
+    /// conflict, logged with the statement and the error; `error` stops
+    /// the apply, `skip` leaves the statement out, `skip_transaction` the
+    /// remote transaction.
+    pub(super) fn ddl_failed(&mut self, cmd: &bdr_core::ddl::DdlCommand, error: &str) -> Outcome {
+        if self.stop.is_some() {
+            return Outcome::Error;
+        }
+        let t = ConflictType::ApplyErrorDdl;
+        let resolver = self.config.resolver(t);
+        let outcome = conflict::resolve(t, resolver, Facts::default());
+        self.counts.conflict(t);
+        let line = format!(
+            "CONFLICT: {} from node {} (transaction {} committed at {}, LSN {}): {}: {error}; resolver {}, resolution {}",
+            t.name(),
+            self.remote_node_id,
+            self.remote_xid,
+            timestamp_text(self.commit_ts),
+            bdr_core::lsn::format(self.remote_final_lsn),
+            cmd.sql,
+            resolver.name(),
+            outcome.resolution()
+        );
+        let logs = self.config.logs(t, outcome);
+        if logs && self.config.log_to_file {
+            log!("{line}");
+        }
+        let statement = serde_json::json!({ "command": cmd.sql, "error": error, "role": cmd.role, "search_path": cmd.search_path });
+        // SAFETY: WAL position and xid of the running apply transaction.
+        let (xid, lsn) = unsafe {
+            (
+                pg_sys::GetTopTransactionIdIfAny(),
+                pg_sys::GetXLogInsertRecPtr(),
+            )
+        };
+        let mut row: Vec<Option<String>> = vec![None; HISTORY_PARAMS];
+        row[0] = Some(self.sub_id.to_string());
+        row[1] = (xid != pg_sys::InvalidTransactionId).then(|| xid.into_inner().to_string());
+        row[2] = Some(bdr_core::lsn::format(lsn));
+        row[3] = Some(self.remote_xid.to_string());
+        row[4] = Some(bdr_core::lsn::format(self.remote_final_lsn));
+        row[5] = Some(self.commit_ts.to_string());
+        row[6] = Some(t.name().to_string());
+        row[7] = Some(outcome.resolution().to_string());
+        row[13] = Some(statement.to_string());
+        let history = (logs && self.config.log_to_table).then_some(row);
+        match outcome {
+            Outcome::Error => {
+                self.stop = Some(Stop {
+                    message: line,
+                    hint: "Fix the cause on this node (for example create what the statement needs), and the writer runs it again by itself; or set the resolver of apply_error_ddl to skip with bdr.alter_node_set_conflict_resolver().".into(),
+                    code: PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    conflict_type: t,
+                    history,
+                });
+            }
+            _ => {
+                if resolver == bdr_core::conflict::Resolver::SkipTransaction {
+                    self.discard_txn = true;
+                }
+                if let Some(row) = history {
+                    self.pending_history.push(row);
+                }
+            }
+        }
+        outcome
+    }
+
     pub(super) fn history_error_plan(&mut self) -> pg_sys::SPIPlanPtr {
         // Kept plans outlive the aborted transaction.
         keep_plan(

@@ -3,4 +3,5 @@
 //! knows about bdr's catalogs or features; everything above may use it.
 
 pub mod latch;
+pub mod user;
 pub mod xact;

@@ -5,6 +5,13 @@ use pgrx::pg_sys;
 /// Runs `f` in a subtransaction: on an ERROR it is rolled back and the
 /// error's message returned, and the enclosing transaction goes on.
 pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    in_subtransaction_coded(f).map_err(|(_, msg)| msg)
+}
+
+/// As `in_subtransaction`, with the error's SQLSTATE.
+pub fn in_subtransaction_coded<R>(
+    f: impl FnOnce() -> R,
+) -> Result<R, (pgrx::PgSqlErrorCode, String)> {
     // SAFETY: the pattern of PL/pgSQL's exception blocks: memory context and
     // resource owner are restored on both paths; pgrx has copied and flushed
     // the error before the catch closure runs.
@@ -18,7 +25,10 @@ pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
             let f = f;
             Ok((f.0)())
         })
-        .catch_others(|e| Err(crate::error::caught_report(&e).message().to_string()))
+        .catch_others(|e| {
+            let r = crate::error::caught_report(&e);
+            Err((r.sql_error_code(), r.message().to_string()))
+        })
         .execute();
         match r {
             Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),

@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod conflict;
 pub mod consensus;
+pub mod ddl;
 pub mod dsn;
 pub mod dump;
 pub mod flow;

@@ -230,8 +230,8 @@ pub const SETTINGS: &[Setting] = &[
     // DDL handling
     e("bdr.default_replica_identity", "default", &["default", "full", "nothing"], &[],
         Userset, NotYet, "REPLICA IDENTITY given to newly created tables."),
-    b("bdr.ddl_replication", true, Suset, NotYet, "Replicate DDL to the other nodes of the group."),
-    b("bdr.role_replication", true, Suset, NotYet, "Replicate role commands to the other nodes (needs bdr.ddl_replication)."),
+    b("bdr.ddl_replication", true, Suset, Honoured, "Replicate DDL to the other nodes of the group."),
+    b("bdr.role_replication", true, Suset, Honoured, "Replicate role commands to the other nodes (needs bdr.ddl_replication)."),
     e("bdr.ddl_locking", "on", &["off", "on", "dml"],
         &[("all", "on"), ("true", "on"), ("yes", "on"), ("1", "on"), ("false", "off"), ("no", "off"), ("0", "off")],
         Suset, NotYet, "Global locking mode for DDL: off, on (all DDL) or dml (only DDL that must block writes)."),

@@ -1,0 +1,378 @@
+//! DDL replication, the origin's side: the utility hook asks `capture`
+//! before a statement runs whether it replicates (`bdr_core::ddl`
+//! classifies it; temporary objects stay local; what would make nodes
+//! diverge is refused), and `queue` after it succeeded writes it, with its
+//! search path and role, as a transactional logical message: it reaches
+//! the peers in commit order with the transaction's row changes, and their
+//! writers run it (`src/apply/ddl.rs`).
+
+use crate::error::{BdrError, BdrResult};
+use bdr_core::ddl::{self as rules, DdlCommand, Kind, DDL_PREFIX};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::ffi::CStr;
+
+/// A statement to queue once it has run.
+pub struct Pending {
+    cmd: DdlCommand,
+}
+
+/// The command tag of a utility statement ("CREATE TABLE", ...).
+///
+/// # Safety
+/// `stmt` is a valid utility statement node.
+unsafe fn tag_of(stmt: *mut pg_sys::Node) -> String {
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        let tag = pg_sys::CreateCommandTag(stmt);
+        CStr::from_ptr(pg_sys::GetCommandTagName(tag))
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// The statement's own text, sliced from a string of several.
+///
+/// # Safety
+/// `pstmt` and `query_string` are the utility hook's arguments.
+unsafe fn statement_text(pstmt: *mut pg_sys::PlannedStmt, query_string: *const i8) -> String {
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        if query_string.is_null() {
+            return String::new();
+        }
+        let all = CStr::from_ptr(query_string).to_bytes();
+        let start = ((*pstmt).stmt_location.max(0) as usize).min(all.len());
+        let len = (*pstmt).stmt_len.max(0) as usize;
+        let end = if len == 0 {
+            all.len()
+        } else {
+            (start + len).min(all.len())
+        };
+        String::from_utf8_lossy(&all[start..end]).trim().to_string()
+    }
+}
+
+/// Whether a range variable names a temporary relation (an existing one,
+/// or one a CREATE makes temporary).
+///
+/// # Safety
+/// `rv` is null or a valid RangeVar.
+unsafe fn is_temp(rv: *mut pg_sys::RangeVar) -> bool {
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        if rv.is_null() {
+            return false;
+        }
+        if (*rv).relpersistence as u8 == pg_sys::RELPERSISTENCE_TEMP {
+            return true;
+        }
+        let relid = pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::NoLock as i32,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        relid != pg_sys::InvalidOid
+            && pg_sys::get_rel_persistence(relid) as u8 == pg_sys::RELPERSISTENCE_TEMP
+    }
+}
+
+/// The temporary-ness of what a statement works on: `Some(true)` all
+/// temporary, `Some(false)` none, `None` both.
+///
+/// # Safety
+/// `stmt` is a valid utility statement node.
+unsafe fn temp_targets(stmt: *mut pg_sys::Node) -> Option<bool> {
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        use pg_sys::NodeTag::*;
+        let one = |rv: *mut pg_sys::RangeVar| Some(is_temp(rv));
+        match (*stmt).type_ {
+            T_CreateStmt => one((*(stmt as *mut pg_sys::CreateStmt)).relation),
+            T_ViewStmt => one((*(stmt as *mut pg_sys::ViewStmt)).view),
+            T_CreateSeqStmt => one((*(stmt as *mut pg_sys::CreateSeqStmt)).sequence),
+            T_AlterSeqStmt => one((*(stmt as *mut pg_sys::AlterSeqStmt)).sequence),
+            T_IndexStmt => one((*(stmt as *mut pg_sys::IndexStmt)).relation),
+            T_AlterTableStmt => one((*(stmt as *mut pg_sys::AlterTableStmt)).relation),
+            T_CreateTrigStmt => one((*(stmt as *mut pg_sys::CreateTrigStmt)).relation),
+            T_DropStmt => {
+                let d = stmt as *mut pg_sys::DropStmt;
+                use pg_sys::ObjectType::*;
+                if !matches!(
+                    (*d).removeType,
+                    OBJECT_TABLE | OBJECT_INDEX | OBJECT_SEQUENCE | OBJECT_VIEW | OBJECT_MATVIEW
+                ) || (*d).objects.is_null()
+                {
+                    return Some(false);
+                }
+                let objs = (*d).objects;
+                let (mut temp, mut other) = (false, false);
+                for i in 0..(*objs).length as usize {
+                    let names = (*(*objs).elements.add(i)).ptr_value as *mut pg_sys::List;
+                    let rv = pg_sys::makeRangeVarFromNameList(names);
+                    if is_temp(rv) {
+                        temp = true;
+                    } else {
+                        other = true;
+                    }
+                }
+                match (temp, other) {
+                    (true, true) => None,
+                    (t, _) => Some(t),
+                }
+            }
+            _ => Some(false),
+        }
+    }
+}
+
+/// Whether a statement adds an exclusion constraint.
+///
+/// # Safety
+/// `stmt` is a valid utility statement node.
+unsafe fn adds_exclusion(stmt: *mut pg_sys::Node) -> bool {
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        let exclusion = |n: *mut pg_sys::Node| {
+            !n.is_null()
+                && (*n).type_ == pg_sys::NodeTag::T_Constraint
+                && (*(n as *mut pg_sys::Constraint)).contype == pg_sys::ConstrType::CONSTR_EXCLUSION
+        };
+        let any = |l: *mut pg_sys::List, f: &dyn Fn(*mut pg_sys::Node) -> bool| {
+            !l.is_null()
+                && (0..(*l).length as usize)
+                    .any(|i| f((*(*l).elements.add(i)).ptr_value as *mut pg_sys::Node))
+        };
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_CreateStmt => {
+                let c = stmt as *mut pg_sys::CreateStmt;
+                any((*c).tableElts, &exclusion) || any((*c).constraints, &exclusion)
+            }
+            pg_sys::NodeTag::T_AlterTableStmt => {
+                let a = stmt as *mut pg_sys::AlterTableStmt;
+                any((*a).cmds, &|n| {
+                    let cmd = n as *mut pg_sys::AlterTableCmd;
+                    (*cmd).subtype == pg_sys::AlterTableType::AT_AddConstraint
+                        && exclusion((*cmd).def)
+                })
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether the statement is about bdr itself: the extension, or the
+/// tombstone triggers bdr's event trigger makes on every node by itself.
+///
+/// # Safety
+/// `stmt` is a valid utility statement node.
+unsafe fn about_bdr(stmt: *mut pg_sys::Node) -> bool {
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        let named_bdr =
+            |p: *const i8| !p.is_null() && CStr::from_ptr(p).to_bytes().starts_with(b"bdr");
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_CreateExtensionStmt => {
+                named_bdr((*(stmt as *mut pg_sys::CreateExtensionStmt)).extname)
+            }
+            pg_sys::NodeTag::T_AlterExtensionStmt => {
+                named_bdr((*(stmt as *mut pg_sys::AlterExtensionStmt)).extname)
+            }
+            pg_sys::NodeTag::T_CreateTrigStmt => {
+                named_bdr((*(stmt as *mut pg_sys::CreateTrigStmt)).trigname)
+            }
+            pg_sys::NodeTag::T_DropStmt => {
+                let d = stmt as *mut pg_sys::DropStmt;
+                matches!(
+                    (*d).removeType,
+                    pg_sys::ObjectType::OBJECT_EXTENSION | pg_sys::ObjectType::OBJECT_TRIGGER
+                ) && {
+                    let objs = (*d).objects;
+                    !objs.is_null()
+                        && (0..(*objs).length as usize).any(|i| {
+                            let n = (*(*objs).elements.add(i)).ptr_value as *mut pg_sys::Node;
+                            let last = if (*n).type_ == pg_sys::NodeTag::T_List {
+                                let l = n as *mut pg_sys::List;
+                                (*(*l).elements.add((*l).length as usize - 1)).ptr_value
+                                    as *mut pg_sys::Node
+                            } else {
+                                n
+                            };
+                            (*last).type_ == pg_sys::NodeTag::T_String
+                                && named_bdr((*(last as *mut pg_sys::String)).sval)
+                        })
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether this session's DDL goes to the group: a BDR database whose
+/// local node is in a group, and not a bdr writer replaying a peer's.
+fn in_group() -> bool {
+    if crate::hlc::is_exempt() {
+        return false;
+    }
+    // SAFETY: a catalog lookup by name in a connected backend.
+    if unsafe { pg_sys::get_extension_oid(c"bdr".as_ptr(), true) } == pg_sys::InvalidOid {
+        return false;
+    }
+    crate::pg::user::as_bdr(crate::catalog::local_node)
+        .ok()
+        .flatten()
+        .is_some_and(|l| l.node_group_id != 0)
+}
+
+fn current_setting(name: &std::ffi::CStr) -> String {
+    // SAFETY: reads a setting by name; NULL means it does not exist.
+    unsafe {
+        let v = pg_sys::GetConfigOptionByName(name.as_ptr(), std::ptr::null_mut(), true);
+        if v.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(v).to_string_lossy().into_owned()
+        }
+    }
+}
+
+fn current_role() -> String {
+    // SAFETY: the current user's name; it exists while the session runs.
+    unsafe {
+        let n = pg_sys::GetUserNameFromId(pg_sys::GetUserId(), true);
+        if n.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(n).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// Decides, before a utility statement runs, whether it is to be queued
+/// for the group; raises the refusals.
+///
+/// # Safety
+/// The utility hook's arguments.
+pub unsafe fn capture(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const i8,
+    context: pg_sys::ProcessUtilityContext::Type,
+) -> Option<Pending> {
+    // Sub-commands (of CREATE SCHEMA, ALTER TABLE) come with their statement.
+    if context != pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL
+        && context != pg_sys::ProcessUtilityContext::PROCESS_UTILITY_QUERY
+    {
+        return None;
+    }
+    // An extension's script is the extension's: CREATE EXTENSION replicates.
+    // SAFETY: reads a backend-global flag.
+    if unsafe { pg_sys::creating_extension } {
+        return None;
+    }
+    // SAFETY: the hook's statement.
+    let stmt = unsafe { (*pstmt).utilityStmt };
+    if stmt.is_null() {
+        return None;
+    }
+    // SAFETY: as above.
+    let tag = unsafe { tag_of(stmt) };
+    let kind = rules::classify(&tag, crate::guc::get_bool(crate::guc::ROLE_REPLICATION));
+    if kind == Kind::Local {
+        return None;
+    }
+    // SAFETY: as above.
+    if unsafe { about_bdr(stmt) } || !in_group() {
+        return None;
+    }
+    let unsafe_ok = crate::guc::get_bool(crate::guc::PERMIT_UNSAFE_COMMANDS);
+    // SAFETY: as above.
+    let (temp, exclusion) = unsafe { (temp_targets(stmt), adds_exclusion(stmt)) };
+    let kind = match (kind, temp) {
+        (_, Some(true)) => return None,
+        (_, None) => rules::TEMP_MIX_REFUSAL,
+        (Kind::Replicate, _) if exclusion && !unsafe_ok => rules::EXCLUSION_REFUSAL,
+        (k, _) => k,
+    };
+    // SAFETY: as above.
+    let sql = unsafe { statement_text(pstmt, query_string) };
+    if let Kind::Refuse { reason, hint } = kind {
+        BdrError::Refused {
+            msg: format!("{reason}: {sql}"),
+            hint: hint.to_string(),
+        }
+        .raise();
+    }
+    if !crate::guc::get_bool(crate::guc::DDL_REPLICATION) {
+        warning!("bdr.ddl_replication is off: this statement is not replicated to the other nodes: {sql}");
+        return None;
+    }
+    Some(Pending {
+        cmd: DdlCommand {
+            sql,
+            search_path: current_setting(c"search_path"),
+            role: current_role(),
+        },
+    })
+}
+
+/// Queues a statement that has run, in this transaction.
+pub fn queue(p: Pending) {
+    let r = crate::pg::user::as_bdr(|| {
+        Spi::run_with_args(
+            "SELECT pg_catalog.pg_logical_emit_message(true, $1, $2)",
+            &[DDL_PREFIX.into(), p.cmd.encode().into()],
+        )
+    });
+    if let Err(e) = r {
+        crate::fail!(
+            ERRCODE_INTERNAL_ERROR,
+            "could not queue the statement for the other nodes: {e}"
+        );
+    }
+}
+
+/// `bdr.replicate_ddl_command`: runs `sql` here and queues it for the
+/// group, whatever `bdr.ddl_replication` says.
+pub fn replicate_ddl_command(
+    sql: &str,
+    replication_sets: Option<Vec<Option<String>>>,
+    ddl_locking: Option<&str>,
+) -> BdrResult<()> {
+    if let Some(sets) = replication_sets {
+        if sets.iter().any(|s| s.as_deref() != Some("default")) {
+            return Err(BdrError::NotSupported(
+                "replication sets other than 'default' (bdr.replicate_ddl_command)".into(),
+            ));
+        }
+    }
+    match ddl_locking {
+        None | Some("off") => {}
+        Some("on") | Some("dml") => {
+            return Err(BdrError::NotSupported(
+                "global DDL locks (ddl_locking 'on' or 'dml'); pass NULL or 'off'".into(),
+            ))
+        }
+        Some(other) => {
+            return Err(BdrError::InvalidValue {
+                what: "ddl_locking",
+                msg: format!("\"{other}\" is not one of 'on', 'dml', 'off'"),
+            })
+        }
+    }
+    if !in_group() {
+        return Err(BdrError::Prerequisite {
+            msg: "the local node is not a member of a BDR group".into(),
+            hint: "Run DDL directly; it replicates once the node is in a group.".into(),
+        });
+    }
+    let was = crate::guc::get_bool(crate::guc::DDL_REPLICATION);
+    Spi::run("SELECT pg_catalog.set_config('bdr.ddl_replication', 'on', true)")?;
+    let r = Spi::run(sql);
+    if !was {
+        Spi::run("SELECT pg_catalog.set_config('bdr.ddl_replication', 'off', true)")?;
+    }
+    r?;
+    Ok(())
+}
