@@ -97,6 +97,15 @@ unsafe fn temp_targets(stmt: *mut pg_sys::Node) -> Option<bool> {
             T_IndexStmt => one((*(stmt as *mut pg_sys::IndexStmt)).relation),
             T_AlterTableStmt => one((*(stmt as *mut pg_sys::AlterTableStmt)).relation),
             T_CreateTrigStmt => one((*(stmt as *mut pg_sys::CreateTrigStmt)).relation),
+            // Also what REFRESH MATERIALIZED VIEW CONCURRENTLY runs itself.
+            T_CreateTableAsStmt => {
+                let into = (*(stmt as *mut pg_sys::CreateTableAsStmt)).into;
+                one(if into.is_null() {
+                    std::ptr::null_mut()
+                } else {
+                    (*into).rel
+                })
+            }
             T_DropStmt => {
                 let d = stmt as *mut pg_sys::DropStmt;
                 use pg_sys::ObjectType::*;

@@ -253,15 +253,21 @@ fn conflict_history_is_readable_by_table_owners_only_and_logging_is_configurable
     let c = group(2);
     let mut n1 = c.node(0).connect(DB);
     let mut n2 = c.node(1).connect(DB);
+    // Each node's own roles and grants (not replicated).
     n2.batch_execute(
-        "CREATE ROLE alice LOGIN; CREATE ROLE bob LOGIN;
+        "SET bdr.ddl_replication = off; SET bdr.role_replication = off;
+         CREATE ROLE alice LOGIN; CREATE ROLE bob LOGIN;
          GRANT USAGE ON SCHEMA bdr TO alice, bob;",
     )
     .unwrap();
-    n1.batch_execute("CREATE ROLE alice LOGIN; CREATE ROLE bob LOGIN;")
-        .unwrap();
+    n1.batch_execute(
+        "SET bdr.ddl_replication = off; SET bdr.role_replication = off;
+         CREATE ROLE alice LOGIN; CREATE ROLE bob LOGIN;",
+    )
+    .unwrap();
     for n in [&mut n1, &mut n2] {
-        n.batch_execute("ALTER TABLE ii OWNER TO alice").unwrap();
+        n.batch_execute("SET bdr.ddl_replication = off; ALTER TABLE ii OWNER TO alice")
+            .unwrap();
     }
     n1.batch_execute("INSERT INTO dd VALUES (5, 'x')").unwrap();
     wait_for_replication(&c, DB);
@@ -591,6 +597,9 @@ fn missing_tables_and_columns_are_conflicts_with_their_own_resolvers() {
     // target_table_missing: a table node2 never had stops its apply
     // (skip_if_recently_dropped, and it was not dropped); creating it
     // there lets the writer go on.
+    // Each node's DDL stays its own here (bdr.ddl_replication off).
+    n1.batch_execute("SET bdr.ddl_replication = off").unwrap();
+    n2.batch_execute("SET bdr.ddl_replication = off").unwrap();
     n1.batch_execute(
         "CREATE TABLE only1 (id int PRIMARY KEY, v text); INSERT INTO only1 VALUES (1, 'a')",
     )

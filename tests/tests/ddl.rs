@@ -154,6 +154,14 @@ fn local_statements_stay_local_and_refusals_change_nothing() {
     .unwrap();
     n1.batch_execute("VACUUM base").unwrap();
     n1.batch_execute("ANALYZE base").unwrap();
+    n1.batch_execute("SELECT * INTO TEMP tmpcopy FROM base")
+        .unwrap();
+    // A materialized view's definition replicates; refreshing it is each
+    // node's (also CONCURRENTLY, which runs statements of its own).
+    n1.batch_execute("CREATE MATERIALIZED VIEW mv AS SELECT id, v FROM base; CREATE UNIQUE INDEX mv_id ON mv (id);")
+        .unwrap();
+    n1.batch_execute("REFRESH MATERIALIZED VIEW CONCURRENTLY mv")
+        .unwrap();
     // ddl_replication off: local, with a WARNING.
     n1.batch_execute("SET bdr.ddl_replication = off; CREATE TABLE only_here (id int PRIMARY KEY); RESET bdr.ddl_replication;")
         .unwrap();
