@@ -555,3 +555,4 @@ REVOKE ALL ON FUNCTION bdr.consensus_disable() FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.consensus_enable() FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.consensus_kv_store(text, jsonb, jsonb, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.replicate_ddl_command(text, text[], text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr.consensus_snapshot_import(bytea) FROM PUBLIC;

@@ -235,13 +235,10 @@ fn consensus_snapshot_verify(snapshot: &[u8]) -> bool {
     true
 }
 
-/// Importing a snapshot would replace what the group agreed on this node
-/// outside the Raft log; a node that lost its consensus state gets it from
-/// the leader instead (part and join it again).
+/// Replaces what the group's consensus holds with `snapshot` (from
+/// `bdr.consensus_snapshot_export`), through the Raft log, so every node
+/// makes the same change at the same point; needs a majority.
 #[pg_extern(volatile)]
-fn consensus_snapshot_import(_snapshot: &[u8]) {
-    BdrError::NotSupported(
-        "bdr.consensus_snapshot_import (a node gets the group's consensus state from the leader when it joins)".into(),
-    )
-    .raise()
+fn consensus_snapshot_import(snapshot: &[u8]) {
+    consensus::snapshot_import(snapshot).or_raise()
 }

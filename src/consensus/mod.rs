@@ -254,6 +254,30 @@ pub fn snapshot_export() -> BdrResult<Vec<u8>> {
     Ok(bdr_core::consensus::export_snapshot(&state))
 }
 
+/// Replaces the group's consensus state machine with an exported one, on
+/// every node at the same point of the log.
+pub fn snapshot_import(snapshot: &[u8]) -> BdrResult<()> {
+    let state =
+        bdr_core::consensus::verify_snapshot(snapshot).map_err(|msg| BdrError::InvalidValue {
+            what: "consensus snapshot",
+            msg,
+        })?;
+    let a = submit(
+        &Request::Command(bdr_core::consensus::Command::Restore {
+            state: state.encode(),
+        }),
+        "importing a consensus snapshot",
+    )?;
+    if a.ok {
+        Ok(())
+    } else {
+        Err(BdrError::InvalidValue {
+            what: "consensus snapshot",
+            msg: "the snapshot's state machine does not decode".into(),
+        })
+    }
+}
+
 /// `bdr.consensus_disable()` / `enable()`: the worker stops taking part
 /// (drops what peers send and what backends submit) or takes part again.
 pub fn set_disabled(disabled: bool) -> BdrResult<()> {

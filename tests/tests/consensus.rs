@@ -96,6 +96,51 @@ fn three_nodes_elect_one_leader_and_agree_on_keys() {
         one(&mut n1, "(SELECT state FROM bdr.get_raft_status())").as_deref(),
         one(&mut n1, "(SELECT state FROM bdr.get_consensus_status())").as_deref()
     );
+    // The leadership goes where it is sent.
+    n1.batch_execute("SELECT bdr.raft_leadership_transfer('node3', true)")
+        .unwrap();
+    wait_for("node2 to follow node3", Duration::from_secs(30), || {
+        let l = one(
+            &mut n2,
+            "(SELECT leader_name FROM bdr.get_consensus_status())",
+        );
+        (l.as_deref() == Some("node3")).then_some(())
+    });
+    // An exported snapshot, imported later, puts the group back to it.
+    let snap: Vec<u8> = n1
+        .query_one("SELECT bdr.consensus_snapshot_export()", &[])
+        .unwrap()
+        .get(0);
+    assert!(n2
+        .query_one("SELECT bdr.consensus_snapshot_verify($1)", &[&snap])
+        .unwrap()
+        .get::<_, bool>(0));
+    n2.batch_execute("SELECT bdr.consensus_kv_store('later', '1')")
+        .unwrap();
+    n2.execute("SELECT bdr.consensus_snapshot_import($1)", &[&snap])
+        .unwrap();
+    assert_eq!(one(&mut n3, "bdr.consensus_kv_fetch('later')"), None);
+    assert_eq!(
+        one(&mut n3, "bdr.consensus_kv_fetch('k')").as_deref(),
+        Some("2")
+    );
+    let (code, _, _) = expect_error(
+        &mut n1,
+        "SELECT bdr.consensus_snapshot_verify('\\x00'::bytea)",
+    );
+    assert_eq!(code, "22023");
+    // A node with consensus disabled takes no part; the majority goes on.
+    n2.batch_execute("SELECT bdr.consensus_disable()").unwrap();
+    assert_eq!(
+        one(&mut n2, "(SELECT enabled FROM bdr.get_consensus_status())").as_deref(),
+        Some("false")
+    );
+    assert!(one(&mut n1, "bdr.consensus_kv_store('without2', '1')").is_some());
+    n2.batch_execute("SELECT bdr.consensus_enable()").unwrap();
+    wait_for_ok("node2 to take part again", Duration::from_secs(60), || {
+        n2.query_one("SELECT bdr.consensus_kv_fetch('without2')::text", &[])
+            .map(|_| ())
+    });
     n1.batch_execute("INSERT INTO kv VALUES (1, 'one')")
         .unwrap();
     wait_for_replication(&c, DB);

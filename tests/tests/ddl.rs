@@ -241,3 +241,71 @@ fn a_statement_that_fails_on_a_peer_stops_its_apply_until_fixed() {
     assert_same_schema(&c, &[0, 1]);
     assert_converged(&c, DB, &["base"]);
 }
+
+#[test]
+fn schema_changes_while_the_others_write_and_a_join_after_them() {
+    let c = Cluster::start(3, "");
+    form_group_of(&c, DB, SCHEMA, 2);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // node2 inserts as fast as it can while node1 changes the table.
+    let writer = {
+        let stop = stop.clone();
+        let dsn = c.node(1).dsn(DB);
+        std::thread::spawn(move || {
+            let mut cl =
+                bdr_tests::postgres::Client::connect(&dsn, bdr_tests::postgres::NoTls).unwrap();
+            let mut i = 1000;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                cl.execute("INSERT INTO base (id, v) VALUES ($1, 'from node2')", &[&i])
+                    .unwrap();
+                i += 1;
+            }
+            i - 1000
+        })
+    };
+    let mut n1 = c.node(0).connect(DB);
+    n1.batch_execute("INSERT INTO base VALUES (1, 'from node1')")
+        .unwrap();
+    n1.batch_execute("ALTER TABLE base ADD COLUMN note text")
+        .unwrap();
+    n1.batch_execute("CREATE INDEX base_v ON base (v)").unwrap();
+    n1.batch_execute("INSERT INTO base VALUES (2, 'after', 'with a note')")
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert!(written > 0);
+    wait_for_replication_on(&c, DB, &[0, 1]);
+    let mut n2 = c.node(1).connect(DB);
+    assert_eq!(
+        one(&mut n2, "SELECT note FROM base WHERE id = 2").as_deref(),
+        Some("with a note")
+    );
+    assert_eq!(
+        one(&mut n2, "SELECT count(*) FROM bdr.worker_errors").as_deref(),
+        Some("0")
+    );
+    // A node that joins now gets today's schema and every row once.
+    let n3 = c.node(2);
+    n3.connect("postgres")
+        .batch_execute(&format!("CREATE DATABASE {DB}"))
+        .unwrap();
+    let mut j = n3.connect(DB);
+    j.batch_execute("CREATE EXTENSION bdr").unwrap();
+    j.execute("SELECT bdr.create_node('node3', $1)", &[&n3.dsn(DB)])
+        .unwrap();
+    j.execute("SELECT bdr.join_node_group($1, 'g')", &[&c.node(0).dsn(DB)])
+        .unwrap();
+    wait_for_mesh(&c, DB);
+    n2.batch_execute("ALTER TABLE base ADD COLUMN later int DEFAULT 7")
+        .unwrap();
+    n2.batch_execute("INSERT INTO base (id, v) VALUES (3, 'after the join')")
+        .unwrap();
+    wait_for_replication(&c, DB);
+    let mut j = n3.connect(DB);
+    assert_eq!(
+        one(&mut j, "SELECT later FROM base WHERE id = 3").as_deref(),
+        Some("7")
+    );
+    assert_same_schema(&c, &[0, 1, 2]);
+    assert_converged(&c, DB, &["base"]);
+}

@@ -49,6 +49,10 @@ pub enum Command {
     /// Reads `key` in log order: the answer reflects every command
     /// committed before it (a linearizable read); changes nothing.
     KvFetch { key: String, now_us: i64 },
+    /// Replaces the whole state machine with an exported one
+    /// (`bdr.consensus_snapshot_import`), on every node at the same point
+    /// of the log.
+    Restore { state: Vec<u8> },
 }
 
 /// What a backend asks its consensus worker for.
@@ -140,6 +144,21 @@ impl State {
                 ok: true,
                 value: None,
                 at_us: self.clock_us,
+            },
+            Command::Restore { state } => match State::decode(state) {
+                Some(s) => {
+                    *self = s;
+                    Applied {
+                        ok: true,
+                        value: None,
+                        at_us: self.clock_us,
+                    }
+                }
+                None => Applied {
+                    ok: false,
+                    value: None,
+                    at_us: self.clock_us,
+                },
             },
             Command::KvFetch { key, now_us } => {
                 let now = self.clock_us.max(*now_us);
@@ -434,6 +453,29 @@ mod tests {
         let mut broken = b;
         broken.truncate(9);
         assert!(verify_snapshot(&broken).is_err());
+    }
+
+    #[test]
+    fn restore_replaces_the_state_on_every_node_alike() {
+        let mut src = State::default();
+        src.apply(&store("kept", Some("1"), None, 50));
+        let mut a = State::default();
+        a.apply(&store("gone", Some("x"), None, 10));
+        let mut b = a.clone();
+        let cmd = Command::Restore {
+            state: src.encode(),
+        };
+        assert!(a.apply(&cmd).ok);
+        assert!(b.apply(&cmd).ok);
+        assert_eq!(a, src);
+        assert_eq!(a, b);
+        assert!(
+            !a.apply(&Command::Restore {
+                state: b"junk".to_vec()
+            })
+            .ok
+        );
+        assert_eq!(a, src, "a snapshot that does not decode changes nothing");
     }
 
     #[test]
