@@ -9,56 +9,6 @@ use bdr_core::consensus::{Command, Request, PROTO_VERSION};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-#[allow(clippy::type_complexity)]
-fn status_row() -> (
-    name!(node_id, pg_sys::Oid),
-    name!(node_name, Option<String>),
-    name!(state, &'static str),
-    name!(leader_id, pg_sys::Oid),
-    name!(leader_name, Option<String>),
-    name!(current_term, i64),
-    name!(commit_index, i64),
-    name!(apply_index, i64),
-    name!(last_index, i64),
-    name!(snapshot_index, i64),
-    name!(voting_nodes, i32),
-    name!(voters, Vec<pg_sys::Oid>),
-    name!(protocol_version, i32),
-    name!(enabled, bool),
-) {
-    let s: Status = consensus::status();
-    let name_of = |id: u64| {
-        crate::catalog::node_by_id(id as u32)
-            .ok()
-            .flatten()
-            .map(|n| n.node_name)
-    };
-    let state = if !s.running {
-        "NOT_RUNNING"
-    } else {
-        s.role.name()
-    };
-    (
-        pg_sys::Oid::from(s.node_id as u32),
-        name_of(s.node_id),
-        state,
-        pg_sys::Oid::from(s.leader as u32),
-        (s.leader != 0).then(|| name_of(s.leader)).flatten(),
-        s.term as i64,
-        s.commit as i64,
-        s.applied as i64,
-        s.last_index as i64,
-        s.snapshot_index as i64,
-        s.voters.len() as i32,
-        s.voters
-            .iter()
-            .map(|v| pg_sys::Oid::from(*v as u32))
-            .collect(),
-        PROTO_VERSION,
-        !s.disabled,
-    )
-}
-
 /// This node's view of the group's consensus: its Raft state, the leader
 /// it follows, the log positions and the voters. (`bdr.get_raft_status()`
 /// is the same, under BDR 4's other name, in `sql/bdr_finalize.sql`.)
@@ -83,7 +33,41 @@ fn get_consensus_status() -> TableIterator<
         name!(enabled, bool),
     ),
 > {
-    TableIterator::once(status_row())
+    TableIterator::once({
+        let s: Status = consensus::status();
+        let name_of = |id: u64| {
+            crate::catalog::node_by_id(id as u32)
+                .ok()
+                .flatten()
+                .map(|n| n.node_name)
+        };
+        let state = if !s.running {
+            "NOT_RUNNING"
+        } else {
+            s.role.name()
+        };
+        (
+            pg_sys::Oid::from(s.raft.node_id as u32),
+            name_of(s.raft.node_id),
+            state,
+            pg_sys::Oid::from(s.raft.leader as u32),
+            (s.raft.leader != 0)
+                .then(|| name_of(s.raft.leader))
+                .flatten(),
+            s.raft.term as i64,
+            s.raft.commit as i64,
+            s.raft.applied as i64,
+            s.raft.last_index as i64,
+            s.raft.snapshot_index as i64,
+            s.voters.len() as i32,
+            s.voters
+                .iter()
+                .map(|v| pg_sys::Oid::from(*v as u32))
+                .collect(),
+            PROTO_VERSION,
+            !s.disabled,
+        )
+    })
 }
 
 #[pg_extern(immutable, parallel_safe)]

@@ -141,16 +141,11 @@ pub fn submit(req: &Request, what: &str) -> BdrResult<Applied> {
     }
 }
 
-/// This node's view of its consensus group.
+/// This node's view of its consensus group: what its worker published,
+/// and whether one runs.
 pub struct Status {
-    pub node_id: u64,
+    pub raft: shmem::Status,
     pub role: Role,
-    pub term: u64,
-    pub leader: u64,
-    pub commit: u64,
-    pub applied: u64,
-    pub last_index: u64,
-    pub snapshot_index: u64,
     pub voters: Vec<u64>,
     pub running: bool,
     pub disabled: bool,
@@ -159,21 +154,15 @@ pub struct Status {
 pub fn status() -> Status {
     let s = CONSENSUS.share();
     let d = s.db(my_database());
-    let st = d.map(|d| d.status).unwrap_or_default();
+    let raft = d.map(|d| d.status).unwrap_or_default();
     Status {
-        node_id: st.node_id,
-        role: match st.role {
+        raft,
+        role: match raft.role {
             2 => Role::Leader,
             1 => Role::Candidate,
             _ => Role::Follower,
         },
-        term: st.term,
-        leader: st.leader,
-        commit: st.commit,
-        applied: st.applied,
-        last_index: st.last_index,
-        snapshot_index: st.snapshot_index,
-        voters: st.voters[..st.nvoters].to_vec(),
+        voters: raft.voters[..raft.nvoters].to_vec(),
         running: d.is_some_and(|d| d.worker != 0),
         disabled: d.is_some_and(|d| d.disabled),
     }
@@ -190,7 +179,7 @@ pub fn group_health() -> BdrResult<(&'static str, &'static str)> {
         return Ok(bdr_core::consensus::raft_health(&[]));
     }
     let me = status();
-    let mut states = vec![(me.running, me.role, me.leader)];
+    let mut states = vec![(me.running, me.role, me.raft.leader)];
     for p in crate::catalog::group_peers(&local)?
         .into_iter()
         .filter(|p| p.node_id != local.node_id && p.node_state != bdr_core::node::NodeState::Parted)
@@ -231,7 +220,7 @@ pub fn transfer_leadership(node_id: u32, wait: bool) -> BdrResult<()> {
     }
     let timeout_ms = crate::guc::get_int(crate::guc::RAFT_RESPONSE_TIMEOUT).max(0) as i64;
     let started = crate::shmem::now();
-    while status().leader != node_id as u64 {
+    while status().raft.leader != node_id as u64 {
         if (crate::shmem::now() - started) / 1000 >= timeout_ms {
             return Err(BdrError::OutcomeUnknown {
                 msg: format!("node {node_id} did not take the leadership within {timeout_ms} ms"),

@@ -261,21 +261,23 @@ mod tests {
         ] {
             assert_eq!(classify(t, false), Kind::Replicate, "{t}");
         }
+        // Maintenance, instance-wide objects, session commands, and what
+        // replicates as a change.
         for t in [
-            "VACUUM",
-            "ANALYZE",
-            "CLUSTER",
-            "REINDEX",
-            "CHECKPOINT",
-            "ALTER SYSTEM",
-            "CREATE DATABASE",
-            "DROP TABLESPACE",
-            "REFRESH MATERIALIZED VIEW",
-            "LOCK TABLE",
-            "TRUNCATE TABLE",
-            "SET",
-            "DO",
             "SELECT",
+            "DO",
+            "SET",
+            "TRUNCATE TABLE",
+            "LOCK TABLE",
+            "REFRESH MATERIALIZED VIEW",
+            "DROP TABLESPACE",
+            "CREATE DATABASE",
+            "ALTER SYSTEM",
+            "CHECKPOINT",
+            "REINDEX",
+            "CLUSTER",
+            "ANALYZE",
+            "VACUUM",
         ] {
             assert_eq!(classify(t, false), Kind::Local, "{t}");
         }
