@@ -326,6 +326,62 @@ pub unsafe fn capture(
     })
 }
 
+/// `bdr.default_replica_identity`: a table this session just created (not
+/// a temporary or partitioned one) gets that replica identity, by an
+/// ALTER TABLE that replicates after its CREATE TABLE. Writers replaying a
+/// peer's CREATE TABLE do not apply their own default: the origin's ALTER
+/// reaches them.
+///
+/// # Safety
+/// `pstmt` is the utility hook's statement, which has just run.
+pub unsafe fn apply_default_replica_identity(pstmt: *mut pg_sys::PlannedStmt) {
+    let identity = crate::guc::get_enum(crate::guc::DEFAULT_REPLICA_IDENTITY);
+    if identity == "default" || crate::hlc::is_exempt() {
+        return;
+    }
+    // SAFETY: the caller upholds this function's contract.
+    let relid = unsafe {
+        let stmt = (*pstmt).utilityStmt;
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_CreateStmt {
+            return;
+        }
+        let rv = (*(stmt as *mut pg_sys::CreateStmt)).relation;
+        if (*rv).relpersistence as u8 == pg_sys::RELPERSISTENCE_TEMP
+            || pg_sys::get_extension_oid(c"bdr".as_ptr(), true) == pg_sys::InvalidOid
+        {
+            return;
+        }
+        let relid = pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::NoLock as i32,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        if relid == pg_sys::InvalidOid
+            || pg_sys::get_rel_relkind(relid) as u8 != pg_sys::RELKIND_RELATION
+        {
+            return;
+        }
+        relid
+    };
+    // The regclass text is the name quoted and qualified as needed.
+    let r = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[relid.into()])
+        .and_then(|name| {
+            Spi::run(&format!(
+                "ALTER TABLE {} REPLICA IDENTITY {}",
+                name.unwrap_or_default(),
+                identity.to_ascii_uppercase()
+            ))
+        });
+    if let Err(e) = r {
+        crate::fail!(
+            ERRCODE_INTERNAL_ERROR,
+            "could not apply bdr.default_replica_identity: {e}"
+        );
+    }
+}
+
 /// Queues a statement that has run, in this transaction.
 pub fn queue(p: Pending) {
     let r = crate::pg::user::as_bdr(|| {

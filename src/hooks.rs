@@ -83,6 +83,8 @@ unsafe extern "C-unwind" fn utility_hook(
     if let Some(p) = ddl {
         crate::ddl::queue(p);
     }
+    // SAFETY: the statement that has just run.
+    unsafe { crate::ddl::apply_default_replica_identity(pstmt) };
 }
 
 /// Whether the statement is `DROP EXTENSION ... bdr ...` in a database that has it.

@@ -174,6 +174,13 @@ fn local_statements_stay_local_and_refusals_change_nothing() {
         "CREATE EXTENSION IF NOT EXISTS btree_gist; CREATE TABLE booking (id int PRIMARY KEY, r int4range, EXCLUDE USING gist (r WITH &&))",
     );
     assert_eq!(code, "0A000", "{msg}");
+    // bdr.default_replica_identity: a keyless table that can take updates,
+    // the same on every node.
+    n1.batch_execute(
+        "SET bdr.default_replica_identity = full; CREATE TABLE keyless (a int, b text); RESET bdr.default_replica_identity;
+         INSERT INTO keyless VALUES (1, 'x'); UPDATE keyless SET b = 'y' WHERE a = 1;",
+    )
+    .unwrap();
     // replicate_ddl_command replicates whatever bdr.ddl_replication says.
     n1.batch_execute(
         "SET bdr.ddl_replication = off; SELECT bdr.replicate_ddl_command('CREATE TABLE public.via_function (id int PRIMARY KEY)'); RESET bdr.ddl_replication;",
@@ -187,6 +194,15 @@ fn local_statements_stay_local_and_refusals_change_nothing() {
         Some("1")
     );
     assert_eq!(one(&mut n2, "SELECT to_regclass('only_here')"), None);
+    assert_eq!(
+        one(
+            &mut n2,
+            "SELECT relreplident FROM pg_class WHERE oid = 'keyless'::regclass"
+        )
+        .as_deref(),
+        Some("f")
+    );
+    assert_eq!(one(&mut n2, "SELECT b FROM keyless").as_deref(), Some("y"));
     assert_eq!(one(&mut n2, "SELECT to_regclass('copy')"), None);
     assert_eq!(one(&mut n2, "SELECT to_regclass('booking')"), None);
     assert_eq!(one(&mut n1, "SELECT to_regclass('booking')"), None);
@@ -195,7 +211,7 @@ fn local_statements_stay_local_and_refusals_change_nothing() {
     )
     .unwrap();
     assert_same_schema(&c, &[0, 1, 2]);
-    assert_converged(&c, DB, &["base", "via_function"]);
+    assert_converged(&c, DB, &["base", "via_function", "keyless"]);
 }
 
 #[test]

@@ -229,7 +229,7 @@ pub const SETTINGS: &[Setting] = &[
         Userset, NotYet, "Kind of sequence created for serial and identity columns."),
     // DDL handling
     e("bdr.default_replica_identity", "default", &["default", "full", "nothing"], &[],
-        Userset, NotYet, "REPLICA IDENTITY given to newly created tables."),
+        Userset, Honoured, "REPLICA IDENTITY given to newly created tables."),
     b("bdr.ddl_replication", true, Suset, Honoured, "Replicate DDL to the other nodes of the group."),
     b("bdr.role_replication", true, Suset, Honoured, "Replicate role commands to the other nodes (needs bdr.ddl_replication)."),
     e("bdr.ddl_locking", "on", &["off", "on", "dml"],
