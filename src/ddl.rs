@@ -53,8 +53,26 @@ unsafe fn statement_text(pstmt: *mut pg_sys::PlannedStmt, query_string: *const i
     }
 }
 
-/// Whether a range variable names a temporary relation (an existing one,
-/// or one a CREATE makes temporary).
+/// Whether a CREATE makes its relation temporary: TEMP, or an explicit
+/// pg_temp schema (never by looking up a relation of that name: a
+/// temporary one may hide a permanent one being created).
+///
+/// # Safety
+/// `rv` is null or a valid RangeVar.
+unsafe fn creates_temp(rv: *mut pg_sys::RangeVar) -> bool {
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        !rv.is_null()
+            && ((*rv).relpersistence as u8 == pg_sys::RELPERSISTENCE_TEMP
+                || (!(*rv).schemaname.is_null()
+                    && CStr::from_ptr((*rv).schemaname)
+                        .to_bytes()
+                        .starts_with(b"pg_temp")))
+    }
+}
+
+/// Whether a range variable names an existing temporary relation (or one
+/// a CREATE makes temporary).
 ///
 /// # Safety
 /// `rv` is null or a valid RangeVar.
@@ -89,10 +107,11 @@ unsafe fn temp_targets(stmt: *mut pg_sys::Node) -> Option<bool> {
     unsafe {
         use pg_sys::NodeTag::*;
         let one = |rv: *mut pg_sys::RangeVar| Some(is_temp(rv));
+        let new = |rv: *mut pg_sys::RangeVar| Some(creates_temp(rv));
         match (*stmt).type_ {
-            T_CreateStmt => one((*(stmt as *mut pg_sys::CreateStmt)).relation),
-            T_ViewStmt => one((*(stmt as *mut pg_sys::ViewStmt)).view),
-            T_CreateSeqStmt => one((*(stmt as *mut pg_sys::CreateSeqStmt)).sequence),
+            T_CreateStmt => new((*(stmt as *mut pg_sys::CreateStmt)).relation),
+            T_ViewStmt => new((*(stmt as *mut pg_sys::ViewStmt)).view),
+            T_CreateSeqStmt => new((*(stmt as *mut pg_sys::CreateSeqStmt)).sequence),
             T_AlterSeqStmt => one((*(stmt as *mut pg_sys::AlterSeqStmt)).sequence),
             T_IndexStmt => one((*(stmt as *mut pg_sys::IndexStmt)).relation),
             T_AlterTableStmt => one((*(stmt as *mut pg_sys::AlterTableStmt)).relation),
@@ -100,7 +119,7 @@ unsafe fn temp_targets(stmt: *mut pg_sys::Node) -> Option<bool> {
             // Also what REFRESH MATERIALIZED VIEW CONCURRENTLY runs itself.
             T_CreateTableAsStmt => {
                 let into = (*(stmt as *mut pg_sys::CreateTableAsStmt)).into;
-                one(if into.is_null() {
+                new(if into.is_null() {
                     std::ptr::null_mut()
                 } else {
                     (*into).rel
@@ -180,8 +199,14 @@ unsafe fn adds_exclusion(stmt: *mut pg_sys::Node) -> bool {
 unsafe fn about_bdr(stmt: *mut pg_sys::Node) -> bool {
     // SAFETY: the caller upholds this function's contract.
     unsafe {
-        let named_bdr =
-            |p: *const i8| !p.is_null() && CStr::from_ptr(p).to_bytes().starts_with(b"bdr");
+        // bdr's own names exactly: users may name things bdr_something.
+        let named_bdr = |p: *const i8| {
+            !p.is_null()
+                && matches!(
+                    CStr::from_ptr(p).to_bytes(),
+                    b"bdr" | b"bdr_tombstone" | b"bdr_tombstone_key"
+                )
+        };
         match (*stmt).type_ {
             pg_sys::NodeTag::T_CreateExtensionStmt => {
                 named_bdr((*(stmt as *mut pg_sys::CreateExtensionStmt)).extname)
@@ -326,19 +351,71 @@ pub unsafe fn capture(
     })
 }
 
-/// `bdr.default_replica_identity`: a table this session just created (not
-/// a temporary or partitioned one) gets that replica identity, by an
-/// ALTER TABLE that replicates after its CREATE TABLE. Writers replaying a
-/// peer's CREATE TABLE do not apply their own default: the origin's ALTER
-/// reaches them.
+/// Whether a statement about to run is a CREATE TABLE of a new table
+/// that `apply_default_replica_identity` is to give its replica identity
+/// once it ran: a statement of the session's own (not a sub-command, an
+/// extension script or a writer's replay), and not `IF NOT EXISTS` of a
+/// table that is there already.
+///
+/// # Safety
+/// The utility hook's arguments, before the statement runs.
+pub unsafe fn creates_new_table(
+    pstmt: *mut pg_sys::PlannedStmt,
+    context: pg_sys::ProcessUtilityContext::Type,
+) -> bool {
+    if crate::guc::get_enum(crate::guc::DEFAULT_REPLICA_IDENTITY) == "default"
+        || crate::hlc::is_exempt()
+        || (context != pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL
+            && context != pg_sys::ProcessUtilityContext::PROCESS_UTILITY_QUERY)
+    {
+        return false;
+    }
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        if pg_sys::creating_extension {
+            return false;
+        }
+        let stmt = (*pstmt).utilityStmt;
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_CreateStmt {
+            return false;
+        }
+        let rv = (*(stmt as *mut pg_sys::CreateStmt)).relation;
+        !creates_temp(rv)
+            && pg_sys::RangeVarGetRelidExtended(
+                rv,
+                pg_sys::NoLock as i32,
+                pg_sys::RVROption::RVR_MISSING_OK,
+                None,
+                std::ptr::null_mut(),
+            ) == pg_sys::InvalidOid
+    }
+}
+
+/// Whether a statement that has run still goes to the group: a view that
+/// selects from a temporary relation became temporary itself.
+///
+/// # Safety
+/// `pstmt` is the utility hook's statement, which has just run.
+pub unsafe fn still_replicates(pstmt: *mut pg_sys::PlannedStmt) -> bool {
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        let stmt = (*pstmt).utilityStmt;
+        stmt.is_null()
+            || (*stmt).type_ != pg_sys::NodeTag::T_ViewStmt
+            || !is_temp((*(stmt as *mut pg_sys::ViewStmt)).view)
+    }
+}
+
+/// `bdr.default_replica_identity`: a table this session just created
+/// (`creates_new_table` said so before it ran; not a temporary or
+/// partitioned one) gets that replica identity, by an ALTER TABLE that
+/// replicates after its CREATE TABLE. Writers replaying a peer's CREATE
+/// TABLE do not apply their own default: the origin's ALTER reaches them.
 ///
 /// # Safety
 /// `pstmt` is the utility hook's statement, which has just run.
 pub unsafe fn apply_default_replica_identity(pstmt: *mut pg_sys::PlannedStmt) {
     let identity = crate::guc::get_enum(crate::guc::DEFAULT_REPLICA_IDENTITY);
-    if identity == "default" || crate::hlc::is_exempt() {
-        return;
-    }
     // SAFETY: the caller upholds this function's contract.
     let relid = unsafe {
         let stmt = (*pstmt).utilityStmt;

@@ -52,6 +52,8 @@ unsafe extern "C-unwind" fn utility_hook(
     // nothing) and queued once it succeeded.
     // SAFETY: the hook's own arguments.
     let ddl = unsafe { crate::ddl::capture(pstmt, query_string, context) };
+    // SAFETY: as above.
+    let new_table = unsafe { crate::ddl::creates_new_table(pstmt, context) };
     // SAFETY: single-threaded backend; restored below even on error.
     let saved = unsafe { guc::IN_SET_LOCAL };
     // SAFETY: as above.
@@ -81,10 +83,15 @@ unsafe extern "C-unwind" fn utility_hook(
     .finally(|| unsafe { guc::IN_SET_LOCAL = saved })
     .execute();
     if let Some(p) = ddl {
-        crate::ddl::queue(p);
+        // SAFETY: the statement that has just run.
+        if unsafe { crate::ddl::still_replicates(pstmt) } {
+            crate::ddl::queue(p);
+        }
     }
-    // SAFETY: the statement that has just run.
-    unsafe { crate::ddl::apply_default_replica_identity(pstmt) };
+    if new_table {
+        // SAFETY: the statement that has just run.
+        unsafe { crate::ddl::apply_default_replica_identity(pstmt) };
+    }
 }
 
 /// Whether the statement is `DROP EXTENSION ... bdr ...` in a database that has it.

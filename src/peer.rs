@@ -610,13 +610,16 @@ impl Peer {
         )
     }
 
-    /// Hands a batch of Raft messages to the peer's consensus worker.
-    pub fn deliver_consensus(&self, batch: &[u8]) -> BdrResult<()> {
+    /// Hands a batch of Raft messages to the peer's consensus worker;
+    /// false when it did not take them (not running, or no room).
+    pub fn deliver_consensus(&self, batch: &[u8]) -> BdrResult<bool> {
         let hex: String = batch.iter().map(|b| format!("{b:02x}")).collect();
-        self.call(
+        let rows = self.query(
             "delivering consensus messages",
             &format!("SELECT bdr._consensus_deliver('\\x{hex}'::bytea)::text"),
-        )
+            1,
+        )?;
+        Ok(first_text(rows).as_deref() == Some("true"))
     }
 
     /// Asks the peer to make node `node_id` a voter of the group's

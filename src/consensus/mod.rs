@@ -92,6 +92,11 @@ pub fn submit(req: &Request, what: &str) -> BdrResult<Applied> {
                 hint: "Try again when fewer requests are in flight.".into(),
             });
         };
+        // Ids are unique across restarts too: an entry proposed before one
+        // may commit after it, and must not answer a new request.
+        if s.next_id == 1 {
+            s.next_id = (crate::shmem::now().max(1) as u64).wrapping_mul(1024);
+        }
         let id = s.next_id;
         s.next_id += 1;
         let r = &mut s.requests[slot];
@@ -125,19 +130,35 @@ pub fn submit(req: &Request, what: &str) -> BdrResult<Applied> {
             let waited = (crate::shmem::now() - started) / 1000;
             if waited >= timeout_ms {
                 let proposed = r.id == id && r.state == ReqState::Proposed;
-                if r.id == id {
-                    if r.state == ReqState::Submitted {
-                        // Never proposed: free it, it cannot take effect.
-                        *r = Default::default();
-                    } else {
-                        r.state = ReqState::Abandoned;
-                    }
-                }
+                drop(s);
+                // Never proposed: freed, it cannot take effect.
+                give_up(slot, id);
                 return Err(no_majority(what, waited, proposed));
             }
         }
         let left = timeout_ms - (crate::shmem::now() - started) / 1000;
-        crate::pg::latch::wait(None, left.clamp(1, SUBMIT_POLL_MS));
+        // A cancel while waiting gives the slot up as a timeout does.
+        pgrx::PgTryBuilder::new(|| crate::pg::latch::wait(None, left.clamp(1, SUBMIT_POLL_MS)))
+            .catch_others(|e| {
+                give_up(slot, id);
+                e.rethrow()
+            })
+            .execute();
+    }
+}
+
+/// Gives up request `id` in `slot`: freed if it was never proposed, else
+/// left for the worker to free once it applies.
+fn give_up(slot: usize, id: u64) {
+    let mut s = CONSENSUS.exclusive();
+    let r = &mut s.requests[slot];
+    if r.id != id {
+        return;
+    }
+    if r.state == ReqState::Submitted || r.state == ReqState::Done {
+        *r = Default::default();
+    } else {
+        r.state = ReqState::Abandoned;
     }
 }
 

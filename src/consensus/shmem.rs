@@ -80,6 +80,8 @@ pub struct Status {
 pub struct Db {
     pub dboid: u32,
     pub worker: usize,
+    /// The worker's pid (a PGPROC is reused by other processes later).
+    pub worker_pid: i32,
     /// Length-prefixed (u32, little endian) Raft messages.
     pub inbox_used: usize,
     pub inbox: [u8; INBOX_BYTES],
@@ -97,6 +99,7 @@ impl Default for Db {
         Db {
             dboid: 0,
             worker: 0,
+            worker_pid: 0,
             inbox_used: 0,
             inbox: [0; INBOX_BYTES],
             dropped: 0,

@@ -126,8 +126,13 @@ impl Store {
         self.save_applied()
     }
 
+    /// Records the commit index (only that: MemStorage's own commit_to
+    /// also rewrites the term).
     pub fn commit_to(&self, index: u64) {
-        let _ = self.mem.wl().commit_to(index);
+        let mut w = self.mem.wl();
+        if index > w.hard_state().commit {
+            w.mut_hard_state().commit = index;
+        }
     }
 
     pub fn set_conf_state(&self, cs: ConfState) {

@@ -47,6 +47,16 @@ pub extern "C-unwind" fn bdr_consensus_main(arg: pg_sys::Datum) {
     }
 }
 
+/// Whether the worker recorded as (`worker`, a PGPROC address, `pid`) is
+/// a live process other than this one.
+fn other_worker_alive(worker: usize, pid: i32) -> bool {
+    // SAFETY: MyProcPid is set for every started backend.
+    let me = unsafe { pg_sys::MyProcPid };
+    // SAFETY: the recorded PGPROC lives in shared memory; its pid changes
+    // once that process has exited (0, or another process's).
+    worker != 0 && pid != 0 && pid != me && unsafe { (*(worker as *mut pg_sys::PGPROC)).pid } == pid
+}
+
 fn logger() -> slog::Logger {
     slog::Logger::root(slog::Discard, slog::o!())
 }
@@ -86,9 +96,19 @@ fn run(dboid: u32) {
     {
         let mut s = CONSENSUS.exclusive();
         match s.db_or_take(dboid) {
+            // Another worker of this database still runs (one being
+            // stopped): two Raft nodes of one id would vote twice.
+            Some(d) if other_worker_alive(d.worker, d.worker_pid) => {
+                crate::fail!(
+                    ERRCODE_OBJECT_IN_USE,
+                    "another consensus worker still runs for this database"
+                );
+            }
             Some(d) => {
                 // SAFETY: MyProc is set for every started backend.
                 d.worker = unsafe { pg_sys::MyProc } as usize;
+                // SAFETY: MyProcPid is set for every started backend.
+                d.worker_pid = unsafe { pg_sys::MyProcPid };
                 d.connections = 0;
             }
             None => crate::fail!(
@@ -241,7 +261,10 @@ fn take_requests(dboid: u32, node: &mut RawNode<Store>, proposed: &mut HashMap<u
                     crate::shmem::set_latch_of(r.waiter);
                     continue;
                 };
-                let context = r.id.to_le_bytes().to_vec();
+                // Who proposed it and which request: results go to the
+                // proposer's backend only.
+                let mut context = node.raft.id.to_le_bytes().to_vec();
+                context.extend_from_slice(&r.id.to_le_bytes());
                 if let Request::TransferLeader(to) = req {
                     node.transfer_leader(to);
                     let b = Applied {
@@ -299,7 +322,7 @@ fn handle_ready(
     proposed: &mut HashMap<u64, usize>,
 ) {
     let mut ready = node.ready();
-    send(dboid, links, ready.take_messages());
+    let mut sent = send(dboid, links, ready.take_messages());
     let snapshot = (!ready.snapshot().is_empty()).then(|| ready.snapshot().clone());
     let committed = ready.take_committed_entries();
     let entries = ready.entries().clone();
@@ -314,7 +337,7 @@ fn handle_ready(
         );
     }
     answer(dboid, results, proposed);
-    send(dboid, links, ready.take_persisted_messages());
+    sent.extend(send(dboid, links, ready.take_persisted_messages()));
     let mut light = node.advance(ready);
     let committed = light.take_committed_entries();
     let commit = light.commit_index();
@@ -326,8 +349,9 @@ fn handle_ready(
         let results = persist(node, store, None, &[], None, &committed);
         answer(dboid, results, proposed);
     }
-    send(dboid, links, light.take_messages());
+    sent.extend(send(dboid, links, light.take_messages()));
     node.advance_apply();
+    report(node, sent);
     compact(store);
 }
 
@@ -342,9 +366,10 @@ fn persist(
     committed: &[Entry],
 ) -> Vec<(u64, Applied)> {
     let me = node.raft.id;
-    let r = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(
-        || -> crate::error::BdrResult<Vec<(u64, Applied)>> {
-            Spi::run("SET LOCAL synchronous_commit = on")?;
+    // An error raises inside the transaction, so that none of it commits.
+    BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+        let body = || -> crate::error::BdrResult<Vec<(u64, Applied)>> {
+            Spi::run("SET LOCAL synchronous_commit = local")?;
             if let Some(s) = snapshot {
                 store.apply_snapshot(s)?;
             }
@@ -377,9 +402,9 @@ fn persist(
                             }
                         }
                         store.applied_to(e.index, e.term);
-                        if e.context.len() == 8 {
+                        if e.context.len() == 16 && e.context[..8] == me.to_le_bytes() {
                             let id =
-                                u64::from_le_bytes(e.context[..8].try_into().unwrap_or([0; 8]));
+                                u64::from_le_bytes(e.context[8..16].try_into().unwrap_or([0; 8]));
                             results.push((
                                 id,
                                 Applied {
@@ -395,15 +420,15 @@ fn persist(
             }
             store.save_applied()?;
             Ok(results)
-        },
-    ));
-    match r {
-        Ok(results) => results,
-        Err(e) => crate::fail!(
-            ERRCODE_INTERNAL_ERROR,
-            "could not persist the consensus log: {e}"
-        ),
-    }
+        };
+        match body() {
+            Ok(results) => results,
+            Err(e) => crate::fail!(
+                ERRCODE_INTERNAL_ERROR,
+                "could not persist the consensus log: {e}"
+            ),
+        }
+    }))
 }
 
 /// Hands results to the backends waiting for them.
@@ -433,62 +458,98 @@ fn answer(dboid: u32, results: Vec<(u64, Applied)>, proposed: &mut HashMap<u64, 
     }
 }
 
+/// What became of the messages to one peer: delivered or not, and
+/// whether they held a snapshot (raft-rs must hear of both, or it waits for
+/// a snapshot that never arrived).
+struct Sent {
+    to: u64,
+    delivered: bool,
+    snapshot: bool,
+}
+
 /// Sends Raft messages to their peers, one batch per peer, over the
 /// consensus connections (`Peer::deliver_consensus`). A peer that cannot
 /// be reached is tried again after a backoff; Raft sends again what it
-/// needs.
-fn send(dboid: u32, links: &mut HashMap<u64, Link>, msgs: Vec<Message>) {
+/// needs once told (`report`).
+fn send(dboid: u32, links: &mut HashMap<u64, Link>, msgs: Vec<Message>) -> Vec<Sent> {
     if msgs.is_empty() {
-        return;
+        return Vec::new();
     }
     // walrcv builds its result tuples with the catalog caches, which need a
     // transaction's resource owner.
     BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
         send_now(dboid, links, msgs)
-    }));
+    }))
 }
 
-fn send_now(dboid: u32, links: &mut HashMap<u64, Link>, msgs: Vec<Message>) {
-    let mut batches: HashMap<u64, Vec<u8>> = HashMap::new();
+/// Tells raft-rs which peers did not get their messages and how snapshots
+/// went.
+fn report(node: &mut RawNode<Store>, sent: Vec<Sent>) {
+    for s in sent {
+        if !s.delivered {
+            node.report_unreachable(s.to);
+        }
+        if s.snapshot {
+            node.report_snapshot(
+                s.to,
+                if s.delivered {
+                    raft::SnapshotStatus::Finish
+                } else {
+                    raft::SnapshotStatus::Failure
+                },
+            );
+        }
+    }
+}
+
+fn send_now(dboid: u32, links: &mut HashMap<u64, Link>, msgs: Vec<Message>) -> Vec<Sent> {
+    let mut batches: HashMap<u64, (Vec<u8>, bool)> = HashMap::new();
     for m in msgs {
         if let Ok(b) = m.write_to_bytes() {
-            shmem::push_message(batches.entry(m.to).or_default(), &b);
+            let e = batches.entry(m.to).or_default();
+            shmem::push_message(&mut e.0, &b);
+            e.1 |= m.get_msg_type() == MessageType::MsgSnapshot;
         }
     }
     let now = crate::shmem::now();
     let (min, max) = crate::workers::backoff_settings();
-    for (to, batch) in batches {
-        let Some(l) = links.get_mut(&to) else {
-            continue;
-        };
-        if l.peer.is_none() {
-            // bdr.raft_group_max_connections bounds the instance's.
-            if now < l.retry_at || !shmem::take_connection(dboid) {
-                continue;
-            }
-            match Peer::connect(&l.name, &l.dsn, "bdr consensus") {
-                Ok(p) => l.peer = Some(p),
-                Err(e) => {
-                    shmem::give_back_connections(dboid, 1);
-                    l.failures = l.failures.saturating_add(1);
-                    let delay = bdr_core::backoff::delay_ms(l.failures, min, max, 0.5);
-                    l.retry_at = now + delay as i64 * 1000;
-                    tracing::debug!("consensus: {e}");
-                    continue;
+    let mut out = Vec::new();
+    for (to, (batch, snapshot)) in batches {
+        let mut delivered = false;
+        if let Some(l) = links.get_mut(&to) {
+            if l.peer.is_none() && now >= l.retry_at && shmem::take_connection(dboid) {
+                // bdr.raft_group_max_connections bounds the instance's.
+                match Peer::connect(&l.name, &l.dsn, "bdr consensus") {
+                    Ok(p) => l.peer = Some(p),
+                    Err(e) => {
+                        shmem::give_back_connections(dboid, 1);
+                        l.failures = l.failures.saturating_add(1);
+                        let delay = bdr_core::backoff::delay_ms(l.failures, min, max, 0.5);
+                        l.retry_at = now + delay as i64 * 1000;
+                        tracing::debug!("consensus: {e}");
+                    }
                 }
             }
-        }
-        let ok = l.peer.as_ref().map(|p| p.deliver_consensus(&batch));
-        match ok {
-            Some(Ok(())) => l.failures = 0,
-            Some(Err(e)) => {
-                tracing::debug!("consensus: {e}");
-                l.peer = None;
-                shmem::give_back_connections(dboid, 1);
+            match l.peer.as_ref().map(|p| p.deliver_consensus(&batch)) {
+                Some(Ok(taken)) => {
+                    l.failures = 0;
+                    delivered = taken;
+                }
+                Some(Err(e)) => {
+                    tracing::debug!("consensus: {e}");
+                    l.peer = None;
+                    shmem::give_back_connections(dboid, 1);
+                }
+                None => {}
             }
-            None => {}
         }
+        out.push(Sent {
+            to,
+            delivered,
+            snapshot,
+        });
     }
+    out
 }
 
 /// Compacts the log once enough of it is applied (`bdr.raft_keep_min_entries`).
@@ -499,13 +560,19 @@ fn compact(store: &Store) {
     let Some(point) = rules::compaction_point(snap_index, applied, keep) else {
         return;
     };
-    let r = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
-        Spi::run("SET LOCAL synchronous_commit = on")?;
-        store.compact(point)
+    // An error raises inside the transaction, so that none of it commits
+    // (a log without its compaction point would not load).
+    BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+        let r = Spi::run("SET LOCAL synchronous_commit = local")
+            .map_err(crate::error::BdrError::from)
+            .and_then(|()| store.compact(point));
+        if let Err(e) = r {
+            crate::fail!(
+                ERRCODE_INTERNAL_ERROR,
+                "could not compact the consensus log: {e}"
+            );
+        }
     }));
-    if let Err(e) = r {
-        tracing::warn!("consensus: could not compact the log: {e}");
-    }
 }
 
 /// Publishes the node's Raft status for the SQL functions.

@@ -205,7 +205,7 @@ pub fn role_state_matches(code: &str) -> bool {
 pub fn without_concurrently(sql: &str) -> String {
     let lower = sql.to_ascii_lowercase();
     let head = lower.trim_start();
-    if !(head.starts_with("create") || head.starts_with("drop")) {
+    if !(head.starts_with("create") || head.starts_with("drop") || head.starts_with("alter")) {
         return sql.to_string();
     }
     let bytes = lower.as_bytes();
@@ -219,8 +219,12 @@ pub fn without_concurrently(sql: &str) -> String {
         let end = i + word.len();
         let after = end == bytes.len()
             || !(bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_' || bytes[end] == b'"');
-        // Only the keyword between INDEX and the index name.
-        if before && after && lower[..i].trim_end().ends_with("index") {
+        // Only the keyword between INDEX and the index name, or after
+        // DETACH PARTITION's partition.
+        if before
+            && after
+            && (lower[..i].trim_end().ends_with("index") || lower[..i].contains("detach partition"))
+        {
             return format!("{}{}", &sql[..i], sql[end..].trim_start());
         }
         from = end;
@@ -307,6 +311,14 @@ mod tests {
         assert_eq!(
             without_concurrently("DROP INDEX CONCURRENTLY i"),
             "DROP INDEX i"
+        );
+        assert_eq!(
+            without_concurrently("ALTER TABLE p DETACH PARTITION p1 CONCURRENTLY"),
+            "ALTER TABLE p DETACH PARTITION p1 "
+        );
+        assert_eq!(
+            without_concurrently("ALTER TABLE concurrently ADD COLUMN a int"),
+            "ALTER TABLE concurrently ADD COLUMN a int"
         );
         assert_eq!(
             without_concurrently("CREATE INDEX concurrently_i ON t (a)"),
