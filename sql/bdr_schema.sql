@@ -169,7 +169,8 @@ ALTER TABLE bdr.copied_row REPLICA IDENTITY FULL;
 
 -- Consensus (src/consensus/): this node's part of the group's Raft log,
 -- its durable Raft state, and the state machine the log builds. Written by
--- the consensus worker only, with synchronous_commit on.
+-- the consensus worker only, flushed before it answers (synchronous_commit
+-- local).
 CREATE TABLE bdr.global_consensus_journal (
     log_index bigint PRIMARY KEY,
     term bigint NOT NULL,

@@ -1,7 +1,8 @@
 //! The consensus worker: one per BDR database in a group, launched by the
 //! manager. It drives a raft-rs `RawNode` (tick, step, ready, persist,
 //! send, apply): the log and Raft's hard state go to bdr's tables in one
-//! transaction with `synchronous_commit` on before anything that depends on
+//! transaction flushed locally (`synchronous_commit = local`, whatever the
+//! session's setting) before anything that depends on
 //! them is sent, committed commands are applied to the state machine
 //! (`bdr_core::consensus::State`) in that transaction too, and the backends
 //! waiting for them get their results.
