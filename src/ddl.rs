@@ -53,6 +53,24 @@ unsafe fn statement_text(pstmt: *mut pg_sys::PlannedStmt, query_string: *const i
     }
 }
 
+/// The relation a range variable names now, InvalidOid if none.
+///
+/// # Safety
+/// `rv` is a valid RangeVar.
+unsafe fn existing_relid(rv: *mut pg_sys::RangeVar) -> pg_sys::Oid {
+    // SAFETY: the caller upholds this function's contract; no lock, no error
+    // when it is missing.
+    unsafe {
+        pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::NoLock as i32,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        )
+    }
+}
+
 /// Whether a CREATE makes its relation temporary: TEMP, or an explicit
 /// pg_temp schema (never by looking up a relation of that name: a
 /// temporary one may hide a permanent one being created).
@@ -85,13 +103,7 @@ unsafe fn is_temp(rv: *mut pg_sys::RangeVar) -> bool {
         if (*rv).relpersistence as u8 == pg_sys::RELPERSISTENCE_TEMP {
             return true;
         }
-        let relid = pg_sys::RangeVarGetRelidExtended(
-            rv,
-            pg_sys::NoLock as i32,
-            pg_sys::RVROption::RVR_MISSING_OK,
-            None,
-            std::ptr::null_mut(),
-        );
+        let relid = existing_relid(rv);
         relid != pg_sys::InvalidOid
             && pg_sys::get_rel_persistence(relid) as u8 == pg_sys::RELPERSISTENCE_TEMP
     }
@@ -380,14 +392,7 @@ pub unsafe fn creates_new_table(
             return false;
         }
         let rv = (*(stmt as *mut pg_sys::CreateStmt)).relation;
-        !creates_temp(rv)
-            && pg_sys::RangeVarGetRelidExtended(
-                rv,
-                pg_sys::NoLock as i32,
-                pg_sys::RVROption::RVR_MISSING_OK,
-                None,
-                std::ptr::null_mut(),
-            ) == pg_sys::InvalidOid
+        !creates_temp(rv) && existing_relid(rv) == pg_sys::InvalidOid
     }
 }
 
@@ -423,18 +428,12 @@ pub unsafe fn apply_default_replica_identity(pstmt: *mut pg_sys::PlannedStmt) {
             return;
         }
         let rv = (*(stmt as *mut pg_sys::CreateStmt)).relation;
-        if (*rv).relpersistence as u8 == pg_sys::RELPERSISTENCE_TEMP
+        if creates_temp(rv)
             || pg_sys::get_extension_oid(c"bdr".as_ptr(), true) == pg_sys::InvalidOid
         {
             return;
         }
-        let relid = pg_sys::RangeVarGetRelidExtended(
-            rv,
-            pg_sys::NoLock as i32,
-            pg_sys::RVROption::RVR_MISSING_OK,
-            None,
-            std::ptr::null_mut(),
-        );
+        let relid = existing_relid(rv);
         if relid == pg_sys::InvalidOid
             || pg_sys::get_rel_relkind(relid) as u8 != pg_sys::RELKIND_RELATION
         {

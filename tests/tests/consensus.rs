@@ -318,21 +318,23 @@ fn compare_and_set_increments_survive_kills_of_a_minority() {
         .connect(DB)
         .batch_execute("SELECT bdr.consensus_kv_store('ctr', '0')")
         .unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    // Successful increments so far: the schedule below waits on them.
+    let progress = std::sync::Arc::new(AtomicU64::new(0));
     let dsns: Vec<String> = (0..3).map(|i| c.node(i).dsn(DB)).collect();
     let clients: Vec<_> = dsns
         .into_iter()
         .map(|dsn| {
-            let stop = stop.clone();
+            let (stop, progress) = (stop.clone(), progress.clone());
             std::thread::spawn(move || {
                 let (mut ok, mut unknown) = (0u64, 0u64);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let Ok(mut cl) = bdr_tests::postgres::Client::connect(&dsn, bdr_tests::postgres::NoTls)
-                    else {
-                        std::thread::sleep(Duration::from_millis(200));
-                        continue;
-                    };
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
+                    // Its node may be down for now: until it is back.
+                    let mut cl = wait_for_ok("a connection to its node", Duration::from_secs(120), || {
+                        bdr_tests::postgres::Client::connect(&dsn, bdr_tests::postgres::NoTls)
+                    });
+                    while !stop.load(Ordering::Relaxed) {
                         let Ok(r) = cl.query_one("SELECT bdr.consensus_kv_fetch('ctr')::text", &[]) else {
                             break;
                         };
@@ -345,6 +347,7 @@ fn compare_and_set_increments_survive_kills_of_a_minority() {
                             Ok(r) => {
                                 if r.get::<_, bool>(0) {
                                     ok += 1;
+                                    progress.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
                             Err(e) => {
@@ -363,16 +366,26 @@ fn compare_and_set_increments_survive_kills_of_a_minority() {
             })
         })
         .collect();
+    // Waits until the clients have made `n` more increments.
+    let advance = |n: u64| {
+        let target = progress.load(Ordering::Relaxed) + n;
+        wait_for(
+            "the clients to go on incrementing",
+            Duration::from_secs(60),
+            || (progress.load(Ordering::Relaxed) >= target).then_some(()),
+        );
+    };
     let mut rng = Rng(seed);
     for _ in 0..3 {
-        std::thread::sleep(Duration::from_millis(1500 + rng.below(1500)));
+        advance(20 + rng.below(30));
         let victim = rng.below(3) as usize;
         c.node_mut(victim).kill9();
-        std::thread::sleep(Duration::from_millis(1000 + rng.below(2000)));
+        // The majority goes on while it is down.
+        advance(5 + rng.below(20));
         c.node_mut(victim).start();
         wait_for_leader(&c, &[0, 1, 2], 3, Duration::from_secs(60));
     }
-    std::thread::sleep(Duration::from_secs(2));
+    advance(20);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut ok, mut unknown) = (0, 0);
     for t in clients {
