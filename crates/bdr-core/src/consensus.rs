@@ -53,6 +53,16 @@ pub enum Command {
     /// (`bdr.consensus_snapshot_import`), on every node at the same point
     /// of the log.
     Restore { state: Vec<u8> },
+    /// Hands the next chunk of galloc sequence `key` to a node: values
+    /// from `start` (for the first chunk) up to `max_value`, `chunk_size`
+    /// at a time. The answer's value is the chunk as JSON.
+    SeqAlloc {
+        key: String,
+        start: i64,
+        chunk_size: i64,
+        max_value: i64,
+        now_us: i64,
+    },
 }
 
 /// What a backend asks its consensus worker for.
@@ -134,6 +144,15 @@ pub struct State {
     /// of it and a command's own clock, so a proposer whose clock lags
     /// cannot bring an expired entry back to life.
     clock_us: i64,
+    /// Galloc sequences by qualified name.
+    seqs: BTreeMap<String, crate::sequence::Allocation>,
+}
+
+/// The state as it was encoded before galloc sequences.
+#[derive(Deserialize)]
+struct StateV1 {
+    kv: BTreeMap<String, KvEntry>,
+    clock_us: i64,
 }
 
 impl State {
@@ -160,6 +179,36 @@ impl State {
                     at_us: self.clock_us,
                 },
             },
+            Command::SeqAlloc {
+                key,
+                start,
+                chunk_size,
+                max_value,
+                now_us,
+            } => {
+                self.clock_us = self.clock_us.max(*now_us);
+                let now = self.clock_us;
+                let current = self.seqs.get(key);
+                match crate::sequence::next_chunk(current, *start, *chunk_size, *max_value) {
+                    Ok(c) => {
+                        let a = self.seqs.entry(key.clone()).or_default();
+                        a.chunk_size = *chunk_size;
+                        a.allocated_up_to = c.end;
+                        a.nallocs += 1;
+                        a.last_alloc_us = now;
+                        Applied {
+                            ok: true,
+                            value: Some(c.encode()),
+                            at_us: now,
+                        }
+                    }
+                    Err(msg) => Applied {
+                        ok: false,
+                        value: Some(msg),
+                        at_us: now,
+                    },
+                }
+            }
             Command::KvFetch { key, now_us } => {
                 let now = self.clock_us.max(*now_us);
                 Applied {
@@ -235,7 +284,22 @@ impl State {
         if b.is_empty() {
             return Some(State::default());
         }
-        bincode::deserialize(b).ok()
+        bincode::deserialize(b).ok().or_else(|| {
+            let old: StateV1 = bincode::deserialize(b).ok()?;
+            Some(State {
+                kv: old.kv,
+                clock_us: old.clock_us,
+                seqs: BTreeMap::new(),
+            })
+        })
+    }
+
+    /// Every galloc sequence's allocation, by name.
+    pub fn allocations(&self) -> Vec<(String, crate::sequence::Allocation)> {
+        self.seqs
+            .iter()
+            .map(|(k, a)| (k.clone(), a.clone()))
+            .collect()
     }
 }
 
@@ -348,6 +412,57 @@ mod tests {
             ttl_ms: None,
             now_us: now,
         }
+    }
+
+    #[test]
+    fn galloc_chunks_are_handed_out_once() {
+        let alloc = |now| Command::SeqAlloc {
+            key: "public.s".into(),
+            start: 1,
+            chunk_size: 1000,
+            max_value: 2500,
+            now_us: now,
+        };
+        let mut s = State::default();
+        let a = s.apply(&alloc(1));
+        assert_eq!(
+            a.value.as_deref().and_then(crate::sequence::Chunk::decode),
+            Some(crate::sequence::Chunk {
+                start: 1,
+                end: 1000
+            })
+        );
+        let b = s.apply(&alloc(2));
+        assert_eq!(b.value.as_deref(), Some("1001 2000"));
+        assert_eq!(s.apply(&alloc(3)).value.as_deref(), Some("2001 2500"));
+        let d = s.apply(&alloc(4));
+        assert!(!d.ok);
+        let all = s.allocations();
+        assert_eq!(all[0].1.allocated_up_to, 2500);
+        assert_eq!(all[0].1.nallocs, 3);
+        // Survives a snapshot.
+        let s2 = State::decode(&s.encode()).unwrap();
+        assert_eq!(s2, s);
+    }
+
+    #[test]
+    fn states_encoded_before_galloc_still_decode() {
+        #[derive(Serialize)]
+        struct Old {
+            kv: BTreeMap<String, KvEntry>,
+            clock_us: i64,
+        }
+        let mut kv = BTreeMap::new();
+        kv.insert(
+            "k".to_string(),
+            KvEntry {
+                value: "1".into(),
+                expires_us: None,
+            },
+        );
+        let b = bincode::serialize(&Old { kv, clock_us: 7 }).unwrap();
+        let s = State::decode(&b).unwrap();
+        assert_eq!(s.get("k", 7), Some("1".into()));
     }
 
     #[test]

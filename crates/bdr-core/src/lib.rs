@@ -16,6 +16,7 @@ pub mod naming;
 pub mod node;
 pub mod protocol;
 pub mod quote;
+pub mod sequence;
 pub mod settings;
 pub mod tables;
 pub mod time;
