@@ -326,7 +326,7 @@ REVOKE ALL ON FUNCTION bdr.create_node_group(text, text, boolean, text) FROM PUB
 REVOKE ALL ON FUNCTION bdr.drop_node(text, boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.worker_task_reset_backoff_all() FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.join_node_group(text, text, boolean, boolean, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION bdr._join_register(bigint, text, text, text, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr._join_register(bigint, text, text, text, bigint, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr._join_activate(bigint) FROM PUBLIC;
 
 -- CREATE EXTENSION fails here, with a hint, if the server is not set up for bdr.
@@ -512,8 +512,12 @@ BEGIN
         IF cur IS NOT NULL AND cur >= ts THEN
             RETURN;
         END IF;
+        -- An identity column GENERATED ALWAYS cannot be SET (it is part of
+        -- the key that found the row).
         EXECUTE format('UPDATE ONLY %s t SET %s FROM pg_catalog.jsonb_populate_record(NULL::%s, $1) s WHERE %s',
-                       rel, (SELECT string_agg(format('%I = s.%I', c, c), ', ') FROM unnest(cols) c), rel, keycond)
+                       rel, (SELECT string_agg(format('%I = s.%I', c, c), ', ') FROM unnest(cols) c
+                              WHERE c NOT IN (SELECT a.attname FROM pg_catalog.pg_attribute a
+                                               WHERE a.attrelid = rel AND a.attidentity = 'a')), rel, keycond)
            USING r;
     ELSE
         EXECUTE format('SELECT pg_catalog.pg_xact_commit_timestamp(tb.xmin) FROM bdr.tombstone tb
@@ -524,7 +528,7 @@ BEGIN
         IF tomb IS NOT NULL AND tomb >= ts THEN
             RETURN;
         END IF;
-        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM pg_catalog.jsonb_populate_record(NULL::%s, $1) s',
+        EXECUTE format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM pg_catalog.jsonb_populate_record(NULL::%s, $1) s',
                        rel, (SELECT string_agg(format('%I', c), ', ') FROM unnest(cols) c),
                        (SELECT string_agg(format('s.%I', c), ', ') FROM unnest(cols) c), rel)
            USING r;
@@ -556,3 +560,55 @@ REVOKE ALL ON FUNCTION bdr.consensus_enable() FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.consensus_kv_store(text, jsonb, jsonb, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.replicate_ddl_command(text, text[], text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION bdr.consensus_snapshot_import(bytea) FROM PUBLIC;
+
+-- Global sequences (src/sequence/, docs/sequences.md).
+CREATE FUNCTION bdr.alter_sequence_set_kind(seqoid regclass, seqkind text, start bigint DEFAULT NULL) RETURNS void
+LANGUAGE sql VOLATILE AS $$ SELECT bdr._alter_sequence_set_kind($1::oid, $2, $3) $$;
+
+CREATE FUNCTION bdr.seq_nextval(seqid regclass) RETURNS bigint
+LANGUAGE sql VOLATILE STRICT AS $$ SELECT bdr._seq_nextval($1::oid) $$;
+CREATE FUNCTION bdr.seq_currval(seqid regclass) RETURNS bigint
+LANGUAGE sql VOLATILE STRICT AS $$ SELECT bdr._seq_currval($1::oid) $$;
+CREATE FUNCTION bdr.seq_lastval() RETURNS bigint
+LANGUAGE sql VOLATILE AS $$ SELECT pg_catalog.lastval() $$;
+
+CREATE FUNCTION bdr.extract_timestamp_from_snowflakeid(snowflakeid bigint) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$ SELECT pg_catalog.to_timestamp(bdr._snowflakeid_ms($1) / 1000.0) $$;
+CREATE FUNCTION bdr.timestamp_to_snowflakeid(ts timestamptz) RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$ SELECT bdr._snowflakeid_of_ms(pg_catalog.floor(pg_catalog.date_part('epoch', $1) * 1000)::bigint) $$;
+CREATE FUNCTION bdr.extract_timestamp_from_timeshard(timeshard_seq bigint) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$ SELECT pg_catalog.to_timestamp(bdr._timeshard_ms($1) / 1000.0) $$;
+CREATE FUNCTION bdr.timestamp_to_timeshard(ts timestamptz) RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$ SELECT bdr._timeshard_of_ms(pg_catalog.floor(pg_catalog.date_part('epoch', $1) * 1000)::bigint) $$;
+
+CREATE FUNCTION bdr.gen_ksuuid_v2(ts timestamptz DEFAULT NULL) RETURNS uuid
+LANGUAGE sql VOLATILE AS $$ SELECT bdr._ksuuid_v2(pg_catalog.floor(pg_catalog.date_part('epoch', COALESCE($1, pg_catalog.clock_timestamp())) * 1000000)::bigint) $$;
+CREATE FUNCTION bdr.extract_timestamp_from_ksuuid_v2(id uuid) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$ SELECT pg_catalog.to_timestamp(bdr._ksuuid_v2_us($1) / 1000000.0) $$;
+
+CREATE VIEW bdr.sequences AS
+SELECT n.nspname,
+       c.relname,
+       CASE k.seqkind WHEN 's' THEN 'snowflakeid' WHEN 't' THEN 'timeshard'
+                      WHEN 'g' THEN 'galloc' ELSE 'local' END AS seqkind,
+       k.current_start AS chunk_start,
+       k.current_end AS chunk_end,
+       k.reserved_start,
+       k.reserved_end
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN bdr.sequence_kind k ON k.seqid = c.oid
+ WHERE c.relkind = 'S' AND c.relpersistence <> 't'
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bdr');
+
+CREATE VIEW bdr.sequence_alloc AS
+SELECT k.seqid::regclass AS seqid,
+       a.chunk_size AS seq_chunk_size,
+       a.allocated_up_to AS seq_allocated_up_to,
+       a.nallocs AS seq_nallocs,
+       bdr._ts(a.last_alloc_us) AS seq_last_alloc
+  FROM bdr._sequence_alloc() a
+  JOIN bdr.sequence_kind k ON k.alloc_key = a.alloc_key AND k.seqkind = 'g';
+
+GRANT SELECT ON bdr.sequences TO PUBLIC;
+REVOKE ALL ON FUNCTION bdr._sequence_alloc() FROM PUBLIC;

@@ -203,3 +203,24 @@ CREATE TABLE bdr.local_consensus_snapshot (
 );
 ALTER TABLE bdr.local_consensus_snapshot REPLICA IDENTITY FULL;
 
+
+-- Global sequences (src/sequence/): the kind of every sequence created or
+-- converted since bdr was installed ('l' local, 's' snowflakeid, 't'
+-- timeshard, 'g' galloc; a sequence with no row is local). Each node
+-- writes its own rows when it runs the replicated
+-- bdr.alter_sequence_set_kind, so oids are this node's. For galloc, the
+-- chunks this node holds: the current one is the range of the sequence
+-- itself, the reserved one is next.
+CREATE TABLE bdr.sequence_kind (
+    seqid oid PRIMARY KEY,
+    seqkind "char" NOT NULL,
+    -- galloc: where the group's first chunk starts, and the sequence's name
+    -- in the consensus state (its qualified name when it was converted,
+    -- kept through renames)
+    start_value bigint,
+    alloc_key text,
+    current_start bigint,
+    current_end bigint,
+    reserved_start bigint,
+    reserved_end bigint
+);

@@ -258,7 +258,7 @@ unsafe fn about_bdr(stmt: *mut pg_sys::Node) -> bool {
 
 /// Whether this session's DDL goes to the group: a BDR database whose
 /// local node is in a group, and not a bdr writer replaying a peer's.
-fn in_group() -> bool {
+pub fn in_group() -> bool {
     if crate::hlc::is_exempt() {
         return false;
     }
@@ -313,8 +313,10 @@ pub unsafe fn capture(
         return None;
     }
     // An extension's script is the extension's: CREATE EXTENSION replicates.
+    // bdr's own set-up of a global sequence is done on every node by the
+    // replicated bdr.alter_sequence_set_kind.
     // SAFETY: reads a backend-global flag.
-    if unsafe { pg_sys::creating_extension } {
+    if unsafe { pg_sys::creating_extension } || crate::sequence::is_internal() {
         return None;
     }
     // SAFETY: the hook's statement.
@@ -472,6 +474,18 @@ pub fn queue(p: Pending) {
             "could not queue the statement for the other nodes: {e}"
         );
     }
+}
+
+/// Queues a statement bdr itself wrote (a DDL-like function call) for the
+/// group, as if this session had run it.
+pub fn queue_statement(sql: String) {
+    queue(Pending {
+        cmd: DdlCommand {
+            sql,
+            search_path: current_setting(c"search_path"),
+            role: current_role(),
+        },
+    });
 }
 
 /// `bdr.replicate_ddl_command`: runs `sql` here and queues it for the

@@ -64,6 +64,11 @@ pub enum BdrError {
     /// after it was handed to Raft).
     #[error("{msg}")]
     OutcomeUnknown { msg: String, hint: String },
+    /// A global sequence asked to do what its kind or type cannot.
+    #[error("{msg}")]
+    Sequence { msg: String, hint: String },
+    #[error("must be owner of sequence {0}")]
+    NotOwner(String),
     #[error("{0}")]
     Spi(#[from] pgrx::spi::Error),
 }
@@ -91,6 +96,8 @@ impl BdrError {
             BdrError::JoinRefused { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             BdrError::OutcomeUnknown { .. } => ERRCODE_T_R_STATEMENT_COMPLETION_UNKNOWN,
             BdrError::Refused { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
+            BdrError::Sequence { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            BdrError::NotOwner(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             BdrError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -123,13 +130,22 @@ impl BdrError {
             BdrError::JoinRefused { hint, .. } => hint.clone(),
             BdrError::OutcomeUnknown { hint, .. } => hint.clone(),
             BdrError::Refused { hint, .. } => hint.clone(),
+            BdrError::Sequence { hint, .. } => hint.clone(),
+            BdrError::NotOwner(_) => "Only the sequence's owner (or a superuser) can change its kind.".into(),
             BdrError::InvalidValue { .. } | BdrError::Spi(_) => return None,
         })
     }
 
     /// Raises this error as a PostgreSQL ERROR; does not return.
     pub fn raise(self) -> ! {
-        let mut report = ErrorReport::new(self.code(), self.to_string(), "bdr");
+        let code = self.code();
+        self.raise_with(code)
+    }
+
+    /// Raises the error with another SQLSTATE than its own (one PostgreSQL
+    /// itself uses for the same condition).
+    pub fn raise_with(self, code: PgSqlErrorCode) -> ! {
+        let mut report = ErrorReport::new(code, self.to_string(), "bdr");
         if let Some(h) = self.hint() {
             report = report.set_hint(h);
         }

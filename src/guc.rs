@@ -39,6 +39,7 @@ pub const WRITER_OUTPUT_QUEUE_SIZE: usize = index_of("bdr.writer_output_queue_si
 pub const MAXIMUM_CLOCK_SKEW: usize = index_of("bdr.maximum_clock_skew");
 pub const MAXIMUM_CLOCK_SKEW_ACTION: usize = enum_index_of("bdr.maximum_clock_skew_action");
 pub const DEFAULT_REPLICA_IDENTITY: usize = enum_index_of("bdr.default_replica_identity");
+pub const DEFAULT_SEQUENCE_KIND: usize = enum_index_of("bdr.default_sequence_kind");
 pub const DDL_REPLICATION: usize = index_of("bdr.ddl_replication");
 pub const ROLE_REPLICATION: usize = index_of("bdr.role_replication");
 pub const RAFT_ELECTION_TIMEOUT: usize = index_of("bdr.raft_election_timeout");

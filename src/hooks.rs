@@ -54,6 +54,8 @@ unsafe extern "C-unwind" fn utility_hook(
     let ddl = unsafe { crate::ddl::capture(pstmt, query_string, context) };
     // SAFETY: as above.
     let new_table = unsafe { crate::ddl::creates_new_table(pstmt, context) };
+    // SAFETY: as above.
+    unsafe { crate::sequence::before_utility(pstmt) };
     // SAFETY: single-threaded backend; restored below even on error.
     let saved = unsafe { guc::IN_SET_LOCAL };
     // SAFETY: as above.
@@ -92,6 +94,9 @@ unsafe extern "C-unwind" fn utility_hook(
         // SAFETY: the statement that has just run.
         unsafe { crate::ddl::apply_default_replica_identity(pstmt) };
     }
+    // After the statement's own queue entry: its sequences' kinds follow it.
+    // SAFETY: the statement that has just run.
+    unsafe { crate::sequence::after_utility(pstmt, context) };
 }
 
 /// Whether the statement is `DROP EXTENSION ... bdr ...` in a database that has it.

@@ -24,6 +24,7 @@ pub mod peer;
 pub mod pg;
 pub mod prereq;
 pub mod relcache;
+pub mod sequence;
 pub mod shmem;
 pub mod stats;
 pub mod tombstone;
@@ -61,6 +62,8 @@ pub extern "C-unwind" fn _PG_init() {
     consensus::shmem::init();
     stats::init();
     hooks::init();
+    sequence::generator::init();
+    sequence::planner::init();
     workers::init();
 }
 

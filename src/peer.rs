@@ -35,6 +35,8 @@ pub struct Member {
     pub dsn: String,
     pub dbname: String,
     pub state: NodeState,
+    /// The node's sequence id (the node field of snowflakeid values).
+    pub seq_id: i32,
 }
 
 /// A table whose rows replicate, with its replicated columns.
@@ -188,11 +190,11 @@ impl Peer {
     /// The nodes of group `group_id` the peer knows, by id.
     pub fn members(&self, group_id: u32) -> BdrResult<Vec<Member>> {
         let sql = format!(
-            "SELECT node_id::text, node_name::text, node_dsn, dbname::text, node_state::text
+            "SELECT node_id::text, node_name::text, node_dsn, dbname::text, node_state::text, seq_id::text
                FROM bdr.node WHERE node_group_id = {group_id} ORDER BY node_id"
         );
         Ok(self
-            .query("reading the members", &sql, 5)?
+            .query("reading the members", &sql, 6)?
             .iter()
             .map(|r| Member {
                 id: parse_oid(&r[0]),
@@ -200,6 +202,7 @@ impl Peer {
                 dsn: text(&r[2]),
                 dbname: text(&r[3]),
                 state: NodeState::from_oid(parse_oid(&r[4])).unwrap_or(NodeState::None),
+                seq_id: text(&r[5]).parse().unwrap_or(0),
             })
             .collect())
     }
@@ -278,12 +281,13 @@ impl Peer {
         self.call(
             "registering the joining node",
             &format!(
-                "SELECT bdr._join_register({}, {}, {}, {}, {})::text",
+                "SELECT bdr._join_register({}, {}, {}, {}, {}, {})::text",
                 me.id,
                 literal(&me.name),
                 literal(&me.dsn),
                 literal(&me.dbname),
-                group_id
+                group_id,
+                me.seq_id
             ),
         )
     }

@@ -32,13 +32,21 @@ fn join_node_group(
 
 /// Called by a joining node on each member: records the joiner.
 #[pg_extern(volatile, parallel_unsafe)]
-fn _join_register(node_id: i64, node_name: &str, node_dsn: &str, dbname: &str, node_group_id: i64) {
+fn _join_register(
+    node_id: i64,
+    node_name: &str,
+    node_dsn: &str,
+    dbname: &str,
+    node_group_id: i64,
+    seq_id: i32,
+) {
     register_impl(
         node_id as u32,
         node_name,
         node_dsn,
         dbname,
         node_group_id as u32,
+        seq_id,
     )
     .or_raise()
 }

@@ -7,3 +7,4 @@ pub mod join;
 pub mod monitor;
 pub mod node;
 pub mod part;
+pub mod sequence;

@@ -15,6 +15,9 @@ pub(super) struct LocalCol {
     pub(super) input_param: pg_sys::Oid,
     pub(super) recv: pg_sys::Oid,
     pub(super) recv_param: pg_sys::Oid,
+    /// GENERATED ALWAYS AS IDENTITY: an UPDATE cannot set it (an INSERT
+    /// does, with OVERRIDING SYSTEM VALUE).
+    pub(super) identity_always: bool,
 }
 
 #[derive(Hash, PartialEq, Eq, Clone)]
@@ -191,7 +194,7 @@ impl Applier {
         let mut local_oid = pg_sys::InvalidOid;
         let mut index_list = Vec::new();
         let q = CString::new(format!(
-            "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attnum, a.attrelid FROM pg_catalog.pg_attribute a
+            "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attnum, a.attrelid, a.attidentity = 'a' FROM pg_catalog.pg_attribute a
               WHERE a.attrelid = pg_catalog.to_regclass({})
                 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
               ORDER BY a.attnum",
@@ -223,6 +226,7 @@ impl Applier {
                 local_oid = pg_sys::Oid::from(
                     pg_sys::SPI_getbinval(tup, desc, 5, &mut isnull).value() as u32,
                 );
+                let identity_always = pg_sys::SPI_getbinval(tup, desc, 6, &mut isnull).value() != 0;
                 let typid = pg_sys::Oid::from(typid.value() as u32);
                 let (mut input, mut input_param, mut recv, mut recv_param) = (
                     pg_sys::InvalidOid,
@@ -241,6 +245,7 @@ impl Applier {
                     input_param,
                     recv,
                     recv_param,
+                    identity_always,
                 });
             }
             if local_oid != pg_sys::InvalidOid {

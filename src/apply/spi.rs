@@ -369,22 +369,31 @@ pub(super) fn plan(r: &mut RelMap, key: PlanKey) -> pg_sys::SPIPlanPtr {
                 .collect();
             let params: Vec<String> = (1..=cols.len()).map(|n| format!("${n}")).collect();
             format!(
-                "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING RETURNING ctid",
+                "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({}) ON CONFLICT DO NOTHING RETURNING ctid",
                 r.qualified,
                 names.join(", "),
                 params.join(", ")
             )
         }
         PlanKey::Update(cols) => {
-            let sets: Vec<String> = cols
+            // An identity column GENERATED ALWAYS cannot be set by UPDATE
+            // (its value does not change but by SET ... DEFAULT, which the
+            // origin's row already holds): its parameter stays unused.
+            let always = |i: usize| r.map[i].is_some_and(|li| r.local[li].identity_always);
+            let mut sets: Vec<String> = cols
                 .iter()
                 .enumerate()
-                .map(|(n, &i)| {
+                .filter_map(|(n, &i)| {
                     let (name, t) = col(i);
                     types.push(t);
-                    format!("{} = ${}", ident(name), n + 1)
+                    (!always(i)).then(|| format!("{} = ${}", ident(name), n + 1))
                 })
                 .collect();
+            if sets.is_empty() {
+                if let Some(c) = r.local.iter().find(|c| !c.identity_always) {
+                    sets.push(format!("{0} = {0}", ident(&c.name)));
+                }
+            }
             types.push(pg_sys::TIDOID);
             format!(
                 "UPDATE ONLY {} SET {} WHERE ctid = ${}",

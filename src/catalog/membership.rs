@@ -54,14 +54,16 @@ pub fn upsert_node(
     dbname: &str,
     group_id: u32,
     state: NodeState,
+    seq_id: i32,
 ) -> BdrResult<()> {
     Spi::run_with_args(
         "INSERT INTO bdr.node (node_id, node_name, node_group_id, source_node_id, node_state, target_state,
                                seq_id, dbname, node_dsn, proto_version_ranges)
-         VALUES ($1, $2::name, $3, $1, $4, $4, 0, $5::name, $6, ARRAY[$7, $7])
+         VALUES ($1, $2::name, $3, $1, $4, $4, $8, $5::name, $6, ARRAY[$7, $7])
          ON CONFLICT (node_id) DO UPDATE SET node_group_id = EXCLUDED.node_group_id,
                 node_state = EXCLUDED.node_state, target_state = EXCLUDED.target_state,
-                dbname = EXCLUDED.dbname, node_dsn = EXCLUDED.node_dsn",
+                dbname = EXCLUDED.dbname, node_dsn = EXCLUDED.node_dsn,
+                seq_id = CASE WHEN EXCLUDED.seq_id > 0 THEN EXCLUDED.seq_id ELSE bdr.node.seq_id END",
         &[
             oid(id).into(),
             name.into(),
@@ -70,9 +72,19 @@ pub fn upsert_node(
             dbname.into(),
             dsn.into(),
             bdr_core::version::PROTOCOL_VERSION.into(),
+            seq_id.into(),
         ],
     )?;
     Ok(())
+}
+
+/// The node other than `node_id` that holds sequence id `seq_id`, if any.
+pub fn node_with_seq_id(seq_id: i32, node_id: u32) -> BdrResult<Option<String>> {
+    select_first(
+        "SELECT node_name::text FROM bdr.node WHERE seq_id = $1 AND node_id <> $2",
+        &[seq_id.into(), oid(node_id).into()],
+        |row| text_col(row, 1),
+    )
 }
 
 /// The group a join copies, as the join target records it.

@@ -330,6 +330,7 @@ mod conflicts;
 mod consensus;
 mod housekeeping;
 mod membership;
+pub mod sequences;
 pub mod statements;
 pub use conflicts::*;
 pub use consensus::*;

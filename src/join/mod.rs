@@ -66,13 +66,13 @@ struct Plan {
     group_id: u32,
     group: String,
     group_uuid: String,
-    /// Every member the target knows, the joiner included if an earlier
-    /// attempt recorded it.
-    members: Vec<Member>,
     /// The active members other than the joiner, the target among them.
     peers: Vec<Member>,
     target: Member,
     tables: Vec<Table>,
+    /// The joiner's node sequence id: one no node of the group (parted
+    /// ones included, whose values remain in the data) ever had.
+    seq_id: i32,
 }
 
 /// A member other than the target, and where its slot for the joiner starts.
@@ -95,15 +95,17 @@ pub fn join_impl(args: &JoinArgs<'_>) -> BdrResult<()> {
     let (sync, local) = check_join_args(args)?;
     lock_join()?;
     let me_row = catalog::node_by_id(local.node_id)?.ok_or(BdrError::NoLocalNode)?;
-    let me = Member {
+    let mut me = Member {
         id: local.node_id,
         name: local.node_name.clone(),
         dsn: me_row.node_dsn.clone(),
         dbname: catalog::current_database()?,
         state: NodeState::Active,
+        seq_id: 0,
     };
     let mut target = Peer::connect("the join target", args.target_dsn, APPNAME)?;
     let plan = read_group(&mut target, &me, args.group, &sync)?;
+    me.seq_id = plan.seq_id;
     create_local_slots(&me, &plan)?;
     let slot_starts = register_with_members(&me, &plan, &target)?;
     let stream_starts = copy_from_target(&mut target, &me, &plan, &slot_starts, &sync)?;
@@ -210,14 +212,22 @@ fn read_group(
     } else {
         check_local_tables(&tables, sync)?;
     }
+    let seq_id = match members.iter().find(|m| m.id == me.id && m.seq_id > 0) {
+        Some(m) => m.seq_id,
+        None => members.iter().map(|m| m.seq_id).max().unwrap_or(0) + 1,
+    };
+    bdr_core::sequence::check_node_seq_id(seq_id as i64).map_err(|msg| BdrError::JoinRefused {
+        msg: format!("the group has no node sequence id left: {msg}"),
+        hint: "A group holds at most 1023 nodes over its life, parted ones included; remove parted nodes' records with bdr.drop_node() only if no global sequence values of theirs remain.".into(),
+    })?;
     Ok(Plan {
         group_id: t.group_id,
         group: t.group_name,
         group_uuid: t.group_uuid,
-        members,
         peers,
         target: target_member,
         tables,
+        seq_id,
     })
 }
 
@@ -366,13 +376,14 @@ fn record_group(me: &Member, plan: &Plan, stream_starts: &[(u32, u64)]) -> BdrRe
             &p.dbname,
             plan.group_id,
             NodeState::Active,
+            p.seq_id,
         )?;
     }
     catalog::set_node_group(
         me.id,
         plan.group_id,
         NodeState::Active,
-        plan.members.len() as i32 + 1,
+        plan.seq_id,
     )?;
     // Whatever join was requested in the background is this one, or moot.
     catalog::clear_join_requests()?;
@@ -404,6 +415,7 @@ pub fn register_impl(
     dsn: &str,
     dbname: &str,
     group_id: u32,
+    seq_id: i32,
 ) -> BdrResult<()> {
     catalog::lock_nodes()?;
     let local = catalog::local_node()?.ok_or(BdrError::NoLocalNode)?;
@@ -424,7 +436,16 @@ pub fn register_impl(
             return Ok(());
         }
     }
-    catalog::upsert_node(node_id, name, dsn, dbname, group_id, NodeState::Joining)
+    // Two joins at once through different members may pick the same id:
+    // each registers with every member, so the later one meets the other
+    // here and is refused.
+    if let Some(other) = catalog::node_with_seq_id(seq_id, node_id)? {
+        return Err(BdrError::JoinRefused {
+            msg: format!("node sequence id {seq_id} is taken by node \"{other}\", which joined at the same time"),
+            hint: "Retry the join; it picks the next free id.".into(),
+        });
+    }
+    catalog::upsert_node(node_id, name, dsn, dbname, group_id, NodeState::Joining, seq_id)
 }
 
 /// Called on a member by a joining node once it holds the group's data:

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 /// How often the manager re-reads the catalogs when nothing wakes it.
 const POLL: Duration = Duration::from_secs(1);
+/// How often the manager looks at its galloc sequences' chunks.
+const GALLOC_POLL: Duration = Duration::from_millis(100);
 /// How often old tombstones are purged, and how old they must be.
 const PURGE_EVERY_US: i64 = 300_000_000;
 
@@ -109,7 +111,9 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
     let mut receivers: HashMap<u32, Running> = HashMap::new();
     let mut consensus: Option<Running> = None;
     let mut last_purge = crate::shmem::now();
+    let mut galloc_failed = HashMap::new();
     loop {
+        let mut poll = POLL;
         match read_catalogs() {
             Ok(Seen::Node(local, subs, parted, in_consensus)) => {
                 if !announced {
@@ -130,6 +134,12 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                     let _ = c.handle.terminate();
                 }
                 crate::hlc::save_floor();
+                // Galloc chunks run out at the speed of inserts: look often.
+                if local.node_group_id != 0
+                    && crate::sequence::galloc::tend(&mut galloc_failed)
+                {
+                    poll = GALLOC_POLL;
+                }
                 if !parted.slots.is_empty() || !parted.origins.is_empty() {
                     drop_parted_artifacts(&parted.slots, &parted.origins);
                 }
@@ -167,7 +177,7 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                 );
             }
         }
-        if !BackgroundWorker::wait_latch(Some(POLL)) {
+        if !BackgroundWorker::wait_latch(Some(poll)) {
             stop_all(&mut receivers);
             if let Some(c) = consensus.take() {
                 let _ = c.handle.terminate();

@@ -186,13 +186,30 @@ pub fn timeshard_parts(v: i64) -> (i64, i64, i64) {
     (t + EPOCH_MS, node, local)
 }
 
-/// The snowflakeid generator's memory for one sequence on one node: the
-/// millisecond and counter it issued last.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The generator's memory for one snowflakeid (or timeshard) sequence on
+/// one node: the millisecond and counter it issued last, and the counter
+/// value kept for plain `nextval` (the largest the layout holds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Generator {
     pub last_ms: i64,
     pub counter: i64,
+    pub fallback: i64,
 }
+
+impl Default for Generator {
+    fn default() -> Self {
+        Generator {
+            last_ms: 0,
+            counter: 0,
+            fallback: FALLBACK_COUNTER,
+        }
+    }
+}
+
+/// The timeshard counter value kept for plain `nextval`.
+pub const TIMESHARD_FALLBACK_COUNTER: i64 = (1 << TIMESHARD_COUNTER_BITS) - 1;
+/// The increment of the sequence behind a timeshard sequence.
+pub const TIMESHARD_TICK: i64 = 1 << (TIMESHARD_COUNTER_BITS + NODE_BITS);
 
 /// What the generator does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,10 +224,11 @@ pub enum Step {
 impl Generator {
     /// Resumes after a restart: nothing below `floor_ms` is issued (the
     /// durable mark, which is ahead of every value issued before).
-    pub fn resume(floor_ms: i64) -> Generator {
+    pub fn resume(floor_ms: i64, fallback: i64) -> Generator {
         Generator {
             last_ms: floor_ms,
-            counter: FALLBACK_COUNTER - 1,
+            counter: fallback - 1,
+            fallback,
         }
     }
 
@@ -222,7 +240,7 @@ impl Generator {
         if now_ms > self.last_ms {
             self.last_ms = now_ms;
             self.counter = 0;
-        } else if self.counter + 1 < FALLBACK_COUNTER {
+        } else if self.counter + 1 < self.fallback {
             self.counter += 1;
         } else if now_ms == self.last_ms && !waited {
             return Step::WaitNextMs;
@@ -313,12 +331,6 @@ pub fn should_switch(chunk: Chunk, next_value: i64) -> bool {
     let size = chunk.end - chunk.start + 1;
     let left = chunk.end - next_value + 1;
     left * 10 < size
-}
-
-/// The key of a sequence in the consensus state: its qualified name, the
-/// same on every node (oids differ between nodes).
-pub fn alloc_key(schema: &str, name: &str) -> String {
-    format!("{schema}.{name}")
 }
 
 /// A KSUUID v2: 8 bytes of microseconds since the Unix epoch, big-endian
@@ -468,13 +480,13 @@ mod tests {
 
     #[test]
     fn generator_resumes_above_its_durable_mark() {
-        let mut g = Generator::resume(1000);
+        let mut g = Generator::resume(1000, FALLBACK_COUNTER);
         // The clock is behind the mark after a restart (the mark is ahead).
         match g.next(900, false) {
             Step::Issue { ms, .. } => assert!(ms >= 1000),
             Step::WaitNextMs => {}
         }
-        let mut g = Generator::resume(1000);
+        let mut g = Generator::resume(1000, FALLBACK_COUNTER);
         assert_eq!(
             g.next(1500, false),
             Step::Issue {

@@ -226,7 +226,7 @@ pub const SETTINGS: &[Setting] = &[
     // Global sequences
     e("bdr.default_sequence_kind", "distributed",
         &["distributed", "local", "timeshard", "galloc", "snowflakeid"], &[],
-        Userset, NotYet, "Kind of sequence created for serial and identity columns."),
+        Userset, Honoured, "Kind of sequence created for serial and identity columns."),
     // DDL handling
     e("bdr.default_replica_identity", "default", &["default", "full", "nothing"], &[],
         Userset, Honoured, "REPLICA IDENTITY given to newly created tables."),
