@@ -106,6 +106,12 @@ fn _sequence_alloc() -> TableIterator<
         .map(|s| s.allocations())
         .unwrap_or_default();
     TableIterator::new(rows.into_iter().map(|(k, a)| {
-        (k, a.chunk_size, a.allocated_up_to, a.nallocs, a.last_alloc_us)
+        (
+            k,
+            a.chunk_size,
+            a.allocated_up_to,
+            a.nallocs,
+            a.last_alloc_us,
+        )
     }))
 }

@@ -36,7 +36,8 @@ fn kind_row(row: &SpiHeapTupleData<'_>) -> BdrResult<KindRow> {
     })
 }
 
-const KIND_QUERY: &str = "SELECT seqid, seqkind::text, start_value, alloc_key, current_start, current_end,
+const KIND_QUERY: &str =
+    "SELECT seqid, seqkind::text, start_value, alloc_key, current_start, current_end,
                                  reserved_start, reserved_end FROM bdr.sequence_kind";
 
 pub fn kind_of(seqid: u32) -> BdrResult<Option<KindRow>> {
@@ -168,7 +169,12 @@ pub fn seq_info(seqid: u32) -> BdrResult<SeqInfo> {
     let (last_value, is_called) = select_first(
         &format!("SELECT last_value, is_called FROM {regclass}"),
         &[],
-        |row| Ok((row.get::<i64>(1)?.unwrap_or(0), row.get::<bool>(2)?.unwrap_or(false))),
+        |row| {
+            Ok((
+                row.get::<i64>(1)?.unwrap_or(0),
+                row.get::<bool>(2)?.unwrap_or(false),
+            ))
+        },
     )?
     .unwrap_or((0, false));
     Ok(SeqInfo {

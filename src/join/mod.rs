@@ -379,12 +379,7 @@ fn record_group(me: &Member, plan: &Plan, stream_starts: &[(u32, u64)]) -> BdrRe
             p.seq_id,
         )?;
     }
-    catalog::set_node_group(
-        me.id,
-        plan.group_id,
-        NodeState::Active,
-        plan.seq_id,
-    )?;
+    catalog::set_node_group(me.id, plan.group_id, NodeState::Active, plan.seq_id)?;
     // Whatever join was requested in the background is this one, or moot.
     catalog::clear_join_requests()?;
     for (origin_node, start) in stream_starts {
@@ -445,7 +440,15 @@ pub fn register_impl(
             hint: "Retry the join; it picks the next free id.".into(),
         });
     }
-    catalog::upsert_node(node_id, name, dsn, dbname, group_id, NodeState::Joining, seq_id)
+    catalog::upsert_node(
+        node_id,
+        name,
+        dsn,
+        dbname,
+        group_id,
+        NodeState::Joining,
+        seq_id,
+    )
 }
 
 /// Called on a member by a joining node once it holds the group's data:

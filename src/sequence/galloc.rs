@@ -102,7 +102,11 @@ enum Plan {
 
 fn plan(row: &KindRow, info: &SeqInfo) -> Plan {
     let Some(current) = row.current else {
-        return if row.reserved.is_some() { Plan::Switch } else { Plan::Fetch };
+        return if row.reserved.is_some() {
+            Plan::Switch
+        } else {
+            Plan::Fetch
+        };
     };
     let next = if info.is_called {
         info.last_value.saturating_add(info.increment)
@@ -150,7 +154,10 @@ pub fn tend(failed: &mut HashMap<u32, i64>) -> bool {
             Plan::Switch => {
                 let r = BackgroundWorker::transaction(|| switch(row, info));
                 if let Err(e) = r {
-                    tracing::warn!("could not move galloc sequence {} to its reserved chunk: {e}", info.regclass);
+                    tracing::warn!(
+                        "could not move galloc sequence {} to its reserved chunk: {e}",
+                        info.regclass
+                    );
                 }
             }
             Plan::Fetch => {
@@ -163,12 +170,18 @@ pub fn tend(failed: &mut HashMap<u32, i64>) -> bool {
                         failed.remove(&row.seqid);
                         let r = BackgroundWorker::transaction(|| record(row.seqid, c));
                         if let Err(e) = r {
-                            tracing::warn!("could not record a chunk of galloc sequence {}: {e}", info.regclass);
+                            tracing::warn!(
+                                "could not record a chunk of galloc sequence {}: {e}",
+                                info.regclass
+                            );
                         }
                     }
                     Err(e) => {
                         failed.insert(row.seqid, now);
-                        tracing::warn!("could not allocate a chunk of galloc sequence {}: {e}", info.regclass);
+                        tracing::warn!(
+                            "could not allocate a chunk of galloc sequence {}: {e}",
+                            info.regclass
+                        );
                     }
                 }
             }

@@ -130,7 +130,9 @@ pub fn next_value(seqid: u32, kind: Kind, node: i64) -> BdrResult<i64> {
                 drop(s);
                 let floor = match sequence_value(seqid) {
                     Some(v) => parts(kind, v).0,
-                    None => read_restart_value(seqid).map(|v| parts(kind, v).0).unwrap_or(0),
+                    None => read_restart_value(seqid)
+                        .map(|v| parts(kind, v).0)
+                        .unwrap_or(0),
                 };
                 s = SEQS.exclusive();
                 match s.s.iter().position(|x| x.dboid == db && x.seqid == seqid) {

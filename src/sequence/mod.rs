@@ -68,7 +68,13 @@ fn now_ms() -> i64 {
 /// Sets up the sequence behind `kind` on this node. `chunk`: galloc's
 /// current chunk, `None` before this node holds one (every `nextval` fails
 /// until the manager installs one).
-fn configure(info: &SeqInfo, kind: Kind, node: i64, chunk: Option<Chunk>, start: Option<i64>) -> BdrResult<()> {
+fn configure(
+    info: &SeqInfo,
+    kind: Kind,
+    node: i64,
+    chunk: Option<Chunk>,
+    start: Option<i64>,
+) -> BdrResult<()> {
     let rc = &info.regclass;
     let sql = match kind {
         Kind::Local => {
@@ -135,7 +141,8 @@ fn info_oid(info: &SeqInfo) -> BdrResult<u32> {
 pub fn alter_sequence_set_kind(seqid: u32, kind_name: &str, start: Option<i64>) -> BdrResult<()> {
     let info = as_bdr(|| cat::seq_info(seqid))?;
     // SAFETY: a catalog lookup of a relation that exists (seq_info found it).
-    let owner = unsafe { pg_sys::pg_class_ownercheck(pg_sys::Oid::from(seqid), pg_sys::GetUserId()) };
+    let owner =
+        unsafe { pg_sys::pg_class_ownercheck(pg_sys::Oid::from(seqid), pg_sys::GetUserId()) };
     if !owner {
         return Err(BdrError::NotOwner(info.regclass.clone()));
     }
@@ -152,10 +159,17 @@ pub fn alter_sequence_set_kind(seqid: u32, kind_name: &str, start: Option<i64>) 
 
 fn set_kind(seqid: u32, info: &SeqInfo, kind: Kind, start: Option<i64>) -> BdrResult<()> {
     let replaying = crate::hlc::is_exempt();
-    let node = if kind == Kind::Local { 0 } else { node_seq_id()? };
+    let node = if kind == Kind::Local {
+        0
+    } else {
+        node_seq_id()?
+    };
     if kind != Kind::Local && info.increment < 1 {
         return Err(BdrError::Sequence {
-            msg: format!("sequence {} descends; a global sequence must ascend", info.regclass),
+            msg: format!(
+                "sequence {} descends; a global sequence must ascend",
+                info.regclass
+            ),
             hint: "Give it a positive INCREMENT with ALTER SEQUENCE first.".into(),
         });
     }
@@ -193,7 +207,9 @@ fn set_kind(seqid: u32, info: &SeqInfo, kind: Kind, start: Option<i64>) -> BdrRe
         }
     }
     if !replaying && crate::ddl::in_group() {
-        let start = start.map(|s| s.to_string()).unwrap_or_else(|| "NULL".into());
+        let start = start
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "NULL".into());
         crate::ddl::queue_statement(format!(
             "SELECT bdr.alter_sequence_set_kind({}::regclass, {}, {start})",
             literal(&info.qualified),
@@ -262,7 +278,9 @@ fn apply_default_kind() -> BdrResult<()> {
     for (seqid, xmin) in as_bdr(cat::sequences_without_kind)? {
         // SAFETY: asks whether an xid is this transaction's (or a
         // subtransaction's); no preconditions.
-        if !unsafe { pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xmin)) } {
+        if !unsafe {
+            pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xmin))
+        } {
             continue;
         }
         let info = as_bdr(|| cat::seq_info(seqid))?;

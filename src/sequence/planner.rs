@@ -12,7 +12,7 @@
 //! `nextval` with a computed argument) takes plain `nextval`, which the
 //! sequence's own setup keeps unique (see `super`).
 
-use super::{generator, galloc};
+use super::{galloc, generator};
 use crate::error::BdrError;
 use crate::pg::user::as_bdr;
 use bdr_core::sequence::Kind;
@@ -68,7 +68,9 @@ pub fn kind_of(seqid: u32) -> Option<Kind> {
         let mut c = c.borrow_mut();
         if !c.registered {
             // SAFETY: registers a callback once per backend.
-            unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0)) };
+            unsafe {
+                pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0))
+            };
             c.registered = true;
         }
     });
@@ -163,7 +165,10 @@ unsafe fn note_list(found: &mut Found, list: *mut pg_sys::List) {
     unsafe {
         for i in 0..(*list).length as usize {
             let cell = (*list).elements.add(i);
-            note_slot(found, std::ptr::addr_of_mut!((*cell).ptr_value) as *mut *mut pg_sys::Node);
+            note_slot(
+                found,
+                std::ptr::addr_of_mut!((*cell).ptr_value) as *mut *mut pg_sys::Node,
+            );
         }
     }
 }
@@ -188,14 +193,19 @@ unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, ctx: *mut c_void) ->
             pg_sys::NodeTag::T_FuncExpr => {
                 let f = node as *mut pg_sys::FuncExpr;
                 let id = (*f).funcid.to_u32();
-                if matches!(id, F_NEXTVAL | F_CURRVAL | F_SETVAL2 | F_SETVAL3) && const_seq(f).is_some() {
+                if matches!(id, F_NEXTVAL | F_CURRVAL | F_SETVAL2 | F_SETVAL3)
+                    && const_seq(f).is_some()
+                {
                     found.calls.push(f);
                 }
                 note_list(found, (*f).args);
             }
             pg_sys::NodeTag::T_TargetEntry => {
                 let te = node as *mut pg_sys::TargetEntry;
-                note_slot(found, std::ptr::addr_of_mut!((*te).expr) as *mut *mut pg_sys::Node);
+                note_slot(
+                    found,
+                    std::ptr::addr_of_mut!((*te).expr) as *mut *mut pg_sys::Node,
+                );
             }
             pg_sys::NodeTag::T_CoalesceExpr => {
                 note_list(found, (*(node as *mut pg_sys::CoalesceExpr)).args);
@@ -354,7 +364,10 @@ pub fn plain_nextval(seqid: u32) -> i64 {
     // SAFETY: the built-in nextval(regclass) with a valid oid; it raises
     // its own errors.
     unsafe {
-        pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[pg_sys::Oid::from(seqid).into_datum()])
+        pgrx::direct_function_call::<i64>(
+            pg_sys::nextval_oid,
+            &[pg_sys::Oid::from(seqid).into_datum()],
+        )
     }
     .unwrap_or(0)
 }
@@ -369,7 +382,10 @@ pub fn currval(seqid: u32) -> i64 {
         _ => {
             // SAFETY: the built-in currval(regclass) with a valid oid.
             unsafe {
-                pgrx::direct_function_call::<i64>(pg_sys::currval_oid, &[pg_sys::Oid::from(seqid).into_datum()])
+                pgrx::direct_function_call::<i64>(
+                    pg_sys::currval_oid,
+                    &[pg_sys::Oid::from(seqid).into_datum()],
+                )
             }
             .unwrap_or(0)
         }

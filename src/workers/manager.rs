@@ -135,9 +135,7 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                 }
                 crate::hlc::save_floor();
                 // Galloc chunks run out at the speed of inserts: look often.
-                if local.node_group_id != 0
-                    && crate::sequence::galloc::tend(&mut galloc_failed)
-                {
+                if local.node_group_id != 0 && crate::sequence::galloc::tend(&mut galloc_failed) {
                     poll = GALLOC_POLL;
                 }
                 if !parted.slots.is_empty() || !parted.origins.is_empty() {

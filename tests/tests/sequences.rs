@@ -151,7 +151,10 @@ fn every_way_of_taking_an_id_is_unique_across_the_group_under_load() {
         assert_eq!(total, distinct, "{t}");
         for i in 1..=3 {
             assert!(
-                count(&mut n1, &format!("SELECT count(*) FROM {t} WHERE who = 'node{i}'")) > 100,
+                count(
+                    &mut n1,
+                    &format!("SELECT count(*) FROM {t} WHERE who = 'node{i}'")
+                ) > 100,
                 "{t}: node{i}'s rows"
             );
         }
@@ -184,7 +187,10 @@ fn every_way_of_taking_an_id_is_unique_across_the_group_under_load() {
     for i in 0..3 {
         let mut cl = c.node(i).connect(DB);
         assert_eq!(
-            count(&mut cl, "SELECT count(*) FROM bdr.conflict_history WHERE conflict_type = 'insert_exists'"),
+            count(
+                &mut cl,
+                "SELECT count(*) FROM bdr.conflict_history WHERE conflict_type = 'insert_exists'"
+            ),
             0,
             "node{}",
             i + 1
@@ -206,14 +212,24 @@ fn bad_kinds_and_setval_are_refused_and_change_nothing() {
          RESET bdr.default_sequence_kind;",
     )
     .unwrap();
-    let kinds = "SELECT string_agg(relname || '=' || seqkind, ',' ORDER BY relname) FROM bdr.sequences";
+    let kinds =
+        "SELECT string_agg(relname || '=' || seqkind, ',' ORDER BY relname) FROM bdr.sequences";
     let before = one(&mut n1, kinds);
-    assert_eq!(before.as_deref(), Some("s_big=snowflakeid,s_int=galloc,s_local=local"));
-    let (code, msg, hint) = expect_error(&mut n1, "SELECT bdr.alter_sequence_set_kind('s_int', 'snowflakeid')");
+    assert_eq!(
+        before.as_deref(),
+        Some("s_big=snowflakeid,s_int=galloc,s_local=local")
+    );
+    let (code, msg, hint) = expect_error(
+        &mut n1,
+        "SELECT bdr.alter_sequence_set_kind('s_int', 'snowflakeid')",
+    );
     assert_eq!(code, "22023", "{msg}");
     assert!(msg.contains("needs the bigint type"), "{msg}");
     assert!(hint.unwrap_or_default().contains("galloc"));
-    let (code, msg, _) = expect_error(&mut n1, "SELECT bdr.alter_sequence_set_kind('s_big', 'bogus')");
+    let (code, msg, _) = expect_error(
+        &mut n1,
+        "SELECT bdr.alter_sequence_set_kind('s_big', 'bogus')",
+    );
     assert_eq!(code, "22023", "{msg}");
     let (code, msg, hint) = expect_error(&mut n1, "SELECT setval('s_big', 5)");
     assert_eq!(code, "22023", "{msg}");
@@ -243,7 +259,13 @@ fn bad_kinds_and_setval_are_refused_and_change_nothing() {
     // currval and the snowflakeid layout.
     let v = count(&mut n2, "SELECT nextval('s_big')");
     assert_eq!(count(&mut n2, "SELECT currval('s_big')"), v);
-    assert_eq!(count(&mut n2, &format!("SELECT bdr.extract_nodeid_from_snowflakeid({v})")), 2);
+    assert_eq!(
+        count(
+            &mut n2,
+            &format!("SELECT bdr.extract_nodeid_from_snowflakeid({v})")
+        ),
+        2
+    );
     // KSUUID v2 orders by time.
     assert_eq!(
         count(
@@ -256,7 +278,8 @@ fn bad_kinds_and_setval_are_refused_and_change_nothing() {
         one(&mut n1, "bdr.extract_timestamp_from_ksuuid_v2(bdr.gen_ksuuid_v2('2020-01-01 10:00:00.123456+00')) = '2020-01-01 10:00:00.123456+00'").as_deref(),
         Some("true")
     );
-    n1.batch_execute("CREATE TABLE seen (id int PRIMARY KEY)").unwrap();
+    n1.batch_execute("CREATE TABLE seen (id int PRIMARY KEY)")
+        .unwrap();
     wait_for_replication(&c, DB);
     assert_converged(&c, DB, &["seen"]);
 }
@@ -283,11 +306,18 @@ fn galloc_goes_on_from_its_reserved_chunk_while_cut_off_and_never_repeats() {
             Ok(()) => inserted += 1,
             Err(e) => break e,
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "never ran out");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "never ran out"
+        );
     };
     let db = err.as_db_error().expect("a server error");
     assert_eq!(db.code().code(), "2200H", "{}", db.message());
-    assert!(db.message().contains("no values left on this node"), "{}", db.message());
+    assert!(
+        db.message().contains("no values left on this node"),
+        "{}",
+        db.message()
+    );
     assert!(db.hint().unwrap_or_default().contains("majority"));
     // The current chunk's last tenth is given up when it moves to the
     // reserved one; the reserved one is used to its end.
@@ -304,19 +334,26 @@ fn galloc_goes_on_from_its_reserved_chunk_while_cut_off_and_never_repeats() {
     let mut n2 = c.node(1).connect(DB);
     let mut n3 = c.node(2).connect(DB);
     for _ in 0..50 {
-        n2.batch_execute("INSERT INTO items (v) VALUES ('node2')").unwrap();
-        n3.batch_execute("INSERT INTO items (v) VALUES ('node3')").unwrap();
+        n2.batch_execute("INSERT INTO items (v) VALUES ('node2')")
+            .unwrap();
+        n3.batch_execute("INSERT INTO items (v) VALUES ('node3')")
+            .unwrap();
     }
     c.node_mut(1).kill9();
     c.node_mut(1).start();
     let mut n2 = c.node(1).connect(DB);
     for _ in 0..50 {
-        n2.batch_execute("INSERT INTO items (v) VALUES ('node2 again')").unwrap();
-        n1.batch_execute("INSERT INTO items (v) VALUES ('node1 again')").unwrap();
+        n2.batch_execute("INSERT INTO items (v) VALUES ('node2 again')")
+            .unwrap();
+        n1.batch_execute("INSERT INTO items (v) VALUES ('node1 again')")
+            .unwrap();
     }
     wait_for_replication(&c, DB);
     let total = count(&mut n1, "SELECT count(*) FROM items");
-    assert_eq!(total, count(&mut n1, "SELECT count(DISTINCT id) FROM items"));
+    assert_eq!(
+        total,
+        count(&mut n1, "SELECT count(DISTINCT id) FROM items")
+    );
     assert_eq!(total, inserted + 1 + 200);
     let allocated = count(&mut n1, "SELECT seq_nallocs FROM bdr.sequence_alloc");
     assert!(allocated >= 7, "{allocated} chunks allocated");
@@ -324,7 +361,11 @@ fn galloc_goes_on_from_its_reserved_chunk_while_cut_off_and_never_repeats() {
     let seen: HashSet<String> = (0..3)
         .map(|i| {
             let mut cl = c.node(i).connect(DB);
-            one(&mut cl, "SELECT string_agg(id::text, ',' ORDER BY id) FROM items").unwrap()
+            one(
+                &mut cl,
+                "SELECT string_agg(id::text, ',' ORDER BY id) FROM items",
+            )
+            .unwrap()
         })
         .collect();
     assert_eq!(seen.len(), 1);
