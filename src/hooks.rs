@@ -8,6 +8,8 @@ use pgrx::prelude::*;
 use std::ffi::c_char;
 
 static mut PREV_UTILITY_HOOK: pg_sys::ProcessUtility_hook_type = None;
+/// How many utility statements are running inside each other.
+static mut DEPTH: u32 = 0;
 
 pub fn init() {
     // SAFETY: _PG_init runs once in the postmaster before any backend exists.
@@ -60,6 +62,10 @@ unsafe extern "C-unwind" fn utility_hook(
     let saved = unsafe { guc::IN_SET_LOCAL };
     // SAFETY: as above.
     unsafe { guc::IN_SET_LOCAL = is_set_local };
+    // SAFETY: single-threaded backend; restored below even on error.
+    let depth = unsafe { DEPTH };
+    // SAFETY: as above.
+    unsafe { DEPTH = depth + 1 };
     PgTryBuilder::new(|| unsafe {
         // SAFETY: forwarding the arguments we were given, unchanged.
         macro_rules! forward {
@@ -81,8 +87,11 @@ unsafe extern "C-unwind" fn utility_hook(
             None => forward!(pg_sys::standard_ProcessUtility),
         }
     })
-    // SAFETY: single-threaded backend; puts back the flag saved above.
-    .finally(|| unsafe { guc::IN_SET_LOCAL = saved })
+    // SAFETY: single-threaded backend; puts back the flag and depth saved above.
+    .finally(|| unsafe {
+        guc::IN_SET_LOCAL = saved;
+        DEPTH = depth;
+    })
     .execute();
     if let Some(p) = ddl {
         // SAFETY: the statement that has just run.
@@ -96,7 +105,7 @@ unsafe extern "C-unwind" fn utility_hook(
     }
     // After the statement's own queue entry: its sequences' kinds follow it.
     // SAFETY: the statement that has just run.
-    unsafe { crate::sequence::after_utility(pstmt, context) };
+    unsafe { crate::sequence::after_utility(pstmt, depth == 0) };
 }
 
 /// Whether the statement is `DROP EXTENSION ... bdr ...` in a database that has it.

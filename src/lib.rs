@@ -62,6 +62,7 @@ pub extern "C-unwind" fn _PG_init() {
     consensus::shmem::init();
     stats::init();
     hooks::init();
+    sequence::init();
     sequence::generator::init();
     sequence::planner::init();
     workers::init();

@@ -39,6 +39,14 @@ pub struct Member {
     pub seq_id: i32,
 }
 
+/// A global sequence as a peer records it.
+pub struct GlobalSeq {
+    pub name: String,
+    pub kind: String,
+    pub start: Option<i64>,
+    pub alloc_key: Option<String>,
+}
+
 /// A table whose rows replicate, with its replicated columns.
 pub struct Table {
     pub schema: String,
@@ -203,6 +211,28 @@ impl Peer {
                 dbname: text(&r[3]),
                 state: NodeState::from_oid(parse_oid(&r[4])).unwrap_or(NodeState::None),
                 seq_id: text(&r[5]).parse().unwrap_or(0),
+            })
+            .collect())
+    }
+
+    /// The peer's global sequences: (qualified name, kind code, galloc
+    /// start, galloc key in the consensus state).
+    pub fn global_sequences(&self) -> BdrResult<Vec<GlobalSeq>> {
+        let sql =
+            "SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname),
+                          k.seqkind::text, k.start_value::text, k.alloc_key
+                     FROM bdr.sequence_kind k
+                     JOIN pg_catalog.pg_class c ON c.oid = k.seqid
+                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                    WHERE k.seqkind <> 'l'";
+        Ok(self
+            .query("reading the global sequences", sql, 4)?
+            .iter()
+            .map(|r| GlobalSeq {
+                name: text(&r[0]),
+                kind: text(&r[1]),
+                start: r[2].as_deref().and_then(|v| v.parse().ok()),
+                alloc_key: r[3].clone(),
             })
             .collect())
     }

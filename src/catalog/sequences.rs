@@ -98,20 +98,31 @@ pub fn purge_dropped() -> BdrResult<()> {
     Ok(())
 }
 
-/// Sequences with no kind recorded, with the xmin of their `pg_class` row
-/// (to tell those this transaction created).
-pub fn sequences_without_kind() -> BdrResult<Vec<(u32, u32)>> {
+/// Of the relations `created`, the logged sequences with no kind recorded
+/// (an unlogged one starts over after a crash: it stays local).
+pub fn new_logged_sequences(created: &[u32]) -> BdrResult<Vec<u32>> {
+    let oids: Vec<pg_sys::Oid> = created.iter().map(|o| oid(*o)).collect();
     select(
-        "SELECT c.oid, c.xmin::text::bigint FROM pg_catalog.pg_class c
-          WHERE c.relkind = 'S' AND c.relpersistence <> 't'
-            AND NOT EXISTS (SELECT 1 FROM bdr.sequence_kind k WHERE k.seqid = c.oid)",
-        &[],
-        |row| {
-            Ok((
-                row.get::<pg_sys::Oid>(1)?.map(|o| o.to_u32()).unwrap_or(0),
-                row.get::<i64>(2)?.unwrap_or(0) as u32,
-            ))
-        },
+        "SELECT c.oid FROM pg_catalog.pg_class c
+          WHERE c.oid = ANY($1) AND c.relkind = 'S' AND c.relpersistence = 'p'
+            AND NOT EXISTS (SELECT 1 FROM bdr.sequence_kind k WHERE k.seqid = c.oid)
+          ORDER BY c.oid",
+        &[oids.into()],
+        |row| Ok(row.get::<pg_sys::Oid>(1)?.map(|o| o.to_u32()).unwrap_or(0)),
+    )
+}
+
+/// The global sequences owned by (the identity or serial columns of) the
+/// relations `rels`, by name.
+pub fn global_sequences_of(rels: &[u32]) -> BdrResult<Vec<String>> {
+    let oids: Vec<pg_sys::Oid> = rels.iter().map(|o| oid(*o)).collect();
+    select(
+        "SELECT d.objid::regclass::text FROM pg_catalog.pg_depend d
+           JOIN bdr.sequence_kind k ON k.seqid = d.objid AND k.seqkind <> 'l'
+          WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.refclassid = 'pg_catalog.pg_class'::regclass
+            AND d.refobjid = ANY($1) AND d.deptype IN ('a', 'i')",
+        &[oids.into()],
+        |row| Ok(row.get::<String>(1)?.unwrap_or_default()),
     )
 }
 
@@ -136,12 +147,14 @@ pub struct SeqInfo {
     pub increment: i64,
     pub last_value: i64,
     pub is_called: bool,
+    /// `relpersistence`: 'p' logged, 'u' unlogged, 't' temporary.
+    pub persistence: char,
 }
 
 pub fn seq_info(seqid: u32) -> BdrResult<SeqInfo> {
     let head = select_first(
         "SELECT c.oid::regclass::text, pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname),
-                pg_catalog.format_type(s.seqtypid, NULL), s.seqincrement
+                pg_catalog.format_type(s.seqtypid, NULL), s.seqincrement, c.relpersistence::text
            FROM pg_catalog.pg_class c
            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
            JOIN pg_catalog.pg_sequence s ON s.seqrelid = c.oid
@@ -153,10 +166,11 @@ pub fn seq_info(seqid: u32) -> BdrResult<SeqInfo> {
                 row.get::<String>(2)?.unwrap_or_default(),
                 row.get::<String>(3)?.unwrap_or_default(),
                 row.get::<i64>(4)?.unwrap_or(1),
+                row.get::<String>(5)?.unwrap_or_default().chars().next().unwrap_or('p'),
             ))
         },
     )?;
-    let Some((regclass, qualified, ty, increment)) = head else {
+    let Some((regclass, qualified, ty, increment, persistence)) = head else {
         return Err(BdrError::Sequence {
             msg: format!("relation with oid {seqid} is not a sequence"),
             hint: "Pass a sequence, such as 'public.items_id_seq'::regclass.".into(),
@@ -184,6 +198,7 @@ pub fn seq_info(seqid: u32) -> BdrResult<SeqInfo> {
         increment,
         last_value,
         is_called,
+        persistence,
     })
 }
 

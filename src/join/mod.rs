@@ -110,6 +110,9 @@ pub fn join_impl(args: &JoinArgs<'_>) -> BdrResult<()> {
     let slot_starts = register_with_members(&me, &plan, &target)?;
     let stream_starts = copy_from_target(&mut target, &me, &plan, &slot_starts, &sync)?;
     record_group(&me, &plan, &stream_starts)?;
+    // The group's sequences that are global are global here too (a copied
+    // schema brings them as the target's, with its range or node id).
+    crate::sequence::copy_kinds(&target.global_sequences()?)?;
     activate_everywhere(&me, &plan, &target)?;
     crate::shmem::wake_workers_at_commit();
     Ok(())
@@ -212,9 +215,12 @@ fn read_group(
     } else {
         check_local_tables(&tables, sync)?;
     }
+    // An earlier attempt's id is kept, unless another node took it (two
+    // joins at once).
+    let taken = |id: i32| members.iter().any(|m| m.id != me.id && m.seq_id == id);
     let seq_id = match members.iter().find(|m| m.id == me.id && m.seq_id > 0) {
-        Some(m) => m.seq_id,
-        None => members.iter().map(|m| m.seq_id).max().unwrap_or(0) + 1,
+        Some(m) if !taken(m.seq_id) => m.seq_id,
+        _ => members.iter().map(|m| m.seq_id).max().unwrap_or(0) + 1,
     };
     bdr_core::sequence::check_node_seq_id(seq_id as i64).map_err(|msg| BdrError::JoinRefused {
         msg: format!("the group has no node sequence id left: {msg}"),

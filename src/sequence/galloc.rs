@@ -51,39 +51,36 @@ pub fn take_chunks_now(seqid: u32, info: &SeqInfo) -> BdrResult<()> {
     as_bdr(|| cat::set_chunks(seqid, Some(current), Some(reserved)))
 }
 
-/// `nextval` of a galloc sequence: the sequence's own. When it reaches
-/// the end of the current chunk before the manager moved it to the
-/// reserved one, it waits for that (at most `bdr.raft_response_timeout`);
-/// with no chunk left on this node, a clear error.
+/// `nextval` of a galloc sequence: the sequence's own, with a clear error
+/// once this node's chunks are used up. (It does not wait for the manager
+/// to move on to the reserved chunk: nextval holds a lock on the sequence
+/// until the transaction ends, which the manager's ALTER SEQUENCE waits
+/// for. The manager moves on while a tenth of the chunk is left.)
 pub fn nextval(seqid: u32) -> i64 {
-    let timeout_us = crate::guc::get_int(crate::guc::RAFT_RESPONSE_TIMEOUT).max(0) as i64 * 1000;
-    let started = crate::shmem::now();
-    loop {
-        // nextval raises its limit error holding the sequence's buffer
-        // lock: only a subtransaction's abort makes going on safe.
-        match crate::pg::xact::in_subtransaction_coded(|| planner::plain_nextval(seqid)) {
-            Ok(v) => return v,
-            Err((PgSqlErrorCode::ERRCODE_SEQUENCE_GENERATOR_LIMIT_EXCEEDED, _)) => {
+    // Named before: the failed nextval still holds the sequence's buffer
+    // lock when the error is caught, so nothing may read the sequence then.
+    // SAFETY: a syscache lookup of a relation's name.
+    let name = unsafe {
+        let n = pg_sys::get_rel_name(pg_sys::Oid::from(seqid));
+        if n.is_null() {
+            seqid.to_string()
+        } else {
+            std::ffi::CStr::from_ptr(n).to_string_lossy().into_owned()
+        }
+    };
+    PgTryBuilder::new(|| planner::plain_nextval(seqid))
+        .catch_when(
+            PgSqlErrorCode::ERRCODE_SEQUENCE_GENERATOR_LIMIT_EXCEEDED,
+            move |_| {
                 // SAFETY: MyDatabaseId is set in a connected backend.
                 crate::shmem::wake_manager(unsafe { pg_sys::MyDatabaseId.to_u32() });
-                let reserved = as_bdr(|| cat::kind_of(seqid))
-                    .ok()
-                    .flatten()
-                    .and_then(|r| r.reserved);
-                if reserved.is_none() || crate::shmem::now() - started > timeout_us {
-                    out_of_values(seqid);
-                }
-                crate::pg::latch::wait(None, 10);
-            }
-            Err((code, msg)) => crate::error::raise_code(code, msg),
-        }
-    }
+                out_of_values(&name)
+            },
+        )
+        .execute()
 }
 
-fn out_of_values(seqid: u32) -> ! {
-    let name = as_bdr(|| cat::seq_info(seqid))
-        .map(|i| i.regclass)
-        .unwrap_or_else(|_| seqid.to_string());
+fn out_of_values(name: &str) -> ! {
     crate::error::BdrError::Sequence {
         msg: format!("galloc sequence {name} has no values left on this node"),
         hint: "The node takes its next chunk from the group's consensus, which needs a majority of the nodes; retry once the majority is reachable (bdr.sequences shows the chunks this node holds).".into(),
@@ -200,6 +197,9 @@ fn switch(row: &KindRow, info: &SeqInfo) -> Result<(), String> {
         let Some(reserved) = now.reserved else {
             return Ok(());
         };
+        // Not behind a long transaction that used the sequence (it holds a
+        // lock ALTER SEQUENCE waits for): the next poll tries again.
+        Spi::run("SET LOCAL lock_timeout = '1s'")?;
         configure(info, Kind::Galloc, 0, Some(reserved), None)?;
         cat::set_chunks(row.seqid, Some(reserved), None)
     };

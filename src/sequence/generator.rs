@@ -13,9 +13,10 @@ use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-/// Sequences whose state is kept at once; the least recently used one is
+/// Sequences whose state is kept at once; one unused for `IDLE_MS` is
 /// dropped for a new one (its state is read back from its durable mark).
 const SLOTS: usize = 512;
+const IDLE_MS: i64 = 10_000;
 
 #[derive(Clone, Copy, Default)]
 struct Slot {
@@ -27,6 +28,9 @@ struct Slot {
     /// The durable mark, in milliseconds: nothing at or past it is issued
     /// before a new one is written.
     durable_ms: i64,
+    /// A backend is writing a new mark (without the lock: setval takes the
+    /// sequence's own lock, which must never be waited for under ours).
+    writing: bool,
     used_at: i64,
 }
 
@@ -115,6 +119,37 @@ fn now_ms() -> i64 {
     crate::shmem::now() / 1000 + 946_684_800_000
 }
 
+fn find(s: &Slots, db: u32, seqid: u32, fallback: i64) -> Option<usize> {
+    s.s.iter()
+        .position(|x| x.dboid == db && x.seqid == seqid && x.fallback == fallback)
+}
+
+/// Clears a slot's `writing` if the mark's write fails (an ERROR unwinds
+/// through here).
+struct Writing {
+    db: u32,
+    seqid: u32,
+    fallback: i64,
+    armed: bool,
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut s = SEQS.exclusive();
+            if let Some(i) = find(&s, self.db, self.seqid, self.fallback) {
+                s.s[i].writing = false;
+            }
+        }
+    }
+}
+
+fn pause() {
+    // SAFETY: a plain sleep of 100 µs.
+    unsafe { pg_sys::pg_usleep(100) };
+    pgrx::check_for_interrupts!();
+}
+
 /// The next value of snowflakeid or timeshard sequence `seqid`.
 pub fn next_value(seqid: u32, kind: Kind, node: i64) -> BdrResult<i64> {
     check_rights(seqid)?;
@@ -124,7 +159,7 @@ pub fn next_value(seqid: u32, kind: Kind, node: i64) -> BdrResult<i64> {
     loop {
         let now = now_ms();
         let mut s = SEQS.exclusive();
-        let i = match s.s.iter().position(|x| x.dboid == db && x.seqid == seqid) {
+        let i = match find(&s, db, seqid, fallback) {
             Some(i) => i,
             None => {
                 drop(s);
@@ -135,12 +170,27 @@ pub fn next_value(seqid: u32, kind: Kind, node: i64) -> BdrResult<i64> {
                         .unwrap_or(0),
                 };
                 s = SEQS.exclusive();
-                match s.s.iter().position(|x| x.dboid == db && x.seqid == seqid) {
+                match find(&s, db, seqid, fallback) {
                     Some(i) => i,
                     None => {
-                        let i = (0..SLOTS)
+                        // A state of another kind for this sequence is stale.
+                        for x in s.s.iter_mut() {
+                            if x.dboid == db && x.seqid == seqid && !x.writing {
+                                *x = Slot::default();
+                            }
+                        }
+                        let Some(i) = (0..SLOTS)
+                            .filter(|&i| {
+                                s.s[i].dboid == 0
+                                    || (!s.s[i].writing && now - s.s[i].used_at > IDLE_MS)
+                            })
                             .min_by_key(|&i| (s.s[i].dboid != 0, s.s[i].used_at))
-                            .unwrap_or(0);
+                        else {
+                            return Err(BdrError::Prerequisite {
+                                msg: format!("more than {SLOTS} snowflakeid and timeshard sequences are in use at once on this node"),
+                                hint: "Retry in a few seconds, when some have been idle.".into(),
+                            });
+                        };
                         let g = Generator::resume(floor, fallback);
                         s.s[i] = Slot {
                             dboid: db,
@@ -149,6 +199,7 @@ pub fn next_value(seqid: u32, kind: Kind, node: i64) -> BdrResult<i64> {
                             counter: g.counter,
                             fallback,
                             durable_ms: floor,
+                            writing: false,
                             used_at: now,
                         };
                         i
@@ -157,6 +208,12 @@ pub fn next_value(seqid: u32, kind: Kind, node: i64) -> BdrResult<i64> {
             }
         };
         let slot = &mut s.s[i];
+        if slot.writing && now.max(slot.last_ms) >= slot.durable_ms {
+            // Another backend is making values past the mark durable.
+            drop(s);
+            pause();
+            continue;
+        }
         let mut g = Generator {
             last_ms: slot.last_ms,
             counter: slot.counter,
@@ -167,21 +224,38 @@ pub fn next_value(seqid: u32, kind: Kind, node: i64) -> BdrResult<i64> {
             Step::WaitNextMs => {
                 drop(s);
                 wait_started.get_or_insert(crate::shmem::now());
-                // SAFETY: a plain sleep of 100 µs.
-                unsafe { pg_sys::pg_usleep(100) };
-                pgrx::check_for_interrupts!();
+                pause();
             }
             Step::Issue { ms, counter } => {
+                if slot.writing {
+                    drop(s);
+                    pause();
+                    continue;
+                }
                 slot.last_ms = g.last_ms;
                 slot.counter = g.counter;
                 slot.used_at = now;
-                if let Some(mark) = layout::floor_to_write(ms, slot.durable_ms) {
-                    // Written while the lock is held: no other backend
-                    // issues a value past the old mark before it is in WAL,
-                    // ahead of the commit of any row that uses one.
-                    slot.durable_ms = write_mark(seqid, kind, node, mark);
-                }
                 let v = compose(kind, ms, node, counter);
+                if let Some(mark) = layout::floor_to_write(ms, slot.durable_ms) {
+                    // No other backend issues a value at or past the old
+                    // mark until this one is in WAL, ahead of the commit of
+                    // any row that uses such a value.
+                    slot.writing = true;
+                    drop(s);
+                    let mut guard = Writing {
+                        db,
+                        seqid,
+                        fallback,
+                        armed: true,
+                    };
+                    let durable = write_mark(seqid, kind, node, mark);
+                    guard.armed = false;
+                    let mut s = SEQS.exclusive();
+                    if let Some(i) = find(&s, db, seqid, fallback) {
+                        s.s[i].durable_ms = s.s[i].durable_ms.max(durable);
+                        s.s[i].writing = false;
+                    }
+                }
                 LAST.with(|l| l.borrow_mut().insert(seqid, v));
                 return Ok(v);
             }

@@ -22,12 +22,58 @@ use crate::catalog::sequences::{self as cat, SeqInfo};
 use crate::error::{BdrError, BdrResult};
 use crate::pg::user::as_bdr;
 use bdr_core::quote::literal;
-use bdr_core::sequence::{self as layout, Chunk, Kind, SeqType};
+use bdr_core::sequence::{self as layout, Chunk, Kind};
 use pgrx::prelude::*;
 use std::cell::Cell;
 
 thread_local! {
     static INTERNAL: Cell<bool> = const { Cell::new(false) };
+    /// Relations created since the last utility statement ended (the
+    /// object access hook notes them): the sequences among them are the
+    /// ones a statement created.
+    static CREATED: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
+
+pub fn init() {
+    // SAFETY: _PG_init runs once in the postmaster before any backend exists.
+    unsafe {
+        PREV_OBJECT_ACCESS = pg_sys::object_access_hook;
+        pg_sys::object_access_hook = Some(object_access);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn object_access(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: std::ffi::c_int,
+    arg: *mut std::ffi::c_void,
+) {
+    if access == pg_sys::ObjectAccessType::OAT_POST_CREATE
+        && class_id == pg_sys::RelationRelationId
+        && sub_id == 0
+    {
+        CREATED.with(|c| c.borrow_mut().push(object_id.to_u32()));
+    }
+    // SAFETY: the previous hook with the arguments we were given.
+    unsafe {
+        if let Some(prev) = PREV_OBJECT_ACCESS {
+            prev(access, class_id, object_id, sub_id, arg);
+        }
+    }
+}
+
+/// Resets the flag when bdr's own statement ends, also by an ERROR (which
+/// unwinds through here as a panic).
+struct Internal(bool);
+
+impl Drop for Internal {
+    fn drop(&mut self) {
+        INTERNAL.with(|c| c.set(self.0));
+    }
 }
 
 /// Whether bdr itself is running the statement (its ALTER SEQUENCE of a
@@ -37,15 +83,12 @@ pub fn is_internal() -> bool {
 }
 
 fn internally<R>(f: impl FnOnce() -> R) -> R {
-    let was = INTERNAL.with(|c| c.replace(true));
-    let r = f();
-    INTERNAL.with(|c| c.set(was));
-    r
+    let _restore = Internal(INTERNAL.with(|c| c.replace(true)));
+    f()
 }
 
 /// Runs one ALTER SEQUENCE (or setval) of bdr's own on a global sequence.
 fn run_internal(sql: &str) -> BdrResult<()> {
-    // An ERROR aborts the transaction, and with it the flag's meaning.
     internally(|| as_bdr(|| Spi::run(sql)))?;
     Ok(())
 }
@@ -102,8 +145,10 @@ fn configure(
                 )
             };
             generator::forget(info_oid(info)?);
+            // START is the same on every node (the schema compares equal);
+            // RESTART, which is this node's own, is the value.
             format!(
-                "ALTER SEQUENCE {rc} INCREMENT BY {tick} MINVALUE 1 NO MAXVALUE NO CYCLE START WITH {v} RESTART WITH {v}"
+                "ALTER SEQUENCE {rc} INCREMENT BY {tick} MINVALUE 1 NO MAXVALUE NO CYCLE START WITH 1 RESTART WITH {v}"
             )
         }
         Kind::Galloc => match chunk {
@@ -154,11 +199,41 @@ pub fn alter_sequence_set_kind(seqid: u32, kind_name: &str, start: Option<i64>) 
         msg: format!("sequence {}: {msg}", info.regclass),
         hint: "Use galloc for integer and smallint sequences, or change the sequence's type with ALTER SEQUENCE ... AS bigint first.".into(),
     })?;
-    set_kind(seqid, &info, kind, start)
+    if info.persistence != 'p' && kind != Kind::Local {
+        return Err(BdrError::Sequence {
+            msg: format!("sequence {} is not logged; a global sequence must be", info.regclass),
+            hint: "An unlogged sequence starts over after a crash and would hand out its values again; make it logged with ALTER SEQUENCE ... SET LOGGED first.".into(),
+        });
+    }
+    let how = if crate::hlc::is_exempt() {
+        How::Replaying
+    } else {
+        How::Origin
+    };
+    set_kind(seqid, &info, kind, start, how)
 }
 
-fn set_kind(seqid: u32, info: &SeqInfo, kind: Kind, start: Option<i64>) -> BdrResult<()> {
-    let replaying = crate::hlc::is_exempt();
+/// Where a sequence gets its kind.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum How {
+    /// A session's own statement: galloc takes its chunks now, and the
+    /// statement goes to the group (where DDL does).
+    Origin,
+    /// A writer replaying the origin's statement, or a join copying the
+    /// group's kinds: the manager fetches galloc chunks after commit.
+    Replaying,
+}
+
+fn set_kind(seqid: u32, info: &SeqInfo, kind: Kind, start: Option<i64>, how: How) -> BdrResult<()> {
+    let replaying = how == How::Replaying;
+    let mut info = info.clone();
+    let previous = as_bdr(|| cat::kind_of(seqid))?.map(|r| r.kind);
+    if kind == Kind::Galloc && previous.is_some_and(|k| k.generated()) {
+        // A snowflakeid's increment is one millisecond of its layout.
+        run_internal(&format!("ALTER SEQUENCE {} INCREMENT BY 1", info.regclass))?;
+        info.increment = 1;
+    }
+    let info = &info;
     let node = if kind == Kind::Local {
         0
     } else {
@@ -206,7 +281,8 @@ fn set_kind(seqid: u32, info: &SeqInfo, kind: Kind, start: Option<i64>) -> BdrRe
             galloc::take_chunks_now(seqid, info)?;
         }
     }
-    if !replaying && crate::ddl::in_group() {
+    // Only where the statement that created the sequence went to the group.
+    if !replaying && crate::ddl::in_group() && crate::guc::get_bool(crate::guc::DDL_REPLICATION) {
         let start = start
             .map(|s| s.to_string())
             .unwrap_or_else(|| "NULL".into());
@@ -219,6 +295,32 @@ fn set_kind(seqid: u32, info: &SeqInfo, kind: Kind, start: Option<i64>) -> BdrRe
     Ok(())
 }
 
+/// At the end of a join: every sequence the target has of a global kind,
+/// if it exists here, gets that kind (galloc: the group's allocation, its
+/// chunks fetched by the manager once the join commits).
+pub fn copy_kinds(seqs: &[crate::peer::GlobalSeq]) -> BdrResult<()> {
+    for g in seqs {
+        let Some(kind) = Kind::from_code(&g.kind) else {
+            continue;
+        };
+        let oid = as_bdr(|| {
+            Spi::get_one_with_args::<pg_sys::Oid>(
+                "SELECT pg_catalog.to_regclass($1)::oid",
+                &[g.name.as_str().into()],
+            )
+        })?;
+        let Some(oid) = oid.map(|o| o.to_u32()).filter(|o| *o != 0) else {
+            continue;
+        };
+        let mut info = as_bdr(|| cat::seq_info(oid))?;
+        if let Some(key) = &g.alloc_key {
+            info.qualified = key.clone();
+        }
+        set_kind(oid, &info, kind, g.start, How::Replaying)?;
+    }
+    Ok(())
+}
+
 /// After a utility statement: sequences it created get
 /// `bdr.default_sequence_kind` (a session's own statements in a group;
 /// writers get the origin's choice by its replicated
@@ -227,10 +329,7 @@ fn set_kind(seqid: u32, info: &SeqInfo, kind: Kind, start: Option<i64>) -> BdrRe
 ///
 /// # Safety
 /// `pstmt` is the utility hook's statement, which has just run.
-pub unsafe fn after_utility(
-    pstmt: *mut pg_sys::PlannedStmt,
-    context: pg_sys::ProcessUtilityContext::Type,
-) {
+pub unsafe fn after_utility(pstmt: *mut pg_sys::PlannedStmt, outermost: bool) {
     // SAFETY: the caller upholds this function's contract.
     let tag = unsafe {
         let stmt = (*pstmt).utilityStmt;
@@ -239,13 +338,20 @@ pub unsafe fn after_utility(
         }
         (*stmt).type_
     };
-    use pg_sys::NodeTag::*;
-    let drops = matches!(tag, T_DropStmt | T_DropOwnedStmt);
-    let creates = matches!(
+    // Statements inside another (a serial column's sequence, the
+    // triggers bdr adds to a new table, DDL in a DO block) leave what they
+    // created for the outermost one, whose own entry in the queue comes
+    // after theirs.
+    let created: Vec<u32> = if outermost {
+        CREATED.with(|c| std::mem::take(&mut *c.borrow_mut()))
+    } else {
+        Vec::new()
+    };
+    let drops = matches!(
         tag,
-        T_CreateSeqStmt | T_CreateStmt | T_AlterTableStmt | T_CreateForeignTableStmt
+        pg_sys::NodeTag::T_DropStmt | pg_sys::NodeTag::T_DropOwnedStmt
     );
-    if !drops && !creates {
+    if !drops && created.is_empty() {
         return;
     }
     // SAFETY: a catalog lookup by name in a connected backend.
@@ -257,32 +363,19 @@ pub unsafe fn after_utility(
     } else {
         // SAFETY: reads a backend-global flag.
         let extension_script = unsafe { pg_sys::creating_extension };
-        if crate::hlc::is_exempt()
-            || extension_script
-            || is_internal()
-            || (context != pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL
-                && context != pg_sys::ProcessUtilityContext::PROCESS_UTILITY_QUERY)
-            || !crate::ddl::in_group()
-        {
+        if crate::hlc::is_exempt() || extension_script || is_internal() || !crate::ddl::in_group() {
             return;
         }
-        apply_default_kind()
+        apply_default_kind(&created)
     };
     if let Err(e) = r {
         e.raise();
     }
 }
 
-fn apply_default_kind() -> BdrResult<()> {
+fn apply_default_kind(created: &[u32]) -> BdrResult<()> {
     let setting = crate::guc::get_enum(crate::guc::DEFAULT_SEQUENCE_KIND);
-    for (seqid, xmin) in as_bdr(cat::sequences_without_kind)? {
-        // SAFETY: asks whether an xid is this transaction's (or a
-        // subtransaction's); no preconditions.
-        if !unsafe {
-            pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xmin))
-        } {
-            continue;
-        }
+    for seqid in as_bdr(|| cat::new_logged_sequences(created))? {
         let info = as_bdr(|| cat::seq_info(seqid))?;
         let kind = Kind::parse(setting, info.ty).map_err(|msg| BdrError::InvalidValue {
             what: "bdr.default_sequence_kind",
@@ -302,7 +395,7 @@ fn apply_default_kind() -> BdrResult<()> {
             as_bdr(|| cat::set_kind(seqid, Kind::Local, None, &info.qualified))?;
             continue;
         }
-        set_kind(seqid, &info, kind, None)?;
+        set_kind(seqid, &info, kind, None, How::Origin)?;
     }
     Ok(())
 }
@@ -317,6 +410,8 @@ pub unsafe fn before_utility(pstmt: *mut pg_sys::PlannedStmt) {
     if is_internal() {
         return;
     }
+    // SAFETY: the caller upholds this function's contract.
+    unsafe { refuse_restart_identity((*pstmt).utilityStmt) };
     // SAFETY: the caller upholds this function's contract.
     let seqid = unsafe {
         let stmt = (*pstmt).utilityStmt;
@@ -356,7 +451,49 @@ pub unsafe fn before_utility(pstmt: *mut pg_sys::PlannedStmt) {
     }
 }
 
-/// The type of a sequence, for the planner hook's casts.
-pub fn seq_type(seqid: u32) -> Option<SeqType> {
-    as_bdr(|| cat::seq_info(seqid)).ok().map(|i| i.ty)
+/// `TRUNCATE ... RESTART IDENTITY` would set a global sequence back to
+/// its start (a snowflakeid to the epoch, a galloc one to the start of its
+/// chunk), to hand its values out again.
+///
+/// # Safety
+/// `stmt` is the utility hook's statement, before it runs.
+unsafe fn refuse_restart_identity(stmt: *mut pg_sys::Node) {
+    // SAFETY: the caller upholds this function's contract.
+    let rels: Vec<u32> = unsafe {
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_TruncateStmt {
+            return;
+        }
+        let t = stmt as *mut pg_sys::TruncateStmt;
+        if !(*t).restart_seqs
+            || pg_sys::get_extension_oid(c"bdr".as_ptr(), true) == pg_sys::InvalidOid
+        {
+            return;
+        }
+        pgrx::PgList::<pg_sys::RangeVar>::from_pg((*t).relations)
+            .iter_ptr()
+            .map(|rv| {
+                pg_sys::RangeVarGetRelidExtended(
+                    rv,
+                    pg_sys::NoLock as i32,
+                    pg_sys::RVROption::RVR_MISSING_OK,
+                    None,
+                    std::ptr::null_mut(),
+                )
+                .to_u32()
+            })
+            .filter(|o| *o != 0)
+            .collect()
+    };
+    match as_bdr(|| cat::global_sequences_of(&rels)) {
+        Ok(seqs) if seqs.is_empty() => {}
+        Ok(seqs) => BdrError::Sequence {
+            msg: format!(
+                "TRUNCATE ... RESTART IDENTITY would restart global sequence {}",
+                seqs.join(", ")
+            ),
+            hint: "Truncate without RESTART IDENTITY (CONTINUE IDENTITY): a global sequence must not hand out its values again.".into(),
+        }
+        .raise(),
+        Err(e) => e.raise(),
+    }
 }

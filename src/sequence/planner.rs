@@ -84,7 +84,13 @@ pub fn kind_of(seqid: u32) -> Option<Kind> {
     } else {
         None
     };
-    CACHE.with(|c| c.borrow_mut().kinds.insert(seqid, k));
+    // Under REPEATABLE READ the lookup saw the transaction's snapshot,
+    // which may be older than the invalidation that cleared the cache:
+    // keep it for this lookup only.
+    // SAFETY: reads a backend-global setting.
+    if unsafe { pg_sys::XactIsoLevel } < pg_sys::XACT_REPEATABLE_READ as i32 {
+        CACHE.with(|c| c.borrow_mut().kinds.insert(seqid, k));
+    }
     k
 }
 
@@ -331,7 +337,10 @@ unsafe extern "C-unwind" fn bdr_planner(
 ) -> *mut pg_sys::PlannedStmt {
     // SAFETY: the query PostgreSQL is about to plan.
     unsafe {
-        if !parse.is_null() && (*parse).commandType != pg_sys::CmdType::CMD_UTILITY {
+        if !parse.is_null()
+            && (*parse).commandType != pg_sys::CmdType::CMD_UTILITY
+            && !super::is_internal()
+        {
             rewrite(parse);
         }
         match PREV_PLANNER {

@@ -237,16 +237,24 @@ fn bad_kinds_and_setval_are_refused_and_change_nothing() {
     assert!(hint.is_some());
     let (code, msg, _) = expect_error(&mut n1, "ALTER SEQUENCE s_int RESTART WITH 7");
     assert_eq!(code, "22023", "{msg}");
+    n1.batch_execute("CREATE TABLE owned (id serial PRIMARY KEY)")
+        .unwrap();
+    let (code, msg, hint) = expect_error(&mut n1, "TRUNCATE owned RESTART IDENTITY");
+    assert_eq!(code, "22023", "{msg}");
+    assert!(msg.contains("owned_id_seq"), "{msg}");
+    assert!(hint.unwrap_or_default().contains("CONTINUE IDENTITY"));
+    n1.batch_execute("TRUNCATE owned").unwrap();
     // A local sequence is PostgreSQL's own.
     n1.batch_execute("SELECT setval('s_local', 41); ALTER SEQUENCE s_local RESTART WITH 50")
         .unwrap();
+    let before = before.map(|b| format!("owned_id_seq=galloc,{b}"));
     assert_eq!(one(&mut n1, kinds), before);
     // Converting replicates: node2 has the same kinds.
     n1.batch_execute("SELECT bdr.alter_sequence_set_kind('s_local', 'galloc', 1000)")
         .unwrap();
     wait_for_replication(&c, DB);
     let mut n2 = c.node(1).connect(DB);
-    let after = "s_big=snowflakeid,s_int=galloc,s_local=galloc";
+    let after = "owned_id_seq=galloc,s_big=snowflakeid,s_int=galloc,s_local=galloc";
     assert_eq!(one(&mut n1, kinds).as_deref(), Some(after));
     assert_eq!(one(&mut n2, kinds).as_deref(), Some(after));
     wait_for_chunks(&c, 1);
@@ -281,7 +289,70 @@ fn bad_kinds_and_setval_are_refused_and_change_nothing() {
     n1.batch_execute("CREATE TABLE seen (id int PRIMARY KEY)")
         .unwrap();
     wait_for_replication(&c, DB);
-    assert_converged(&c, DB, &["seen"]);
+    assert_converged(&c, DB, &["seen", "owned"]);
+}
+
+#[test]
+fn a_node_joining_with_the_schema_gets_the_kinds_and_its_own_values() {
+    let c = Cluster::start(3, "");
+    form_group_of(&c, DB, "", 2);
+    let mut n1 = c.node(0).connect(DB);
+    n1.batch_execute(
+        "CREATE TABLE a (id serial PRIMARY KEY, who text);
+         CREATE TABLE b (id bigserial PRIMARY KEY, who text);
+         INSERT INTO a (who) SELECT 'node1' FROM generate_series(1, 10);
+         INSERT INTO b (who) SELECT 'node1' FROM generate_series(1, 10);",
+    )
+    .unwrap();
+    wait_for_replication_on(&c, DB, &[0, 1]);
+    prepare_node(&c, 2, DB, "");
+    let mut n3 = c.node(2).connect(DB);
+    n3.execute(
+        "SELECT bdr.join_node_group($1, 'g', synchronize_structure => 'all')",
+        &[&c.node(0).dsn(DB)],
+    )
+    .unwrap();
+    wait_for_mesh(&c, DB);
+    let kinds =
+        "SELECT string_agg(relname || '=' || seqkind, ',' ORDER BY relname) FROM bdr.sequences";
+    assert_eq!(
+        one(&mut n3, kinds).as_deref(),
+        Some("a_id_seq=galloc,b_id_seq=snowflakeid")
+    );
+    assert_eq!(
+        one(&mut n3, "SELECT node_seq_id FROM bdr.local_node_summary").as_deref(),
+        Some("3")
+    );
+    wait_for_chunks(&c, 2);
+    for i in 0..3 {
+        let mut cl = c.node(i).connect(DB);
+        let who = format!("node{}", i + 1);
+        for t in ["a", "b"] {
+            cl.execute(
+                &format!("INSERT INTO {t} (who) SELECT $1 FROM generate_series(1, 20)"),
+                &[&who],
+            )
+            .unwrap();
+        }
+    }
+    wait_for_replication(&c, DB);
+    for t in ["a", "b"] {
+        let total = count(&mut n1, &format!("SELECT count(*) FROM {t}"));
+        assert_eq!(total, 70, "{t}");
+        assert_eq!(
+            count(&mut n1, &format!("SELECT count(DISTINCT id) FROM {t}")),
+            total,
+            "{t}"
+        );
+    }
+    assert_eq!(
+        count(
+            &mut n1,
+            "SELECT count(*) FROM b WHERE who = 'node3' AND bdr.extract_nodeid_from_snowflakeid(id) <> 3"
+        ),
+        0
+    );
+    assert_converged(&c, DB, &["a", "b"]);
 }
 
 #[test]

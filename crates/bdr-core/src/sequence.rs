@@ -310,8 +310,10 @@ pub fn next_chunk(
     if chunk_size <= 0 {
         return Err("the chunk size must be positive".into());
     }
+    // A later conversion may pass a larger start (values handed out while
+    // the sequence was local): chunks never start below it.
     let from = match a {
-        Some(a) => a.allocated_up_to.saturating_add(1),
+        Some(a) => a.allocated_up_to.saturating_add(1).max(start),
         None => start,
     };
     if from > max_value {
@@ -563,6 +565,27 @@ mod tests {
         };
         assert!(next_chunk(Some(&a), 1, 1000, i16::MAX as i64).is_err());
         assert!(next_chunk(None, 5, 0, 100).is_err());
+        // A new start above what was allocated moves the next chunk up.
+        let a = Allocation {
+            chunk_size: 1000,
+            allocated_up_to: 2000,
+            nallocs: 2,
+            last_alloc_us: 0,
+        };
+        assert_eq!(
+            next_chunk(Some(&a), 5000, 1000, 100_000).unwrap(),
+            Chunk {
+                start: 5000,
+                end: 5999
+            }
+        );
+        assert_eq!(
+            next_chunk(Some(&a), 1, 1000, 100_000).unwrap(),
+            Chunk {
+                start: 2001,
+                end: 3000
+            }
+        );
     }
 
     #[test]
