@@ -441,3 +441,41 @@ fn galloc_goes_on_from_its_reserved_chunk_while_cut_off_and_never_repeats() {
         .collect();
     assert_eq!(seen.len(), 1);
 }
+
+#[test]
+fn snowflakeids_never_go_back_across_a_crash_with_the_clock_set_back() {
+    let mut c = Cluster::start(2, "");
+    form_group(&c, DB, "");
+    let mut n1 = c.node(0).connect(DB);
+    n1.batch_execute("CREATE TABLE t (id bigserial PRIMARY KEY, phase int NOT NULL)")
+        .unwrap();
+    n1.batch_execute("INSERT INTO t (phase) SELECT 1 FROM generate_series(1, 2000)")
+        .unwrap();
+    let before = one(&mut n1, "SELECT max(id) FROM t").unwrap();
+    // A crash, and the clock two minutes behind when the node comes back.
+    c.node_mut(0).kill9();
+    c.node_mut(0).skew_clock(-120.0);
+    c.node_mut(0).start();
+    let mut n1 = c.node(0).connect(DB);
+    // The server's clock is behind the values it handed out before.
+    let behind = one(
+        &mut n1,
+        &format!("clock_timestamp() < bdr.extract_timestamp_from_snowflakeid({before})"),
+    );
+    assert_eq!(behind.as_deref(), Some("true"));
+    n1.batch_execute("INSERT INTO t (phase) SELECT 2 FROM generate_series(1, 2000)")
+        .unwrap();
+    let lower = count(
+        &mut n1,
+        &format!("SELECT count(*) FROM t WHERE phase = 2 AND id <= {before}"),
+    );
+    assert_eq!(lower, 0, "values after the restart at or below {before}");
+    assert_eq!(count(&mut n1, "SELECT count(DISTINCT id) FROM t"), 4000);
+    // The other node's values never meet them.
+    let mut n2 = c.node(1).connect(DB);
+    n2.batch_execute("INSERT INTO t (phase) SELECT 3 FROM generate_series(1, 500)")
+        .unwrap();
+    wait_for_replication(&c, DB);
+    assert_eq!(count(&mut n1, "SELECT count(DISTINCT id) FROM t"), 4500);
+    assert_converged(&c, DB, &["t"]);
+}
