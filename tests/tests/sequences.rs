@@ -47,6 +47,9 @@ fn pgbench(c: &Cluster, i: usize, script: &str, seconds: u32) -> std::process::C
             "--",
             "/usr/lib/postgresql/15/bin/pgbench",
             "-n",
+            // Prepared statements keep the plan bdr's planner hook made.
+            "-M",
+            "prepared",
             "-c",
             "2",
             "-R",
