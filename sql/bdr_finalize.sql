@@ -612,3 +612,16 @@ SELECT k.seqid::regclass AS seqid,
 
 GRANT SELECT ON bdr.sequences TO PUBLIC;
 REVOKE ALL ON FUNCTION bdr._sequence_alloc() FROM PUBLIC;
+
+-- Global locks (src/globallock.rs, docs/ddl.md).
+CREATE VIEW bdr.global_locks AS
+SELECT l.origin_node_id,
+       l.origin_node_name,
+       l.lock_type,
+       l.lock_key,
+       NULL::regclass AS relation,
+       l.pid,
+       'locked'::text AS acquire_stage,
+       bdr._ts(l.acquired_us) AS global_lock_request_time,
+       l.statement
+  FROM bdr._global_locks() l;

@@ -356,6 +356,10 @@ pub unsafe fn capture(
         warning!("bdr.ddl_replication is off: this statement is not replicated to the other nodes: {sql}");
         return None;
     }
+    // Before it runs: one DDL transaction in the group at a time.
+    if let Err(e) = crate::globallock::ddl_lock_for(&sql) {
+        e.raise();
+    }
     Some(Pending {
         cmd: DdlCommand {
             sql,
@@ -502,12 +506,14 @@ pub fn replicate_ddl_command(
             ));
         }
     }
+    let locking_was = crate::guc::get_enum(crate::guc::DDL_LOCKING);
     match ddl_locking {
-        None | Some("off") => {}
-        Some("on") | Some("dml") => {
-            return Err(BdrError::NotSupported(
-                "global DDL locks (ddl_locking 'on' or 'dml'); pass NULL or 'off'".into(),
-            ))
+        None => {}
+        Some(mode @ ("off" | "on" | "dml")) => {
+            Spi::run_with_args(
+                "SELECT pg_catalog.set_config('bdr.ddl_locking', $1, true)",
+                &[mode.into()],
+            )?;
         }
         Some(other) => {
             return Err(BdrError::InvalidValue {
@@ -527,6 +533,12 @@ pub fn replicate_ddl_command(
     let r = Spi::run(sql);
     if !was {
         Spi::run("SELECT pg_catalog.set_config('bdr.ddl_replication', 'off', true)")?;
+    }
+    if ddl_locking.is_some() {
+        Spi::run_with_args(
+            "SELECT pg_catalog.set_config('bdr.ddl_locking', $1, true)",
+            &[locking_was.into()],
+        )?;
     }
     r?;
     Ok(())

@@ -67,6 +67,9 @@ pub enum BdrError {
     /// A global sequence asked to do what its kind or type cannot.
     #[error("{msg}")]
     Sequence { msg: String, hint: String },
+    /// A global lock that could not be had.
+    #[error("{msg}")]
+    GlobalLock { msg: String, hint: String },
     #[error("must be owner of sequence {0}")]
     NotOwner(String),
     #[error("{0}")]
@@ -97,6 +100,7 @@ impl BdrError {
             BdrError::OutcomeUnknown { .. } => ERRCODE_T_R_STATEMENT_COMPLETION_UNKNOWN,
             BdrError::Refused { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             BdrError::Sequence { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            BdrError::GlobalLock { .. } => ERRCODE_LOCK_NOT_AVAILABLE,
             BdrError::NotOwner(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             BdrError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
@@ -131,6 +135,7 @@ impl BdrError {
             BdrError::OutcomeUnknown { hint, .. } => hint.clone(),
             BdrError::Refused { hint, .. } => hint.clone(),
             BdrError::Sequence { hint, .. } => hint.clone(),
+            BdrError::GlobalLock { hint, .. } => hint.clone(),
             BdrError::NotOwner(_) => "Only the sequence's owner (or a superuser) can change its kind.".into(),
             BdrError::InvalidValue { .. } | BdrError::Spi(_) => return None,
         })

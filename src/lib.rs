@@ -12,6 +12,7 @@ pub mod conflict_settings;
 pub mod consensus;
 pub mod ddl;
 pub mod error;
+pub mod globallock;
 pub mod guc;
 pub mod hlc;
 pub mod hooks;

@@ -5,8 +5,8 @@ use pgrx::prelude::*;
 
 /// Runs `ddl_cmd` here and replicates it to the group, whatever
 /// `bdr.ddl_replication` says. `replication_sets` must be NULL or
-/// `{default}`; `ddl_locking` NULL or 'off' (global DDL locks are not
-/// implemented yet).
+/// `{default}`; `ddl_locking` overrides `bdr.ddl_locking` for the
+/// statement.
 #[pg_extern(volatile)]
 fn replicate_ddl_command(
     ddl_cmd: &str,

@@ -3,6 +3,7 @@
 pub mod conflicts;
 pub mod consensus;
 pub mod ddl;
+pub mod globallock;
 pub mod join;
 pub mod monitor;
 pub mod node;

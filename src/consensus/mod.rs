@@ -57,6 +57,28 @@ fn no_majority(what: &str, waited_ms: i64, proposed: bool) -> BdrError {
 /// it gave here; fails after `bdr.raft_response_timeout` without a
 /// majority.
 pub fn submit(req: &Request, what: &str) -> BdrResult<Applied> {
+    let timeout_ms = crate::guc::get_int(crate::guc::RAFT_RESPONSE_TIMEOUT).max(0) as i64;
+    submit_within(req, what, timeout_ms)
+}
+
+/// As `submit`, waiting at most `timeout_ms` (a caller that tries again
+/// does not lose a whole `bdr.raft_response_timeout` to a proposal the
+/// old leader took with it).
+pub fn submit_within(req: &Request, what: &str, timeout_ms: i64) -> BdrResult<Applied> {
+    let (slot, id, started) = post(req, what, false)?;
+    wait_for(slot, id, started, what, timeout_ms)
+}
+
+/// Hands `req` to the consensus worker without waiting for it (what a
+/// transaction's end or a session's exit releases): it takes effect once
+/// the group commits it, or not at all if the worker cannot propose it
+/// within twice `bdr.raft_response_timeout`.
+pub fn submit_detached(req: &Request, what: &str) -> BdrResult<()> {
+    post(req, what, true).map(|_| ())
+}
+
+/// Puts a request into a free slot and wakes the worker.
+fn post(req: &Request, what: &str, detached: bool) -> BdrResult<(usize, u64, i64)> {
     let dboid = my_database();
     let data = req.encode();
     if data.len() > shmem::REQUEST_BYTES {
@@ -69,7 +91,6 @@ pub fn submit(req: &Request, what: &str) -> BdrResult<Applied> {
             ),
         });
     }
-    let timeout_ms = crate::guc::get_int(crate::guc::RAFT_RESPONSE_TIMEOUT).max(0) as i64;
     let started = crate::shmem::now();
     let (slot, id, worker) = {
         let mut s = CONSENSUS.exclusive();
@@ -106,11 +127,17 @@ pub fn submit(req: &Request, what: &str) -> BdrResult<Applied> {
         // SAFETY: MyProc is set for every connected backend.
         r.waiter = unsafe { pg_sys::MyProc } as usize;
         r.created_at = started;
+        r.detached = detached;
         r.len = data.len();
         r.data[..data.len()].copy_from_slice(&data);
         (slot, id, worker.0)
     };
     crate::shmem::set_latch_of(worker);
+    Ok((slot, id, started))
+}
+
+/// Waits for the answer to the request in `slot`.
+fn wait_for(slot: usize, id: u64, started: i64, what: &str, timeout_ms: i64) -> BdrResult<Applied> {
     loop {
         {
             let mut s = CONSENSUS.exclusive();

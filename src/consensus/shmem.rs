@@ -42,6 +42,8 @@ pub struct Request {
     pub waiter: usize,
     /// When the backend submitted it.
     pub created_at: i64,
+    /// Nobody waits for the answer: once proposed, the slot is given up.
+    pub detached: bool,
     pub len: usize,
     pub data: [u8; REQUEST_BYTES],
 }
@@ -54,6 +56,7 @@ impl Default for Request {
             id: 0,
             waiter: 0,
             created_at: 0,
+            detached: false,
             len: 0,
             data: [0; REQUEST_BYTES],
         }

@@ -305,7 +305,10 @@ fn take_requests(dboid: u32, node: &mut RawNode<Store>, proposed: &mut HashMap<u
                 };
                 // Without a leader the proposal is dropped: tried again on
                 // the next round, until the backend gives up.
-                if ok {
+                if ok && r.detached {
+                    // Applied in the log's time; nobody reads the answer.
+                    *r = Default::default();
+                } else if ok {
                     r.state = ReqState::Proposed;
                     proposed.insert(r.id, i);
                 }

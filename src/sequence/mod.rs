@@ -283,6 +283,10 @@ fn set_kind(seqid: u32, info: &SeqInfo, kind: Kind, start: Option<i64>, how: How
     }
     // Only where the statement that created the sequence went to the group.
     if !replaying && crate::ddl::in_group() && crate::guc::get_bool(crate::guc::DDL_REPLICATION) {
+        crate::globallock::ddl_lock_for(&format!(
+            "bdr.alter_sequence_set_kind({})",
+            info.regclass
+        ))?;
         let start = start
             .map(|s| s.to_string())
             .unwrap_or_else(|| "NULL".into());

@@ -18,6 +18,8 @@ const POLL: Duration = Duration::from_secs(1);
 const GALLOC_POLL: Duration = Duration::from_millis(100);
 /// How often old tombstones are purged, and how old they must be.
 const PURGE_EVERY_US: i64 = 300_000_000;
+/// How often the manager lets go of global locks whose holder is gone.
+const REAP_EVERY_US: i64 = 3_000_000;
 
 /// How long every peer must have been streaming, and caught up, before old
 /// tombstones go: a peer that was away replays its backlog first.
@@ -112,6 +114,8 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
     let mut consensus: Option<Running> = None;
     let mut last_purge = crate::shmem::now();
     let mut galloc_failed = HashMap::new();
+    // The first round (just after a restart) lets go of what the node held.
+    let mut last_reap = 0;
     loop {
         let mut poll = POLL;
         match read_catalogs() {
@@ -130,6 +134,10 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                 tend_receivers(dboid, &subs, &mut receivers, &mut jitter);
                 if in_consensus {
                     tend_consensus(dboid, &mut consensus, &mut jitter);
+                    if crate::shmem::now() - last_reap > REAP_EVERY_US {
+                        last_reap = crate::shmem::now();
+                        crate::globallock::reap(local.node_id);
+                    }
                 } else if let Some(c) = consensus.take() {
                     let _ = c.handle.terminate();
                 }
