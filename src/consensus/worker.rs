@@ -246,7 +246,12 @@ const STALE_MARGIN_US: i64 = 10_000_000;
 /// Proposes what backends submitted.
 fn take_requests(dboid: u32, node: &mut RawNode<Store>, proposed: &mut HashMap<u64, usize>) {
     let mut s = CONSENSUS.exclusive();
-    for (i, r) in s.requests.iter_mut().enumerate() {
+    // In the order they were submitted: a lock's release queued by one
+    // transaction goes before the next transaction's request for it.
+    let mut order: Vec<usize> = (0..s.requests.len()).collect();
+    order.sort_by_key(|&i| s.requests[i].id);
+    for i in order {
+        let r = &mut s.requests[i];
         if r.dboid != dboid {
             continue;
         }
