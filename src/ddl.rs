@@ -356,8 +356,16 @@ pub unsafe fn capture(
         warning!("bdr.ddl_replication is off: this statement is not replicated to the other nodes: {sql}");
         return None;
     }
-    // Before it runs: one DDL transaction in the group at a time.
-    if let Err(e) = crate::globallock::ddl_lock_for(&sql) {
+    // Before it runs: one DDL transaction in the group at a time. A
+    // CONCURRENTLY statement commits transactions of its own: its lock is
+    // held until it returns.
+    let concurrently = rules::without_concurrently(&sql) != sql;
+    let locked = if concurrently {
+        crate::globallock::ddl_lock_for_statement(&sql)
+    } else {
+        crate::globallock::ddl_lock_for(&sql)
+    };
+    if let Err(e) = locked {
         e.raise();
     }
     Some(Pending {

@@ -67,6 +67,9 @@ pub enum BdrError {
     /// A global sequence asked to do what its kind or type cannot.
     #[error("{msg}")]
     Sequence { msg: String, hint: String },
+    /// The group's consensus did not answer; the request was not applied.
+    #[error("{msg}")]
+    NoMajority { msg: String, hint: String },
     /// A global lock that could not be had.
     #[error("{msg}")]
     GlobalLock { msg: String, hint: String },
@@ -101,6 +104,7 @@ impl BdrError {
             BdrError::Refused { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             BdrError::Sequence { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             BdrError::GlobalLock { .. } => ERRCODE_LOCK_NOT_AVAILABLE,
+            BdrError::NoMajority { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             BdrError::NotOwner(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             BdrError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
@@ -136,6 +140,7 @@ impl BdrError {
             BdrError::Refused { hint, .. } => hint.clone(),
             BdrError::Sequence { hint, .. } => hint.clone(),
             BdrError::GlobalLock { hint, .. } => hint.clone(),
+            BdrError::NoMajority { hint, .. } => hint.clone(),
             BdrError::NotOwner(_) => "Only the sequence's owner (or a superuser) can change its kind.".into(),
             BdrError::InvalidValue { .. } | BdrError::Spi(_) => return None,
         })

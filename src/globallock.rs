@@ -139,8 +139,18 @@ fn acquire(key: &str, holder: &Holder, what: &str) -> BdrResult<String> {
             // A lost proposal (the leader changed): try again while there
             // is time; a late one that takes effect is ours (see below).
             // Without a majority this gives up after bdr.raft_response_timeout.
-            Err(_) if waited + attempt_ms <= response_ms => continue,
-            Err(e) => return Err(e),
+            Err(BdrError::OutcomeUnknown { .. } | BdrError::NoMajority { .. })
+                if waited + attempt_ms <= response_ms =>
+            {
+                crate::pg::latch::wait(None, 100);
+                pgrx::check_for_interrupts!();
+                continue;
+            }
+            Err(e) => {
+                // A proposal that still takes effect later is let go.
+                release_detached(key, &value);
+                return Err(e);
+            }
         };
         if a.ok {
             return Ok(value);
@@ -199,15 +209,7 @@ fn release_detached(key: &str, value: &str) {
 /// `bdr.ddl_locking = on`: the global DDL lock for this transaction,
 /// before a statement that replicates runs.
 pub fn ddl_lock_for(statement: &str) -> BdrResult<()> {
-    match crate::guc::get_enum(crate::guc::DDL_LOCKING) {
-        "off" => return Ok(()),
-        "dml" => {
-            warning!("bdr.ddl_locking is dml, but the global DML lock is not implemented yet: this statement runs without a global lock");
-            return Ok(());
-        }
-        _ => {}
-    }
-    if DDL_HELD.with(|h| h.borrow().is_some()) {
+    if !wants_ddl_lock() || DDL_HELD.with(|h| h.borrow().is_some()) {
         return Ok(());
     }
     // SAFETY: assigns (or reads) this transaction's id; a DDL statement is
@@ -226,7 +228,70 @@ pub fn ddl_lock_for(statement: &str) -> BdrResult<()> {
             }
         });
     }
+    // A prepared transaction would outlive its backend, which is how the
+    // manager tells a lock is stale.
+    pgrx::callbacks::register_xact_callback(
+        pgrx::callbacks::PgXactCallbackEvent::PrePrepare,
+        || {
+            if DDL_HELD.with(|h| h.borrow().is_some()) {
+                BdrError::GlobalLock {
+                msg: "a transaction that holds the global DDL lock cannot be prepared".into(),
+                hint: "Run the DDL outside the prepared transaction, or SET bdr.ddl_locking = off for it.".into(),
+            }
+            .raise();
+            }
+        },
+    );
     Ok(())
+}
+
+fn wants_ddl_lock() -> bool {
+    match crate::guc::get_enum(crate::guc::DDL_LOCKING) {
+        "off" => false,
+        "dml" => {
+            warning!("bdr.ddl_locking is dml, but the global DML lock is not implemented yet: this statement runs without a global lock");
+            false
+        }
+        _ => true,
+    }
+}
+
+thread_local! {
+    /// The DDL lock held for one statement that commits on its own
+    /// (CREATE INDEX CONCURRENTLY): let go when the statement returns.
+    static STATEMENT_HELD: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// The DDL lock for a statement that commits transactions of its own
+/// (the CONCURRENTLY ones): held by the session until the statement ends
+/// (`release_statement_lock`), not by a transaction.
+pub fn ddl_lock_for_statement(statement: &str) -> BdrResult<()> {
+    if !wants_ddl_lock()
+        || DDL_HELD.with(|h| h.borrow().is_some())
+        || STATEMENT_HELD.with(|h| h.borrow().is_some())
+    {
+        return Ok(());
+    }
+    let holder = me("ddl", 0, statement)?;
+    let value = acquire(DDL_KEY, &holder, "DDL lock")?;
+    register_exit_hook();
+    STATEMENT_HELD.with(|h| *h.borrow_mut() = Some(value));
+    Ok(())
+}
+
+/// After a utility statement, also one that failed: lets go of the lock
+/// `ddl_lock_for_statement` took.
+pub fn release_statement_lock() {
+    if let Some(v) = STATEMENT_HELD.with(|h| h.borrow_mut().take()) {
+        release_detached(DDL_KEY, &v);
+    }
+}
+
+fn register_exit_hook() {
+    if !EXIT_HOOK.with(|c| c.replace(true)) {
+        // SAFETY: registers a callback for this backend's exit, once.
+        unsafe { pg_sys::before_shmem_exit(Some(release_at_exit), pg_sys::Datum::from(0)) };
+    }
 }
 
 fn advisory_key(k1: i64, k2: Option<i32>) -> String {
@@ -242,6 +307,7 @@ unsafe extern "C-unwind" fn release_at_exit(_code: i32, _arg: pg_sys::Datum) {
     for (k, v) in held {
         release_detached(&k, &v);
     }
+    release_statement_lock();
 }
 
 /// `bdr.global_advisory_lock`: a session-level lock of the group.
@@ -253,10 +319,7 @@ pub fn advisory_lock(k1: i64, k2: Option<i32>) -> BdrResult<()> {
     let name = key.trim_start_matches(PREFIX).to_string();
     let holder = me("advisory", 0, &name)?;
     let value = acquire(&key, &holder, &format!("advisory lock {name}"))?;
-    if !EXIT_HOOK.with(|c| c.replace(true)) {
-        // SAFETY: registers a callback for this backend's exit, once.
-        unsafe { pg_sys::before_shmem_exit(Some(release_at_exit), pg_sys::Datum::from(0)) };
-    }
+    register_exit_hook();
     ADVISORY_HELD.with(|h| h.borrow_mut().push((key, value)));
     Ok(())
 }
@@ -264,22 +327,20 @@ pub fn advisory_lock(k1: i64, k2: Option<i32>) -> BdrResult<()> {
 /// `bdr.global_advisory_unlock`: whether this session held the lock.
 pub fn advisory_unlock(k1: i64, k2: Option<i32>) -> BdrResult<bool> {
     let key = advisory_key(k1, k2);
-    let held = ADVISORY_HELD.with(|h| {
-        let mut h = h.borrow_mut();
-        let i = h.iter().position(|(k, _)| *k == key)?;
-        Some(h.remove(i))
-    });
+    let held = ADVISORY_HELD.with(|h| h.borrow().iter().find(|(k, _)| *k == key).cloned());
     let Some((k, v)) = held else {
         return Ok(false);
     };
     let cmd = Command::KvStore {
-        key: k,
+        key: k.clone(),
         value: None,
         prev: Some(Some(v)),
         ttl_ms: None,
         now_us: crate::shmem::now(),
     };
+    // Still this session's (and let go at its end) if this fails.
     consensus::submit(&Request::Command(cmd), "releasing a global advisory lock")?;
+    ADVISORY_HELD.with(|h| h.borrow_mut().retain(|(hk, _)| *hk != k));
     Ok(true)
 }
 
@@ -308,9 +369,10 @@ pub fn reap(my_node: u32) {
                 let gone = if h.node_id == my_node {
                     holder_gone(&h).map_err(|e| e.to_string())?
                 } else {
+                    // A node this one does not know yet is not gone.
                     crate::catalog::node_by_id(h.node_id)
                         .map_err(|e| e.to_string())?
-                        .is_none_or(|n| n.node_state == bdr_core::node::NodeState::Parted)
+                        .is_some_and(|n| n.node_state == bdr_core::node::NodeState::Parted)
                 };
                 if gone {
                     out.push((key, value));
@@ -346,17 +408,26 @@ pub fn reap(my_node: u32) {
 /// Whether this node's holder (a backend, and for the DDL lock its
 /// transaction) no longer exists.
 fn holder_gone(h: &Holder) -> BdrResult<bool> {
-    if h.xid != 0 {
-        let status = Spi::get_one_with_args::<String>(
-            "SELECT pg_catalog.pg_xact_status($1::text::xid8)",
-            &[h.xid.to_string().into()],
-        )?;
-        return Ok(status.as_deref() != Some("in progress"));
-    }
+    // The backend first: after a crash the holder's xid may not have been
+    // handed out again yet (pg_xact_status calls it "in the future"), or
+    // be another transaction's.
     let alive = Spi::get_one_with_args::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity
                          WHERE pid = $1 AND backend_start = bdr._ts($2))",
         &[h.pid.into(), h.backend_start_us.into()],
     )?;
-    Ok(alive != Some(true))
+    if alive != Some(true) {
+        return Ok(true);
+    }
+    if h.xid == 0 {
+        return Ok(false);
+    }
+    let xid = h.xid.to_string();
+    let status = crate::pg::xact::in_subtransaction(|| {
+        Spi::get_one_with_args::<String>(
+            "SELECT pg_catalog.pg_xact_status($1::text::xid8)",
+            &[xid.as_str().into()],
+        )
+    });
+    Ok(matches!(status, Ok(Ok(Some(ref s))) if s != "in progress"))
 }

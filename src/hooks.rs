@@ -87,10 +87,15 @@ unsafe extern "C-unwind" fn utility_hook(
             None => forward!(pg_sys::standard_ProcessUtility),
         }
     })
-    // SAFETY: single-threaded backend; puts back the flag and depth saved above.
-    .finally(|| unsafe {
-        guc::IN_SET_LOCAL = saved;
-        DEPTH = depth;
+    .finally(|| {
+        // SAFETY: single-threaded backend; puts back what was saved above.
+        unsafe {
+            guc::IN_SET_LOCAL = saved;
+            DEPTH = depth;
+        }
+        if depth == 0 {
+            crate::globallock::release_statement_lock();
+        }
     })
     .execute();
     if let Some(p) = ddl {

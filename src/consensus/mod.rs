@@ -46,7 +46,7 @@ fn no_majority(what: &str, waited_ms: i64, proposed: bool) -> BdrError {
             hint,
         }
     } else {
-        BdrError::Prerequisite {
+        BdrError::NoMajority {
             msg: format!("{what}: no majority of the group's consensus answered within {waited_ms} ms; it was not applied"),
             hint,
         }
@@ -98,6 +98,14 @@ fn post(req: &Request, what: &str, detached: bool) -> BdrResult<(usize, u64, i64
             .db(dboid)
             .map(|d| (d.worker, d.disabled))
             .unwrap_or((0, false));
+        // Only a database's own worker frees its slots: a request nobody
+        // waits for, where none runs, would keep its slot.
+        if detached && worker.0 == 0 {
+            return Err(BdrError::Prerequisite {
+                msg: format!("{what}: no consensus worker runs for this database"),
+                hint: "The manager starts it; see bdr.worker_tasks.".into(),
+            });
+        }
         if worker.1 {
             return Err(BdrError::Prerequisite {
                 msg: "consensus is disabled on this node".into(),

@@ -144,6 +144,38 @@ fn advisory_locks_are_the_groups() {
     n2b.batch_execute("SET bdr.global_lock_timeout = '20s'; SELECT bdr.global_advisory_lock(1, 2)")
         .unwrap();
     n2.batch_execute("INSERT INTO base VALUES (1)").unwrap();
+    // A transaction that holds the DDL lock cannot be prepared; the lock
+    // goes with its abort.
+    n2.batch_execute("BEGIN; CREATE TABLE prepared (id int PRIMARY KEY)")
+        .unwrap();
+    let (code, msg, _) = expect_error(&mut n2, "PREPARE TRANSACTION 'p1'");
+    assert_eq!(code, "55P03", "{msg}");
+    n2.batch_execute("ROLLBACK").unwrap();
+    // CREATE INDEX CONCURRENTLY commits on its own: its lock goes when it
+    // returns, and the other node's DDL gets it.
+    n2.batch_execute("CREATE INDEX CONCURRENTLY base_id ON base (id)")
+        .unwrap();
+    let mut n1 = c.node(0).connect(DB);
+    wait_for_ok(
+        "the DDL lock after CONCURRENTLY",
+        Duration::from_secs(30),
+        || {
+            n1.batch_execute(
+                "SET bdr.global_lock_timeout = '5s'; CREATE TABLE after_cic (id int PRIMARY KEY)",
+            )
+        },
+    );
+    // node2 holds 42 and 43 in one session, (1, 2) in another.
+    wait_for_locks(&c, 0, 3);
     wait_for_replication(&c, DB);
-    assert_converged(&c, DB, &["base"]);
+    let mut n1 = c.node(0).connect(DB);
+    assert_eq!(
+        one(
+            &mut n1,
+            "to_regclass('base_id') IS NOT NULL AND to_regclass('prepared') IS NULL"
+        )
+        .as_deref(),
+        Some("true")
+    );
+    assert_converged(&c, DB, &["base", "after_cic"]);
 }
