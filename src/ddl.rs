@@ -57,7 +57,7 @@ unsafe fn statement_text(pstmt: *mut pg_sys::PlannedStmt, query_string: *const i
 ///
 /// # Safety
 /// `rv` is a valid RangeVar.
-unsafe fn existing_relid(rv: *mut pg_sys::RangeVar) -> pg_sys::Oid {
+pub unsafe fn existing_relid(rv: *mut pg_sys::RangeVar) -> pg_sys::Oid {
     // SAFETY: the caller upholds this function's contract; no lock, no error
     // when it is missing.
     unsafe {

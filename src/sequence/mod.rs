@@ -431,13 +431,7 @@ pub unsafe fn before_utility(pstmt: *mut pg_sys::PlannedStmt) {
         if !numeric || pg_sys::get_extension_oid(c"bdr".as_ptr(), true) == pg_sys::InvalidOid {
             return;
         }
-        pg_sys::RangeVarGetRelidExtended(
-            (*alter).sequence,
-            pg_sys::NoLock as i32,
-            pg_sys::RVROption::RVR_MISSING_OK,
-            None,
-            std::ptr::null_mut(),
-        )
+        crate::ddl::existing_relid((*alter).sequence)
     };
     if seqid == pg_sys::InvalidOid {
         return;
@@ -475,16 +469,7 @@ unsafe fn refuse_restart_identity(stmt: *mut pg_sys::Node) {
         }
         pgrx::PgList::<pg_sys::RangeVar>::from_pg((*t).relations)
             .iter_ptr()
-            .map(|rv| {
-                pg_sys::RangeVarGetRelidExtended(
-                    rv,
-                    pg_sys::NoLock as i32,
-                    pg_sys::RVROption::RVR_MISSING_OK,
-                    None,
-                    std::ptr::null_mut(),
-                )
-                .to_u32()
-            })
+            .map(|rv| crate::ddl::existing_relid(rv).to_u32())
             .filter(|o| *o != 0)
             .collect()
     };

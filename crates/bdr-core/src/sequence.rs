@@ -152,38 +152,41 @@ pub fn check_node_seq_id(seq_id: i64) -> Result<(), String> {
     }
 }
 
+/// Packs (milliseconds since the Unix epoch, node, counter) into a
+/// layout of `counter_bits` and `ts_bits` (the node field is always 10).
+fn compose(ms: i64, node: i64, counter: i64, counter_bits: u32, ts_bits: u32) -> i64 {
+    let t = ((ms - EPOCH_MS) as u64) & ((1u64 << ts_bits) - 1);
+    ((t << (NODE_BITS + counter_bits))
+        | (((node as u64) & ((1 << NODE_BITS) - 1)) << counter_bits)
+        | ((counter as u64) & ((1 << counter_bits) - 1))) as i64
+}
+
+fn parts(v: i64, counter_bits: u32) -> (i64, i64, i64) {
+    let u = v as u64;
+    let t = (u >> (NODE_BITS + counter_bits)) as i64;
+    let node = ((u >> counter_bits) & ((1 << NODE_BITS) - 1)) as i64;
+    let counter = (u & ((1 << counter_bits) - 1)) as i64;
+    (t + EPOCH_MS, node, counter)
+}
+
 /// A snowflakeid of millisecond `ms` (since the Unix epoch), node and counter.
 pub fn snowflake_compose(ms: i64, node: i64, counter: i64) -> i64 {
-    let t = (ms - EPOCH_MS) as u64;
-    ((t << (NODE_BITS + SNOWFLAKE_COUNTER_BITS))
-        | (((node as u64) & ((1 << NODE_BITS) - 1)) << SNOWFLAKE_COUNTER_BITS)
-        | ((counter as u64) & ((1 << SNOWFLAKE_COUNTER_BITS) - 1))) as i64
+    compose(ms, node, counter, SNOWFLAKE_COUNTER_BITS, 42)
 }
 
 /// (milliseconds since the Unix epoch, node, counter) of a snowflakeid.
 pub fn snowflake_parts(v: i64) -> (i64, i64, i64) {
-    let u = v as u64;
-    let t = (u >> (NODE_BITS + SNOWFLAKE_COUNTER_BITS)) as i64;
-    let node = ((u >> SNOWFLAKE_COUNTER_BITS) & ((1 << NODE_BITS) - 1)) as i64;
-    let counter = (u & ((1 << SNOWFLAKE_COUNTER_BITS) - 1)) as i64;
-    (t + EPOCH_MS, node, counter)
+    parts(v, SNOWFLAKE_COUNTER_BITS)
 }
 
 /// A timeshard value of millisecond `ms`, node and the low 14 bits of `local`.
 pub fn timeshard_compose(ms: i64, node: i64, local: i64) -> i64 {
-    let t = ((ms - EPOCH_MS) as u64) & ((1 << 40) - 1);
-    ((t << (NODE_BITS + TIMESHARD_COUNTER_BITS))
-        | (((node as u64) & ((1 << NODE_BITS) - 1)) << TIMESHARD_COUNTER_BITS)
-        | ((local as u64) & ((1 << TIMESHARD_COUNTER_BITS) - 1))) as i64
+    compose(ms, node, local, TIMESHARD_COUNTER_BITS, 40)
 }
 
 /// (milliseconds since the Unix epoch, node, local part) of a timeshard value.
 pub fn timeshard_parts(v: i64) -> (i64, i64, i64) {
-    let u = v as u64;
-    let t = (u >> (NODE_BITS + TIMESHARD_COUNTER_BITS)) as i64;
-    let node = ((u >> TIMESHARD_COUNTER_BITS) & ((1 << NODE_BITS) - 1)) as i64;
-    let local = (u & ((1 << TIMESHARD_COUNTER_BITS) - 1)) as i64;
-    (t + EPOCH_MS, node, local)
+    parts(v, TIMESHARD_COUNTER_BITS)
 }
 
 /// The generator's memory for one snowflakeid (or timeshard) sequence on
