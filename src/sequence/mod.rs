@@ -417,6 +417,8 @@ pub unsafe fn before_utility(pstmt: *mut pg_sys::PlannedStmt) {
     // SAFETY: the caller upholds this function's contract.
     unsafe { refuse_restart_identity((*pstmt).utilityStmt) };
     // SAFETY: the caller upholds this function's contract.
+    unsafe { refuse_unlogged((*pstmt).utilityStmt) };
+    // SAFETY: the caller upholds this function's contract.
     let seqid = unsafe {
         let stmt = (*pstmt).utilityStmt;
         if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_AlterSeqStmt {
@@ -444,6 +446,44 @@ pub unsafe fn before_utility(pstmt: *mut pg_sys::PlannedStmt) {
                 seqid.to_u32()
             ),
             hint: "bdr sets its range and increment; convert it with bdr.alter_sequence_set_kind(seq, 'local') first, or pass a new start to bdr.alter_sequence_set_kind.".into(),
+        }
+        .raise();
+    }
+}
+
+/// `ALTER SEQUENCE ... SET UNLOGGED` of a global sequence: an unlogged
+/// sequence starts over after a crash, to hand its values out again.
+///
+/// # Safety
+/// `stmt` is the utility hook's statement, before it runs.
+unsafe fn refuse_unlogged(stmt: *mut pg_sys::Node) {
+    // SAFETY: the caller upholds this function's contract.
+    let seqid = unsafe {
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_AlterTableStmt {
+            return;
+        }
+        let a = stmt as *mut pg_sys::AlterTableStmt;
+        let cmds = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*a).cmds);
+        if !cmds
+            .iter_ptr()
+            .any(|c| (*c).subtype == pg_sys::AlterTableType::AT_SetUnLogged)
+            || pg_sys::get_extension_oid(c"bdr".as_ptr(), true) == pg_sys::InvalidOid
+        {
+            return;
+        }
+        crate::ddl::existing_relid((*a).relation)
+    };
+    if seqid == pg_sys::InvalidOid {
+        return;
+    }
+    if let Some(k) = planner::kind_of(seqid.to_u32()).filter(|k| *k != Kind::Local) {
+        BdrError::Sequence {
+            msg: format!(
+                "a {} sequence cannot be made unlogged (oid {})",
+                k.name(),
+                seqid.to_u32()
+            ),
+            hint: "An unlogged sequence starts over after a crash and would hand out its values again; convert it with bdr.alter_sequence_set_kind(seq, 'local') first.".into(),
         }
         .raise();
     }

@@ -240,6 +240,11 @@ fn bad_kinds_and_setval_are_refused_and_change_nothing() {
     assert!(hint.is_some());
     let (code, msg, _) = expect_error(&mut n1, "ALTER SEQUENCE s_int RESTART WITH 7");
     assert_eq!(code, "22023", "{msg}");
+    let (code, msg, hint) = expect_error(&mut n1, "ALTER SEQUENCE s_big SET UNLOGGED");
+    assert_eq!(code, "22023", "{msg}");
+    assert!(hint
+        .unwrap_or_default()
+        .contains("starts over after a crash"));
     n1.batch_execute("CREATE TABLE owned (id serial PRIMARY KEY)")
         .unwrap();
     let (code, msg, hint) = expect_error(&mut n1, "TRUNCATE owned RESTART IDENTITY");
