@@ -120,18 +120,12 @@ fn acquire(key: &str, holder: &Holder, what: &str) -> BdrResult<String> {
     let timeout_ms = crate::guc::get_int(crate::guc::GLOBAL_LOCK_TIMEOUT).max(0) as i64;
     let started = crate::shmem::now();
     loop {
-        let cmd = Command::KvStore {
-            key: key.to_string(),
-            value: Some(value.clone()),
-            prev: Some(None),
-            ttl_ms: None,
-            now_us: crate::shmem::now(),
-        };
+        let cmd = take(key, &value);
         let waited = (crate::shmem::now() - started) / 1000;
         let response_ms = crate::guc::get_int(crate::guc::RAFT_RESPONSE_TIMEOUT).max(0) as i64;
         let attempt_ms = response_ms.min(ATTEMPT_MS);
         let a = match consensus::submit_within(
-            &Request::Command(cmd),
+            &cmd,
             &format!("acquiring the global {what}"),
             attempt_ms,
         ) {
@@ -191,16 +185,31 @@ fn acquire(key: &str, holder: &Holder, what: &str) -> BdrResult<String> {
     }
 }
 
-/// Lets lock `key` go if it still holds `value`, without waiting.
-fn release_detached(key: &str, value: &str) {
-    let cmd = Command::KvStore {
+/// The request that takes lock `key` for `value` if nobody holds it.
+fn take(key: &str, value: &str) -> Request {
+    Request::Command(Command::KvStore {
+        key: key.to_string(),
+        value: Some(value.to_string()),
+        prev: Some(None),
+        ttl_ms: None,
+        now_us: crate::shmem::now(),
+    })
+}
+
+/// The request that lets lock `key` go if it still holds `value`.
+fn let_go(key: &str, value: &str) -> Request {
+    Request::Command(Command::KvStore {
         key: key.to_string(),
         value: None,
         prev: Some(Some(value.to_string())),
         ttl_ms: None,
         now_us: crate::shmem::now(),
-    };
-    if let Err(e) = consensus::submit_detached(&Request::Command(cmd), "releasing a global lock") {
+    })
+}
+
+/// Lets lock `key` go if it still holds `value`, without waiting.
+fn release_detached(key: &str, value: &str) {
+    if let Err(e) = consensus::submit_detached(&let_go(key, value), "releasing a global lock") {
         // The manager lets it go once it sees the holder is gone.
         tracing::warn!("could not release global lock {key} now: {e}");
     }
@@ -331,25 +340,15 @@ pub fn advisory_unlock(k1: i64, k2: Option<i32>) -> BdrResult<bool> {
     let Some((k, v)) = held else {
         return Ok(false);
     };
-    let cmd = Command::KvStore {
-        key: k.clone(),
-        value: None,
-        prev: Some(Some(v)),
-        ttl_ms: None,
-        now_us: crate::shmem::now(),
-    };
     // Still this session's (and let go at its end) if this fails.
-    consensus::submit(&Request::Command(cmd), "releasing a global advisory lock")?;
+    consensus::submit(&let_go(&k, &v), "releasing a global advisory lock")?;
     ADVISORY_HELD.with(|h| h.borrow_mut().retain(|(hk, _)| *hk != k));
     Ok(true)
 }
 
 /// Every global lock as this node's copy of the consensus state holds it.
 pub fn locks() -> BdrResult<Vec<(String, String, Holder)>> {
-    let state = crate::pg::user::as_bdr(crate::catalog::sequences::consensus_state)?;
-    let Some(state) = state.and_then(|b| bdr_core::consensus::State::decode(&b)) else {
-        return Ok(vec![]);
-    };
+    let state = consensus::applied_state()?;
     Ok(state
         .entries(crate::shmem::now())
         .into_iter()
@@ -390,14 +389,7 @@ pub fn reap(my_node: u32) {
     };
     for (key, value) in stale {
         // Only if it is still that holder's (compare-and-set).
-        let cmd = Command::KvStore {
-            key: key.clone(),
-            value: None,
-            prev: Some(Some(value)),
-            ttl_ms: None,
-            now_us: crate::shmem::now(),
-        };
-        match consensus::submit(&Request::Command(cmd), "releasing a stale global lock") {
+        match consensus::submit(&let_go(&key, &value), "releasing a stale global lock") {
             Ok(a) if a.ok => tracing::info!("released global lock {key} of a holder that is gone"),
             Ok(_) => {}
             Err(e) => tracing::warn!("could not release stale global lock {key}: {e}"),

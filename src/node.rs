@@ -80,6 +80,7 @@ pub fn create_node_group_impl(
     catalog::insert_group(gid, node_group_name)?;
     if join_node_group {
         catalog::set_node_group(local.node_id, gid, NodeState::Active, 1)?;
+        crate::sequence::node_changed_at_commit();
         crate::consensus::bootstrap(local.node_id)?;
     }
     shmem::wake_workers_at_commit();
@@ -101,6 +102,7 @@ pub fn drop_node_impl(node_name: &str, _cascade: bool, force: bool) -> BdrResult
             });
         }
         catalog::drop_all_metadata()?;
+        crate::sequence::node_changed_at_commit();
     } else {
         if target.node_state != NodeState::Parted && !force && target.node_group_id != 0 {
             return Err(BdrError::NodeStillActive(node_name.to_string()));

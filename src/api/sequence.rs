@@ -100,11 +100,7 @@ fn _sequence_alloc() -> TableIterator<
         name!(last_alloc_us, i64),
     ),
 > {
-    let state = crate::catalog::sequences::consensus_state().or_raise();
-    let rows = state
-        .and_then(|b| bdr_core::consensus::State::decode(&b))
-        .map(|s| s.allocations())
-        .unwrap_or_default();
+    let rows = crate::consensus::applied_state().or_raise().allocations();
     TableIterator::new(rows.into_iter().map(|(k, a)| {
         (
             k,

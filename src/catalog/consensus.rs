@@ -177,3 +177,14 @@ pub fn drop_consensus_entries(before: Option<i64>) -> BdrResult<()> {
     }
     Ok(())
 }
+
+/// The state machine (`bdr_core::consensus::State`, encoded) as this
+/// node last applied it: galloc allocations and global locks are read
+/// from it without a round through the group.
+pub fn consensus_state() -> BdrResult<Option<Vec<u8>>> {
+    select_first(
+        "SELECT s.sm_state FROM bdr.local_consensus_state s JOIN bdr.local_node l USING (node_id)",
+        &[],
+        |row| Ok(row.get::<Vec<u8>>(1)?.unwrap_or_default()),
+    )
+}

@@ -139,6 +139,7 @@ pub fn local_seq_id() -> BdrResult<i64> {
 /// What bdr needs to know of a sequence.
 #[derive(Debug, Clone)]
 pub struct SeqInfo {
+    pub oid: u32,
     /// The name as regclass prints it (quoted, qualified where needed).
     pub regclass: String,
     /// The schema-qualified, quoted name: the same on every node.
@@ -192,6 +193,7 @@ pub fn seq_info(seqid: u32) -> BdrResult<SeqInfo> {
     )?
     .unwrap_or((0, false));
     Ok(SeqInfo {
+        oid: seqid,
         regclass,
         qualified,
         ty,
@@ -200,14 +202,4 @@ pub fn seq_info(seqid: u32) -> BdrResult<SeqInfo> {
         is_called,
         persistence,
     })
-}
-
-/// The galloc allocations of the consensus state machine as this node
-/// last applied it.
-pub fn consensus_state() -> BdrResult<Option<Vec<u8>>> {
-    select_first(
-        "SELECT s.sm_state FROM bdr.local_consensus_state s JOIN bdr.local_node l USING (node_id)",
-        &[],
-        |row| Ok(row.get::<Vec<u8>>(1)?.unwrap_or_default()),
-    )
 }

@@ -197,6 +197,15 @@ fn give_up(slot: usize, id: u64) {
     }
 }
 
+/// The state machine as this node last applied it (empty before it
+/// applied anything).
+pub fn applied_state() -> BdrResult<bdr_core::consensus::State> {
+    let bytes = crate::pg::user::as_bdr(crate::catalog::consensus_state)?;
+    Ok(bytes
+        .and_then(|b| bdr_core::consensus::State::decode(&b))
+        .unwrap_or_default())
+}
+
 /// This node's view of its consensus group: what its worker published,
 /// and whether one runs.
 pub struct Status {

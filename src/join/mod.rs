@@ -386,6 +386,7 @@ fn record_group(me: &Member, plan: &Plan, stream_starts: &[(u32, u64)]) -> BdrRe
         )?;
     }
     catalog::set_node_group(me.id, plan.group_id, NodeState::Active, plan.seq_id)?;
+    crate::sequence::node_changed_at_commit();
     // Whatever join was requested in the background is this one, or moot.
     catalog::clear_join_requests()?;
     for (origin_node, start) in stream_starts {

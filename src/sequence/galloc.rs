@@ -41,14 +41,11 @@ fn allocate(key: &str, start: i64, info_ty: bdr_core::sequence::SeqType) -> BdrR
 
 /// On the node that converts a sequence: its two chunks, now (this needs
 /// a majority of the group; the conversion fails without one).
-pub fn take_chunks_now(seqid: u32, info: &SeqInfo) -> BdrResult<()> {
-    let start = as_bdr(|| cat::kind_of(seqid))?
-        .and_then(|r| r.start_value)
-        .unwrap_or(1);
+pub fn take_chunks_now(info: &SeqInfo, start: i64) -> BdrResult<()> {
     let current = allocate(&info.qualified, start, info.ty)?;
     let reserved = allocate(&info.qualified, start, info.ty)?;
     configure(info, Kind::Galloc, 0, Some(current), None)?;
-    as_bdr(|| cat::set_chunks(seqid, Some(current), Some(reserved)))
+    as_bdr(|| cat::set_chunks(info.oid, Some(current), Some(reserved)))
 }
 
 /// `nextval` of a galloc sequence: the sequence's own, with a clear error

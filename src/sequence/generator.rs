@@ -5,6 +5,7 @@
 //! mark is issued, so that values issued before a crash or restart are
 //! never issued again, whatever the clock does.
 
+use super::now_ms;
 use crate::error::{BdrError, BdrResult};
 use crate::pg::user::as_bdr;
 use bdr_core::sequence::{self as layout, Generator, Kind, Step};
@@ -32,6 +33,9 @@ struct Slot {
     /// sequence's own lock, which must never be waited for under ours).
     writing: bool,
     used_at: i64,
+    /// This node's sequence id, read from the catalog when the slot was
+    /// filled (not on every value).
+    node: i64,
 }
 
 #[derive(Clone, Copy)]
@@ -115,10 +119,6 @@ fn sequence_value(seqid: u32) -> Option<i64> {
     })
 }
 
-fn now_ms() -> i64 {
-    crate::shmem::now() / 1000 + 946_684_800_000
-}
-
 fn find(s: &Slots, db: u32, seqid: u32, fallback: i64) -> Option<usize> {
     s.s.iter()
         .position(|x| x.dboid == db && x.seqid == seqid && x.fallback == fallback)
@@ -150,8 +150,22 @@ fn pause() {
     pgrx::check_for_interrupts!();
 }
 
-/// The next value of snowflakeid or timeshard sequence `seqid`.
-pub fn next_value(seqid: u32, kind: Kind, node: i64) -> BdrResult<i64> {
+/// Drops the state of every sequence of database `db` (the node's
+/// sequence id changed).
+pub fn forget_database(db: u32) {
+    let mut s = SEQS.exclusive();
+    for slot in s.s.iter_mut().filter(|x| x.dboid == db) {
+        *slot = Slot::default();
+    }
+}
+
+/// The next value of snowflakeid or timeshard sequence `seqid`; `node_seq_id`
+/// is asked only when the sequence's state is loaded.
+pub fn next_value(
+    seqid: u32,
+    kind: Kind,
+    node_seq_id: impl Fn() -> BdrResult<i64>,
+) -> BdrResult<i64> {
     check_rights(seqid)?;
     let db = my_database();
     let fallback = fallback_counter(kind);
@@ -163,6 +177,7 @@ pub fn next_value(seqid: u32, kind: Kind, node: i64) -> BdrResult<i64> {
             Some(i) => i,
             None => {
                 drop(s);
+                let node = node_seq_id()?;
                 let floor = match sequence_value(seqid) {
                     Some(v) => parts(kind, v).0,
                     None => read_restart_value(seqid)
@@ -201,6 +216,7 @@ pub fn next_value(seqid: u32, kind: Kind, node: i64) -> BdrResult<i64> {
                             durable_ms: floor,
                             writing: false,
                             used_at: now,
+                            node,
                         };
                         i
                     }
@@ -208,6 +224,7 @@ pub fn next_value(seqid: u32, kind: Kind, node: i64) -> BdrResult<i64> {
             }
         };
         let slot = &mut s.s[i];
+        let node = slot.node;
         if slot.writing && now.max(slot.last_ms) >= slot.durable_ms {
             // Another backend is making values past the mark durable.
             drop(s);

@@ -103,9 +103,20 @@ pub fn node_seq_id() -> BdrResult<i64> {
     Ok(id)
 }
 
+/// The clock in milliseconds since 1970 (the layouts' unit).
 fn now_ms() -> i64 {
-    // µs since 2000-01-01 to ms since 1970.
-    crate::shmem::now() / 1000 + 946_684_800_000
+    crate::shmem::now() / 1000 + bdr_core::time::PG_EPOCH_UNIX_SECONDS * 1000
+}
+
+/// Once this transaction commits (a node created a group, joined one or
+/// was dropped), the generator reads the node's sequence id again.
+pub fn node_changed_at_commit() {
+    // SAFETY: MyDatabaseId is set for the life of a connected backend.
+    let db = unsafe { pg_sys::MyDatabaseId.to_u32() };
+    pgrx::callbacks::register_xact_callback(
+        pgrx::callbacks::PgXactCallbackEvent::Commit,
+        move || generator::forget_database(db),
+    );
 }
 
 /// Sets up the sequence behind `kind` on this node. `chunk`: galloc's
@@ -144,7 +155,7 @@ fn configure(
                     layout::TIMESHARD_TICK,
                 )
             };
-            generator::forget(info_oid(info)?);
+            generator::forget(info.oid);
             // START is the same on every node (the schema compares equal);
             // RESTART, which is this node's own, is the value.
             format!(
@@ -170,15 +181,6 @@ fn configure(
         },
     };
     run_internal(&sql)
-}
-
-fn info_oid(info: &SeqInfo) -> BdrResult<u32> {
-    Ok(Spi::get_one_with_args::<pg_sys::Oid>(
-        "SELECT $1::regclass::oid",
-        &[info.regclass.as_str().into()],
-    )?
-    .map(|o| o.to_u32())
-    .unwrap_or(0))
 }
 
 /// `bdr.alter_sequence_set_kind`: makes `seqid` of `kind_name` on this
@@ -278,7 +280,7 @@ fn set_kind(seqid: u32, info: &SeqInfo, kind: Kind, start: Option<i64>, how: How
             // node's manager fetches the chunks once this commits.
             crate::shmem::wake_workers_at_commit();
         } else {
-            galloc::take_chunks_now(seqid, info)?;
+            galloc::take_chunks_now(info, start.unwrap_or(1))?;
         }
     }
     // Only where the statement that created the sequence went to the group.
@@ -435,17 +437,22 @@ pub unsafe fn before_utility(pstmt: *mut pg_sys::PlannedStmt) {
         }
         crate::ddl::existing_relid((*alter).sequence)
     };
+    refuse_if_global(
+        seqid,
+        |k| format!("cannot change the numbers of a {} sequence by ALTER SEQUENCE", k.name()),
+        "bdr sets its range and increment; convert it with bdr.alter_sequence_set_kind(seq, 'local') first, or pass a new start to bdr.alter_sequence_set_kind.",
+    );
+}
+
+/// Raises `what` if `seqid` is a global sequence.
+fn refuse_if_global(seqid: pg_sys::Oid, what: impl Fn(Kind) -> String, hint: &str) {
     if seqid == pg_sys::InvalidOid {
         return;
     }
     if let Some(k) = planner::kind_of(seqid.to_u32()).filter(|k| *k != Kind::Local) {
         BdrError::Sequence {
-            msg: format!(
-                "cannot change the numbers of {} sequence with oid {} by ALTER SEQUENCE",
-                k.name(),
-                seqid.to_u32()
-            ),
-            hint: "bdr sets its range and increment; convert it with bdr.alter_sequence_set_kind(seq, 'local') first, or pass a new start to bdr.alter_sequence_set_kind.".into(),
+            msg: format!("{} (sequence oid {})", what(k), seqid.to_u32()),
+            hint: hint.into(),
         }
         .raise();
     }
@@ -473,20 +480,11 @@ unsafe fn refuse_unlogged(stmt: *mut pg_sys::Node) {
         }
         crate::ddl::existing_relid((*a).relation)
     };
-    if seqid == pg_sys::InvalidOid {
-        return;
-    }
-    if let Some(k) = planner::kind_of(seqid.to_u32()).filter(|k| *k != Kind::Local) {
-        BdrError::Sequence {
-            msg: format!(
-                "a {} sequence cannot be made unlogged (oid {})",
-                k.name(),
-                seqid.to_u32()
-            ),
-            hint: "An unlogged sequence starts over after a crash and would hand out its values again; convert it with bdr.alter_sequence_set_kind(seq, 'local') first.".into(),
-        }
-        .raise();
-    }
+    refuse_if_global(
+        seqid,
+        |k| format!("a {} sequence cannot be made unlogged", k.name()),
+        "An unlogged sequence starts over after a crash and would hand out its values again; convert it with bdr.alter_sequence_set_kind(seq, 'local') first.",
+    );
 }
 
 /// `TRUNCATE ... RESTART IDENTITY` would set a global sequence back to

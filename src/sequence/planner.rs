@@ -353,16 +353,10 @@ unsafe extern "C-unwind" fn bdr_planner(
 /// `bdr.seq_nextval`: the next value of any sequence, by its kind.
 pub fn nextval(seqid: u32) -> i64 {
     match kind_of(seqid) {
-        Some(k) if k.generated() => {
-            let node = match super::node_seq_id() {
-                Ok(n) => n,
-                Err(e) => e.raise(),
-            };
-            match generator::next_value(seqid, k, node) {
-                Ok(v) => v,
-                Err(e) => e.raise(),
-            }
-        }
+        Some(k) if k.generated() => match generator::next_value(seqid, k, super::node_seq_id) {
+            Ok(v) => v,
+            Err(e) => e.raise(),
+        },
         Some(Kind::Galloc) => galloc::nextval(seqid),
         _ => plain_nextval(seqid),
     }
