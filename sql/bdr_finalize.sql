@@ -624,4 +624,28 @@ SELECT l.origin_node_id,
        'locked'::text AS acquire_stage,
        bdr._ts(l.acquired_us) AS global_lock_request_time,
        l.statement
-  FROM bdr._global_locks() l;
+  FROM bdr._global_locks() l
+UNION ALL
+-- The DML locks this node holds (its own, and those of other nodes that
+-- stop writes here); pid 0 once handed over to the writer.
+SELECT d.origin_node_id,
+       n.node_name::text,
+       'dml'::text,
+       NULL::text,
+       d.relation::regclass,
+       d.pid,
+       CASE WHEN d.pid = 0 THEN 'held until applied' ELSE 'locked' END,
+       bdr._ts(d.acquired_us),
+       NULL::text
+  FROM bdr._dml_locks() d
+  LEFT JOIN bdr.node n ON n.node_id = d.origin_node_id;
+
+CREATE FUNCTION bdr.global_lock_table(relation regclass) RETURNS void
+LANGUAGE sql VOLATILE AS $$ SELECT bdr._global_lock_table($1::oid) $$;
+
+REVOKE ALL ON FUNCTION bdr._dml_lock_acquire(text, bigint, bigint, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr._dml_lock_handover(bigint, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr._progress_marker() FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr._caught_up(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr._xid_status(bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr._dml_locks() FROM PUBLIC;

@@ -8,6 +8,7 @@
 
 use crate::error::{BdrError, BdrResult};
 use bdr_core::ddl::{self as rules, DdlCommand, Kind, DDL_PREFIX};
+use bdr_core::dmllock as dmlrules;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::CStr;
@@ -15,6 +16,8 @@ use std::ffi::CStr;
 /// A statement to queue once it has run.
 pub struct Pending {
     cmd: DdlCommand,
+    /// Columns whose values this node sends as rows once it ran.
+    pub value_columns: Vec<(pg_sys::Oid, String)>,
 }
 
 /// The command tag of a utility statement ("CREATE TABLE", ...).
@@ -368,12 +371,26 @@ pub unsafe fn capture(
     if let Err(e) = locked {
         e.raise();
     }
+    // Then the DML lock, where the statement reads or rewrites rows.
+    // SAFETY: as above.
+    let needs = match unsafe { dml_needs(stmt, &sql) } {
+        Ok(n) => n,
+        Err(e) => e.raise(),
+    };
+    if !needs.relids.is_empty() && crate::globallock::wants_dml_lock(&sql) {
+        for relid in &needs.relids {
+            if let Err(e) = crate::dmllock::lock_relation(*relid) {
+                e.raise();
+            }
+        }
+    }
     Some(Pending {
         cmd: DdlCommand {
             sql,
             search_path: current_setting(c"search_path"),
             role: current_role(),
         },
+        value_columns: needs.value_columns,
     })
 }
 
@@ -472,8 +489,15 @@ pub unsafe fn apply_default_replica_identity(pstmt: *mut pg_sys::PlannedStmt) {
     }
 }
 
-/// Queues a statement that has run, in this transaction.
+/// Queues a statement that has run, in this transaction, then the values
+/// it computed that the peers would compute differently.
 pub fn queue(p: Pending) {
+    let values = p.value_columns.clone();
+    queue_command(p);
+    send_values(&values);
+}
+
+fn queue_command(p: Pending) {
     let r = crate::pg::user::as_bdr(|| {
         Spi::run_with_args(
             "SELECT pg_catalog.pg_logical_emit_message(true, $1, $2)",
@@ -497,6 +521,7 @@ pub fn queue_statement(sql: String) {
             search_path: current_setting(c"search_path"),
             role: current_role(),
         },
+        value_columns: vec![],
     });
 }
 
@@ -550,4 +575,308 @@ pub fn replicate_ddl_command(
     }
     r?;
     Ok(())
+}
+
+/// What a statement asks of the global DML lock: the relations it locks
+/// and the columns whose values the origin sends as rows once it ran.
+#[derive(Default)]
+pub struct DmlNeeds {
+    pub relids: Vec<pg_sys::Oid>,
+    pub value_columns: Vec<(pg_sys::Oid, String)>,
+}
+
+/// A raw expression every node evaluates to the same value for the same
+/// row: a literal, a column, a cast of one.
+///
+/// # Safety
+/// `n` is null or a valid raw expression node.
+unsafe fn expr_shape(n: *mut pg_sys::Node) -> dmlrules::Expr {
+    /// # Safety
+    /// `n` is a valid raw expression node.
+    unsafe fn simple(n: *mut pg_sys::Node) -> bool {
+        // SAFETY: as above.
+        unsafe {
+            match (*n).type_ {
+                pg_sys::NodeTag::T_A_Const | pg_sys::NodeTag::T_ColumnRef => true,
+                pg_sys::NodeTag::T_TypeCast => {
+                    let arg = (*(n as *mut pg_sys::TypeCast)).arg;
+                    !arg.is_null() && simple(arg)
+                }
+                _ => false,
+            }
+        }
+    }
+    if n.is_null() {
+        dmlrules::Expr::None
+    // SAFETY: the caller upholds this function's contract.
+    } else if unsafe { simple(n) } {
+        dmlrules::Expr::Simple
+    } else {
+        dmlrules::Expr::Computed
+    }
+}
+
+/// # Safety
+/// `l` is null or a valid List of nodes.
+unsafe fn nodes(l: *mut pg_sys::List) -> Vec<*mut pg_sys::Node> {
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        if l.is_null() {
+            return vec![];
+        }
+        (0..(*l).length as usize)
+            .map(|i| (*(*l).elements.add(i)).ptr_value as *mut pg_sys::Node)
+            .collect()
+    }
+}
+
+/// # Safety
+/// `p` is null or a NUL-terminated string.
+unsafe fn cstr(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: the caller upholds this function's contract.
+        unsafe { CStr::from_ptr(p).to_string_lossy().into_owned() }
+    }
+}
+
+/// One ALTER TABLE sub-command as `bdr_core::dmllock` sees it, and the
+/// column it is about.
+///
+/// # Safety
+/// `cmd` is a valid raw AlterTableCmd.
+#[allow(non_upper_case_globals)]
+unsafe fn alter_piece(cmd: *mut pg_sys::AlterTableCmd) -> (dmlrules::AlterPiece, String) {
+    use dmlrules::{AlterPiece as P, Expr};
+    use pg_sys::AlterTableType::*;
+    use pg_sys::ConstrType::*;
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        let def = (*cmd).def;
+        match (*cmd).subtype {
+            AT_AddColumn | AT_AddColumnRecurse
+                if !def.is_null() && (*def).type_ == pg_sys::NodeTag::T_ColumnDef =>
+            {
+                let col = def as *mut pg_sys::ColumnDef;
+                let mut default = expr_shape((*col).raw_default);
+                let mut constraints = (*col).is_not_null;
+                let mut generated = (*col).identity != 0 || (*col).generated != 0;
+                for c in nodes((*col).constraints) {
+                    if (*c).type_ != pg_sys::NodeTag::T_Constraint {
+                        continue;
+                    }
+                    let c = c as *mut pg_sys::Constraint;
+                    match (*c).contype {
+                        CONSTR_DEFAULT => default = expr_shape((*c).raw_expr),
+                        CONSTR_IDENTITY | CONSTR_GENERATED => generated = true,
+                        CONSTR_NOTNULL | CONSTR_CHECK | CONSTR_UNIQUE | CONSTR_PRIMARY
+                        | CONSTR_FOREIGN | CONSTR_EXCLUSION => constraints = true,
+                        _ => {}
+                    }
+                }
+                // serial and friends: a nextval() default.
+                let ty = (*col).typeName;
+                if !ty.is_null() {
+                    if let Some(last) = nodes((*ty).names).last() {
+                        if (**last).type_ == pg_sys::NodeTag::T_String {
+                            let name = cstr((*(*last as *mut pg_sys::String)).sval);
+                            if matches!(
+                                name.as_str(),
+                                "serial"
+                                    | "serial2"
+                                    | "serial4"
+                                    | "serial8"
+                                    | "smallserial"
+                                    | "bigserial"
+                            ) {
+                                default = Expr::Computed;
+                            }
+                        }
+                    }
+                }
+                (
+                    P::AddColumn {
+                        default,
+                        constraints,
+                        generated,
+                    },
+                    cstr((*col).colname),
+                )
+            }
+            AT_AddConstraint | AT_AddConstraintRecurse
+                if !def.is_null() && (*def).type_ == pg_sys::NodeTag::T_Constraint =>
+            {
+                let c = def as *mut pg_sys::Constraint;
+                (
+                    P::AddConstraint {
+                        not_valid: (*c).skip_validation,
+                    },
+                    String::new(),
+                )
+            }
+            AT_AddIndex | AT_AddIndexConstraint => {
+                (P::AddConstraint { not_valid: false }, String::new())
+            }
+            AT_SetNotNull => (P::SetNotNull, cstr((*cmd).name)),
+            AT_ValidateConstraint | AT_ValidateConstraintRecurse => {
+                (P::ValidateConstraint, String::new())
+            }
+            AT_AlterColumnType => {
+                let using = if !def.is_null() && (*def).type_ == pg_sys::NodeTag::T_ColumnDef {
+                    expr_shape((*(def as *mut pg_sys::ColumnDef)).raw_default)
+                } else {
+                    Expr::None
+                };
+                (P::AlterType { using }, cstr((*cmd).name))
+            }
+            _ => (P::Other, String::new()),
+        }
+    }
+}
+
+/// Whether a table's UPDATEs replicate with a key the peers find rows by.
+fn has_replica_key(relid: pg_sys::Oid) -> BdrResult<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT c.relreplident = 'f'
+             OR (c.relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisreplident))
+             OR (c.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+           FROM pg_catalog.pg_class c WHERE c.oid = $1",
+        &[relid.into()],
+    )?
+    .unwrap_or(false))
+}
+
+/// What the global DML lock must cover for a statement that replicates:
+/// the ALTER TABLE pieces and unique indexes of `bdr_core::dmllock`.
+/// Refuses what would send values of a table whose UPDATEs cannot find
+/// their rows on the peers.
+///
+/// # Safety
+/// `stmt` is a valid raw utility statement.
+pub unsafe fn dml_needs(stmt: *mut pg_sys::Node, sql: &str) -> BdrResult<DmlNeeds> {
+    let mut needs = DmlNeeds::default();
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_AlterTableStmt => {
+                let a = stmt as *mut pg_sys::AlterTableStmt;
+                if (*a).objtype != pg_sys::ObjectType::OBJECT_TABLE {
+                    return Ok(needs);
+                }
+                let relid = existing_relid((*a).relation);
+                if relid == pg_sys::InvalidOid {
+                    return Ok(needs);
+                }
+                let pieces: Vec<_> = nodes((*a).cmds)
+                    .into_iter()
+                    .map(|c| alter_piece(c as *mut pg_sys::AlterTableCmd))
+                    .collect();
+                let kinds: Vec<_> = pieces.iter().map(|(p, _)| *p).collect();
+                if dmlrules::alter_needs_dml_lock(&kinds) {
+                    needs.relids.push(relid);
+                }
+                for (p, col) in pieces {
+                    if dmlrules::replicates_values(&p) {
+                        if !has_replica_key(relid)? {
+                            return Err(BdrError::Refused {
+                                msg: format!("{}: the column's values differ from node to node, and the table has no key to send the origin's values by", sql),
+                                hint: "Give the table a primary key (or REPLICA IDENTITY FULL) first, or add the column without a default and fill it with UPDATE.".into(),
+                            });
+                        }
+                        needs.value_columns.push((relid, col));
+                    }
+                }
+            }
+            pg_sys::NodeTag::T_IndexStmt => {
+                let i = stmt as *mut pg_sys::IndexStmt;
+                if dmlrules::index_needs_dml_lock((*i).unique, (*i).concurrent) {
+                    let relid = existing_relid((*i).relation);
+                    if relid != pg_sys::InvalidOid {
+                        needs.relids.push(relid);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(needs)
+}
+
+/// After a statement that computed values each node would compute
+/// differently (a volatile default, a USING expression) ran under the DML
+/// lock: sends this node's values as row changes, which replicate after
+/// the statement and overwrite what each peer computed itself.
+pub fn send_values(columns: &[(pg_sys::Oid, String)]) {
+    for (relid, col) in columns {
+        let r = crate::pg::user::as_bdr(|| -> BdrResult<()> {
+            let rel =
+                Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[(*relid).into()])?
+                    .unwrap_or_default();
+            // Users' triggers do not fire again for rows that only carry
+            // their new column to the peers.
+            let was = current_setting(c"session_replication_role");
+            Spi::run("SELECT pg_catalog.set_config('session_replication_role', 'replica', true)")?;
+            Spi::run(&format!(
+                "UPDATE {rel} SET {c} = {c}",
+                c = bdr_core::quote::ident(col)
+            ))?;
+            Spi::run_with_args(
+                "SELECT pg_catalog.set_config('session_replication_role', $1, true)",
+                &[was.into()],
+            )?;
+            Ok(())
+        });
+        if let Err(e) = r {
+            crate::fail!(
+                ERRCODE_INTERNAL_ERROR,
+                "could not send the new values of column {col} to the other nodes: {e}"
+            );
+        }
+    }
+}
+
+/// `bdr.truncate_locking`: a TRUNCATE of replicated tables takes the
+/// global DML lock on each (with `bdr.ddl_locking` on or dml), so that no
+/// node still writes rows the TRUNCATE is to remove everywhere.
+///
+/// # Safety
+/// The utility hook's arguments, before the statement runs.
+pub unsafe fn truncate_lock(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const i8,
+    context: pg_sys::ProcessUtilityContext::Type,
+) {
+    if !crate::guc::get_bool(crate::guc::TRUNCATE_LOCKING)
+        || (context != pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL
+            && context != pg_sys::ProcessUtilityContext::PROCESS_UTILITY_QUERY)
+    {
+        return;
+    }
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        let stmt = (*pstmt).utilityStmt;
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_TruncateStmt || !in_group() {
+            return;
+        }
+        let rels: Vec<pg_sys::Oid> = nodes((*(stmt as *mut pg_sys::TruncateStmt)).relations)
+            .into_iter()
+            .map(|rv| rv as *mut pg_sys::RangeVar)
+            .filter(|rv| !is_temp(*rv))
+            .map(|rv| existing_relid(rv))
+            .filter(|r| *r != pg_sys::InvalidOid)
+            .collect();
+        if rels.is_empty() {
+            return;
+        }
+        let sql = statement_text(pstmt, query_string);
+        if !crate::globallock::wants_dml_lock(&sql) {
+            return;
+        }
+        for r in rels {
+            if let Err(e) = crate::dmllock::lock_relation(r) {
+                e.raise();
+            }
+        }
+    }
 }

@@ -73,8 +73,10 @@ pub enum BdrError {
     /// A global lock that could not be had.
     #[error("{msg}")]
     GlobalLock { msg: String, hint: String },
-    #[error("must be owner of sequence {0}")]
+    #[error("must be owner of {0}")]
     NotOwner(String),
+    #[error("{msg}")]
+    Timeout { msg: String, hint: String },
     #[error("{0}")]
     Spi(#[from] pgrx::spi::Error),
 }
@@ -106,6 +108,7 @@ impl BdrError {
             BdrError::GlobalLock { .. } => ERRCODE_LOCK_NOT_AVAILABLE,
             BdrError::NoMajority { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             BdrError::NotOwner(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            BdrError::Timeout { .. } => ERRCODE_QUERY_CANCELED,
             BdrError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -141,7 +144,8 @@ impl BdrError {
             BdrError::Sequence { hint, .. } => hint.clone(),
             BdrError::GlobalLock { hint, .. } => hint.clone(),
             BdrError::NoMajority { hint, .. } => hint.clone(),
-            BdrError::NotOwner(_) => "Only the sequence's owner (or a superuser) can change its kind.".into(),
+            BdrError::Timeout { hint, .. } => hint.clone(),
+            BdrError::NotOwner(_) => "Only the owner (or a superuser) can do this.".into(),
             BdrError::InvalidValue { .. } | BdrError::Spi(_) => return None,
         })
     }

@@ -227,6 +227,7 @@ pub fn ddl_lock_for(statement: &str) -> BdrResult<()> {
     let holder = me("ddl", xid, statement)?;
     let value = acquire(DDL_KEY, &holder, "DDL lock")?;
     DDL_HELD.with(|h| *h.borrow_mut() = Some(value));
+    bound_statement_and_idle();
     for event in [
         pgrx::callbacks::PgXactCallbackEvent::Commit,
         pgrx::callbacks::PgXactCallbackEvent::Abort,
@@ -254,15 +255,21 @@ pub fn ddl_lock_for(statement: &str) -> BdrResult<()> {
     Ok(())
 }
 
+/// `bdr.ddl_locking = on`: every statement that replicates takes the DDL
+/// lock (`dml` and `off` do not).
 fn wants_ddl_lock() -> bool {
-    match crate::guc::get_enum(crate::guc::DDL_LOCKING) {
-        "off" => false,
-        "dml" => {
-            warning!("bdr.ddl_locking is dml, but the global DML lock is not implemented yet: this statement runs without a global lock");
-            false
-        }
-        _ => true,
+    crate::guc::get_enum(crate::guc::DDL_LOCKING) == "on"
+}
+
+/// Whether a statement that needs the global DML lock takes it: with
+/// `bdr.ddl_locking` `on` or `dml`; `off` skips it with a WARNING naming
+/// the statement, as BDR 4 does.
+pub fn wants_dml_lock(statement: &str) -> bool {
+    if crate::guc::get_enum(crate::guc::DDL_LOCKING) == "off" {
+        warning!("bdr.ddl_locking is off: skipping the global DML lock this statement needs: {statement}");
+        return false;
     }
+    true
 }
 
 thread_local! {
@@ -422,4 +429,47 @@ fn holder_gone(h: &Holder) -> BdrResult<bool> {
         )
     });
     Ok(matches!(status, Ok(Ok(Some(ref s))) if s != "in progress"))
+}
+
+extern "C" {
+    // utils/timeout.h; not in pgrx's bindings. TimeoutId is a C enum (int).
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+}
+/// `STATEMENT_TIMEOUT` of PostgreSQL 15's `TimeoutId`.
+const STATEMENT_TIMEOUT_ID: std::ffi::c_int = 3;
+
+/// A transaction that holds a global lock: its statements may run at most
+/// `bdr.global_lock_statement_timeout` (this one counted from now) and it
+/// may sit idle at most `bdr.global_lock_idle_timeout`, by lowering
+/// PostgreSQL's own `statement_timeout` and
+/// `idle_in_transaction_session_timeout` for the transaction.
+pub fn bound_statement_and_idle() {
+    let statement_ms = crate::guc::get_int(crate::guc::GLOBAL_LOCK_STATEMENT_TIMEOUT);
+    let idle_ms = crate::guc::get_int(crate::guc::GLOBAL_LOCK_IDLE_TIMEOUT);
+    // SAFETY: reads the settings' current values.
+    let (statement_now, idle_now) = unsafe {
+        (
+            pg_sys::StatementTimeout,
+            pg_sys::IdleInTransactionSessionTimeout,
+        )
+    };
+    let lower = |now: i32, want: i32| want > 0 && (now == 0 || now > want);
+    let set = |name: &str, ms: i32| {
+        let r = Spi::run_with_args(
+            "SELECT pg_catalog.set_config($1, $2, true)",
+            &[name.into(), format!("{ms}ms").into()],
+        );
+        if let Err(e) = r {
+            warning!("could not bound {name} for a transaction holding a global lock: {e}");
+        }
+    };
+    if lower(statement_now, statement_ms) {
+        set("statement_timeout", statement_ms);
+        // SAFETY: restarts this statement's timer, as PostgreSQL does at
+        // each statement's start; the handler is the backend's own.
+        unsafe { enable_timeout_after(STATEMENT_TIMEOUT_ID, statement_ms) };
+    }
+    if lower(idle_now, idle_ms) {
+        set("idle_in_transaction_session_timeout", idle_ms);
+    }
 }

@@ -50,6 +50,12 @@ unsafe extern "C-unwind" fn utility_hook(
         )
         .unwrap_or_else(|e| crate::fail!(ERRCODE_INTERNAL_ERROR, "could not remove bdr's triggers: {e}"));
     }
+    // SAFETY: the hook's own arguments.
+    unsafe {
+        crate::ddl::truncate_lock(pstmt, query_string, context);
+        // COPY FROM and TRUNCATE wait while a global DML lock stops writes.
+        crate::dmllock::check_utility((*pstmt).utilityStmt);
+    }
     // DDL for the group is decided before it runs (refusals change
     // nothing) and queued once it succeeded.
     // SAFETY: the hook's own arguments.

@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod conflict_settings;
 pub mod consensus;
 pub mod ddl;
+pub mod dmllock;
 pub mod error;
 pub mod globallock;
 pub mod guc;
@@ -63,6 +64,7 @@ pub extern "C-unwind" fn _PG_init() {
     consensus::shmem::init();
     stats::init();
     hooks::init();
+    dmllock::init();
     sequence::init();
     sequence::generator::init();
     sequence::planner::init();

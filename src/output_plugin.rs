@@ -277,7 +277,7 @@ unsafe extern "C-unwind" fn commit(
 }
 
 /// Transactional logical messages of bdr's own (the DDL a session queued,
-/// `crate::ddl`) go to the peers inside their transaction; others are
+/// `crate::ddl`; the global DML lock's markers, `crate::dmllock`) go to the peers inside their transaction; others are
 /// not bdr's business.
 #[pg_guard]
 unsafe extern "C-unwind" fn message(
@@ -292,7 +292,11 @@ unsafe extern "C-unwind" fn message(
     // SAFETY: the caller upholds this function's contract (see its
     // documentation, or PostgreSQL's for a callback).
     unsafe {
-        if !transactional || txn.is_null() || cstr(prefix) != bdr_core::ddl::DDL_PREFIX {
+        let prefix = cstr(prefix);
+        if !transactional
+            || txn.is_null()
+            || (prefix != bdr_core::ddl::DDL_PREFIX && prefix != bdr_core::dmllock::MARKER_PREFIX)
+        {
             return;
         }
         let content = std::slice::from_raw_parts(content as *const u8, size).to_vec();
@@ -302,7 +306,7 @@ unsafe extern "C-unwind" fn message(
                 ctx,
                 &Message::Message {
                     transactional,
-                    prefix: bdr_core::ddl::DDL_PREFIX.to_string(),
+                    prefix: prefix.to_string(),
                     content,
                 },
             );

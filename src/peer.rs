@@ -700,3 +700,80 @@ pub enum Check {
     /// No bdr slot of this database starts with the prefix.
     NoSlotsWithPrefix(String),
 }
+
+/// The global DML lock's calls (`crate::dmllock`).
+impl Peer {
+    /// Stops writes to `relation` (a qualified name) on the peer for lock
+    /// `lock_id` of node `origin`, waiting at most `timeout_ms` for the
+    /// writes in progress; returns the LSN the peer's marker transaction
+    /// ends after.
+    pub fn dml_lock_acquire(
+        &self,
+        relation: &str,
+        lock_id: i64,
+        origin: u32,
+        timeout_ms: i64,
+    ) -> BdrResult<u64> {
+        self.lsn_of(
+            "taking the global DML lock",
+            &format!(
+                "SELECT bdr._dml_lock_acquire({}, {lock_id}, {origin}, {timeout_ms})",
+                literal(relation)
+            ),
+        )?
+        .ok_or_else(|| {
+            self.failed(
+                "taking the global DML lock",
+                PeerError::Answer("no marker LSN".into()),
+            )
+        })
+    }
+
+    /// Hands lock `lock_id` over to the peer's writer: it holds until the
+    /// peer applies a transaction of this node that ends after `after`.
+    pub fn dml_lock_handover(&self, lock_id: i64, after: u64) -> BdrResult<bool> {
+        let rows = self.query(
+            "handing over the global DML lock",
+            &format!(
+                "SELECT bdr._dml_lock_handover({lock_id}, {})::text",
+                literal(&lsn::format(after))
+            ),
+            1,
+        )?;
+        Ok(first_text(rows).as_deref() == Some("true"))
+    }
+
+    /// Commits a marker transaction on the peer; returns the LSN it ends
+    /// after.
+    pub fn progress_marker(&self) -> BdrResult<u64> {
+        self.lsn_of("writing a progress marker", "SELECT bdr._progress_marker()")?
+            .ok_or_else(|| {
+                self.failed(
+                    "writing a progress marker",
+                    PeerError::Answer("no marker LSN".into()),
+                )
+            })
+    }
+
+    /// Which node the peer has not applied up to its target yet ("" when
+    /// it has applied them all); `targets` as `bdr_core::dmllock` encodes them.
+    pub fn caught_up(&self, targets: &str) -> BdrResult<String> {
+        Ok(first_text(self.query(
+            "checking replication progress",
+            &format!("SELECT bdr._caught_up({})", literal(targets)),
+            1,
+        )?)
+        .unwrap_or_default())
+    }
+
+    /// Whether the peer's transaction `xid` has ended ("committed",
+    /// "aborted"; "in progress"; "" when too old to tell).
+    pub fn xact_status(&self, xid: u32) -> BdrResult<String> {
+        Ok(first_text(self.query(
+            "reading a transaction's status",
+            &format!("SELECT COALESCE(bdr._xid_status({xid}), '')"),
+            1,
+        )?)
+        .unwrap_or_default())
+    }
+}

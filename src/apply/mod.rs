@@ -178,10 +178,14 @@ impl Applier {
                     return Some((end_lsn, 0));
                 }
                 if self.discard_txn {
-                    return Some((end_lsn, self.discard(end_lsn, commit_time)));
+                    let local_end = self.discard(end_lsn, commit_time);
+                    crate::dmllock::applied(self.remote_node_id, end_lsn);
+                    return Some((end_lsn, local_end));
                 }
                 let local_end = self.commit(end_lsn, commit_time);
                 self.applied_up_to = self.applied_up_to.max(end_lsn);
+                // The peer's DDL under a global DML lock is here now.
+                crate::dmllock::applied(self.remote_node_id, end_lsn);
                 Some((end_lsn, local_end))
             }
             Message::Relation(r) => {
@@ -229,6 +233,17 @@ impl Applier {
                 content,
             } if prefix == bdr_core::ddl::DDL_PREFIX => {
                 self.row(|a| a.ddl(&content));
+                None
+            }
+            Message::Message {
+                transactional: true,
+                prefix,
+                ..
+            } if prefix == bdr_core::dmllock::MARKER_PREFIX => {
+                // An xid, so that the commit writes a record that advances
+                // the origin: the global DML lock waits for that progress.
+                // SAFETY: inside the apply transaction begun in `begin`.
+                unsafe { pg_sys::GetCurrentTransactionId() };
                 None
             }
             Message::Message { .. } => None,

@@ -191,7 +191,7 @@ pub fn alter_sequence_set_kind(seqid: u32, kind_name: &str, start: Option<i64>) 
     let owner =
         unsafe { pg_sys::pg_class_ownercheck(pg_sys::Oid::from(seqid), pg_sys::GetUserId()) };
     if !owner {
-        return Err(BdrError::NotOwner(info.regclass.clone()));
+        return Err(BdrError::NotOwner(format!("sequence {}", info.regclass)));
     }
     let kind = Kind::parse(kind_name, info.ty).map_err(|msg| BdrError::Sequence {
         msg,

@@ -126,16 +126,29 @@ pub extern "C-unwind" fn bdr_manager_main(arg: pg_sys::Datum) {
                         crate::hlc::prepare_pool();
                         crate::hlc::publish_copied();
                     });
+                    if local.node_group_id != 0 {
+                        // Peers hold global DML locks this node handed over
+                        // before it stopped until they apply a later
+                        // transaction of this node: here is one.
+                        let r = BackgroundWorker::transaction(crate::dmllock::write_marker);
+                        if let Err(e) = r {
+                            tracing::warn!("could not write a progress marker: {e}");
+                        }
+                    }
                     announced = true;
                 }
                 if local.node_group_id == 0 {
                     crate::join::run_requested_join();
                 }
                 tend_receivers(dboid, &subs, &mut receivers, &mut jitter);
+                let reap = crate::shmem::now() - last_reap > REAP_EVERY_US;
+                if reap {
+                    last_reap = crate::shmem::now();
+                    crate::dmllock::reap();
+                }
                 if in_consensus {
                     tend_consensus(dboid, &mut consensus, &mut jitter);
-                    if crate::shmem::now() - last_reap > REAP_EVERY_US {
-                        last_reap = crate::shmem::now();
+                    if reap {
                         crate::globallock::reap(local.node_id);
                     }
                 } else if let Some(c) = consensus.take() {

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod conflict;
 pub mod consensus;
 pub mod ddl;
+pub mod dmllock;
 pub mod dsn;
 pub mod dump;
 pub mod flow;
