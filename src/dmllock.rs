@@ -54,6 +54,10 @@ pub struct Entry {
     /// after this LSN has been applied here.
     release_after: u64,
     acquired_us: i64,
+    /// The lock is taken (the requester's own entry once every node caught
+    /// up, a peer's once handed over): the DDL holding it is about to take
+    /// its lock-manager lock, which a waiting write would block.
+    held: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -179,23 +183,30 @@ pub fn check_write(relids: &[pg_sys::Oid]) {
     for relid in relids {
         while let Some(e) = blocking(relid.to_u32()) {
             let waited = (crate::shmem::now() - started) / 1000;
-            // A transaction that has written already may hold what the
-            // lock waits for (a row a peer's change must update): it waits
+            // A waiting write holds its lock-manager lock on the relation
+            // (taken before the executor starts), which the DDL under the
+            // lock needs: once the lock is taken the write gives up rather
+            // than block it. While the lock is being taken it waits; a
+            // transaction that has written already may hold what the lock
+            // waits for (a row a peer's change must update), so it waits
             // no longer than PostgreSQL waits before it looks for deadlocks.
             let limit = if has_xid {
                 deadlock_ms.max(1)
             } else {
                 timeout_ms
             };
-            if limit > 0 && waited >= limit {
+            let held = e.held || e.owner_pid == 0;
+            if held || (limit > 0 && waited >= limit) {
                 BdrError::GlobalLock {
                     msg: format!(
-                        "could not write to {}: it is held by the global DML lock of node {} for {} ms",
+                        "could not write to {}: the global DML lock of node {} stops writes to it ({} ms so far)",
                         relation_name(*relid),
                         node_name(e.origin),
                         (crate::shmem::now() - e.acquired_us) / 1000
                     ),
-                    hint: if has_xid {
+                    hint: if held {
+                        "DDL is changing the table on every node: retry the transaction in a moment (bdr.global_locks shows the lock).".into()
+                    } else if has_xid {
                         "This transaction has written already and might block the lock: retry it.".into()
                     } else {
                         "Retry when the DDL holding it has replicated (bdr.global_locks shows it); bdr.global_lock_timeout bounds this wait.".into()
@@ -375,6 +386,7 @@ fn stop_writes_here(
             owner_pid,
             release_after: 0,
             acquired_us: now,
+            held: false,
         })
         .inspect_err(|_| {
             remove(|e| e.lock_id == lock_id && e.owner_pid == owner_pid);
@@ -439,6 +451,17 @@ pub fn acquire_for_peer(
     register_exit_hook();
     stop_writes_here(relid, origin, lock_id, my_pid(), timeout_ms)?;
     write_marker()
+}
+
+/// The requester's own entries of `lock_id`: taken.
+fn mark_held(lock_id: i64, owner: i32) {
+    let mut t = LOCKS.exclusive();
+    for e in
+        t.e.iter_mut()
+            .filter(|e| e.in_use && e.lock_id == lock_id && e.owner_pid == owner)
+    {
+        e.held = true;
+    }
 }
 
 /// `bdr._dml_lock_handover`: this session's entries of lock `lock_id` go
@@ -577,7 +600,14 @@ pub fn lock_relation(relid: pg_sys::Oid) -> BdrResult<()> {
     if HELD.with(|h| h.borrow().iter().any(|l| l.relid == relid)) {
         return Ok(());
     }
-    let rel = relation_name(relid);
+    // Qualified: peers' connections run with an empty search_path.
+    let rel = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname)
+           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.oid = $1",
+        &[relid.into()],
+    )?
+    .unwrap_or_else(|| relation_name(relid));
     let timeout_ms = crate::guc::get_int(crate::guc::GLOBAL_LOCK_TIMEOUT).max(0) as i64;
     let started = crate::shmem::now();
     let waited = || (crate::shmem::now() - started) / 1000;
@@ -605,6 +635,7 @@ pub fn lock_relation(relid: pg_sys::Oid) -> BdrResult<()> {
         drop(held);
         return Err(e);
     }
+    mark_held(lock_id, my_pid());
     let first = HELD.with(|h| {
         let mut h = h.borrow_mut();
         h.push(held);
@@ -659,9 +690,19 @@ fn lock_everywhere(
                         held.peers.push(p);
                     }
                 }
-                Err(e) => {
+                // A node that is down or restarting gets another chance
+                // while there is time; one that refuses fails the lock.
+                Err(e @ BdrError::PeerUnreachable { .. }) => {
                     last_err = format!("node \"{name}\": {e}");
                     still.push(node);
+                }
+                Err(e) => {
+                    return Err(failed(
+                        "a node refused it",
+                        rel,
+                        waited(),
+                        format!("node \"{name}\": {e}"),
+                    ))
                 }
             }
         }
