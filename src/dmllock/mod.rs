@@ -35,6 +35,9 @@ use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+mod progress;
+pub use progress::{global_lock_table, wait_for_xid_progress, xid_status};
+
 /// The most DML lock entries a node's table holds
 /// (`bdr.global_lock_max_locks` may only lower it).
 pub const SLOTS: usize = 10_000;
@@ -219,14 +222,14 @@ pub fn check_write(relids: &[pg_sys::Oid]) {
     }
 }
 
-fn relation_name(relid: pg_sys::Oid) -> String {
+pub(crate) fn relation_name(relid: pg_sys::Oid) -> String {
     Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[relid.into()])
         .ok()
         .flatten()
         .unwrap_or_else(|| relid.to_u32().to_string())
 }
 
-fn node_name(id: u32) -> String {
+pub(crate) fn node_name(id: u32) -> String {
     crate::pg::user::as_bdr(|| crate::catalog::node_by_id(id))
         .ok()
         .flatten()
@@ -551,11 +554,11 @@ thread_local! {
 }
 
 /// A node: `(id, name, dsn)`.
-type Member = (u32, String, String);
+pub(crate) type Member = (u32, String, String);
 
 /// Every member of the group that is not parted: `(id, name, dsn)`, this
 /// node first.
-fn members() -> BdrResult<(u32, Vec<Member>)> {
+pub(crate) fn members() -> BdrResult<(u32, Vec<Member>)> {
     crate::pg::user::as_bdr(|| {
         let local = crate::catalog::local_node()?.ok_or(BdrError::NoLocalNode)?;
         let me = crate::catalog::node_by_id(local.node_id)?.ok_or(BdrError::NoLocalNode)?;
@@ -569,8 +572,18 @@ fn members() -> BdrResult<(u32, Vec<Member>)> {
     })
 }
 
+/// What is left of a `timeout_ms` wait after `waited` ms (at least 1);
+/// 0 when there is no timeout.
+fn left_ms(timeout_ms: i64, waited: i64) -> i64 {
+    if timeout_ms > 0 {
+        (timeout_ms - waited).max(1)
+    } else {
+        0
+    }
+}
+
 /// A connection to a node for the lock, which fails within `left_ms`.
-fn connect(name: &str, dsn: &str, left_ms: i64) -> BdrResult<Peer> {
+pub(crate) fn connect(name: &str, dsn: &str, left_ms: i64) -> BdrResult<Peer> {
     let dsn = match bdr_core::dsn::Dsn::parse(dsn) {
         Ok(mut d) => {
             if d.get("connect_timeout").is_none() {
@@ -611,13 +624,7 @@ pub fn lock_relation(relid: pg_sys::Oid) -> BdrResult<()> {
     let timeout_ms = crate::guc::get_int(crate::guc::GLOBAL_LOCK_TIMEOUT).max(0) as i64;
     let started = crate::shmem::now();
     let waited = || (crate::shmem::now() - started) / 1000;
-    let left = || {
-        if timeout_ms > 0 {
-            (timeout_ms - waited()).max(1)
-        } else {
-            0
-        }
-    };
+    let left = || left_ms(timeout_ms, waited());
     let (me, nodes) = members()?;
     let lock_id = rules::lock_id(me, my_pid(), started);
     register_exit_hook();
@@ -659,13 +666,7 @@ fn lock_everywhere(
     waited: &dyn Fn() -> i64,
 ) -> BdrResult<()> {
     let out_of_time = || timeout_ms > 0 && waited() >= timeout_ms;
-    let left = || {
-        if timeout_ms > 0 {
-            (timeout_ms - waited()).max(1)
-        } else {
-            0
-        }
-    };
+    let left = || left_ms(timeout_ms, waited());
     let mut targets = Vec::new();
     // One attempt per node and round, so that a node that is restarting
     // gets another chance while there is time.
@@ -847,138 +848,4 @@ pub fn reap() {
         }
         Err(e) => tracing::warn!("could not check the global DML locks: {e}"),
     }
-}
-
-/// `bdr._xid_status`: what became of this node's transaction `xid` (the
-/// 32-bit id, of the current or the previous epoch): "committed",
-/// "aborted", "in progress", or `None` when it is too old to tell.
-pub fn xid_status(xid: u32) -> Option<String> {
-    // SAFETY: reads the next transaction id.
-    let next = unsafe { pg_sys::ReadNextFullTransactionId().value };
-    let mut full = (next & !0xffff_ffff) | xid as u64;
-    if full > next {
-        full = full.checked_sub(1 << 32)?;
-    }
-    let text = full.to_string();
-    crate::pg::xact::in_subtransaction(|| {
-        Spi::get_one_with_args::<String>(
-            "SELECT pg_catalog.pg_xact_status($1::text::xid8)",
-            &[text.as_str().into()],
-        )
-    })
-    .ok()
-    .and_then(|r| r.ok())
-    .flatten()
-}
-
-/// `bdr.wait_for_xid_progress`: waits until transaction `xid` of node
-/// `origin` has been applied here (`allnodes` false) or on every node of
-/// the group, at most `bdr.global_lock_timeout`. A transaction that
-/// aborted has nothing to wait for.
-pub fn wait_for_xid_progress(origin: u32, xid: u32, allnodes: bool) -> BdrResult<()> {
-    let timeout_ms = crate::guc::get_int(crate::guc::GLOBAL_LOCK_TIMEOUT).max(0) as i64;
-    let started = crate::shmem::now();
-    let waited = || (crate::shmem::now() - started) / 1000;
-    let left = || {
-        if timeout_ms > 0 {
-            (timeout_ms - waited()).max(1)
-        } else {
-            30_000
-        }
-    };
-    let out_of_time = |why: String| -> BdrResult<()> {
-        if timeout_ms > 0 && waited() >= timeout_ms {
-            Err(BdrError::Timeout {
-                msg: format!(
-                    "transaction {xid} of node {} was not applied everywhere within {} ms: {why}",
-                    node_name(origin),
-                    waited()
-                ),
-                hint: "bdr.global_lock_timeout bounds this wait; see bdr.node_summary and bdr.worker_errors for nodes that are down or behind.".into(),
-            })
-        } else {
-            crate::pg::latch::wait(None, 20);
-            Ok(())
-        }
-    };
-    let (me, nodes) = members()?;
-    let Some((_, oname, odsn)) = nodes.iter().find(|(id, _, _)| *id == origin) else {
-        return Err(BdrError::NoSuchNode(origin.to_string()));
-    };
-    // The transaction ended on its origin; a marker committed after it
-    // there is applied only after it everywhere.
-    let marker = loop {
-        let step = connect(oname, odsn, left()).and_then(|p| {
-            let status = p.xact_status(xid)?;
-            if status == "in progress" {
-                return Ok(None);
-            }
-            if status == "aborted" {
-                return Ok(Some(None));
-            }
-            Ok(Some(Some(p.progress_marker()?)))
-        });
-        match step {
-            Ok(Some(m)) => break m,
-            Ok(None) => out_of_time(format!("it is still in progress on node \"{oname}\""))?,
-            Err(e) => out_of_time(e.to_string())?,
-        }
-    };
-    let Some(marker) = marker else {
-        return Ok(());
-    };
-    let targets = rules::encode_targets(&[(origin, marker)]);
-    let wanted: Vec<&Member> = nodes
-        .iter()
-        .filter(|(id, _, _)| *id != origin && (allnodes || *id == me))
-        .collect();
-    for (id, name, dsn) in wanted {
-        loop {
-            let behind = if *id == me {
-                caught_up(&targets)
-            } else {
-                connect(name, dsn, left()).and_then(|p| p.caught_up(&targets))
-            };
-            match behind {
-                Ok(b) if b.is_empty() => break,
-                Ok(b) => out_of_time(format!("node \"{name}\": {b}"))?,
-                Err(e) => out_of_time(e.to_string())?,
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `bdr.global_lock_table`: the DML lock on `relid` for this transaction,
-/// whatever `bdr.ddl_locking` says.
-pub fn global_lock_table(relid: pg_sys::Oid) -> BdrResult<()> {
-    if !crate::ddl::in_group() {
-        return Err(BdrError::Prerequisite {
-            msg: "the local node is not a member of a BDR group".into(),
-            hint: "bdr.global_lock_table locks a table on every node of the group.".into(),
-        });
-    }
-    // SAFETY: catalog lookups of an existing relation.
-    let (persistence, owner) = unsafe {
-        (
-            pg_sys::get_rel_persistence(relid) as u8,
-            pg_sys::pg_class_ownercheck(relid, pg_sys::GetUserId()),
-        )
-    };
-    if persistence == pg_sys::RELPERSISTENCE_TEMP {
-        return Err(BdrError::Refused {
-            msg: format!(
-                "{} is a temporary table, which does not replicate",
-                relation_name(relid)
-            ),
-            hint: "Lock it with LOCK TABLE.".into(),
-        });
-    }
-    if !owner {
-        return Err(BdrError::NotOwner(format!(
-            "table {}",
-            relation_name(relid)
-        )));
-    }
-    lock_relation(relid)
 }
