@@ -735,6 +735,19 @@ unsafe fn alter_piece(cmd: *mut pg_sys::AlterTableCmd) -> (dmlrules::AlterPiece,
     }
 }
 
+/// Whether the DML lock applies to a relation: a table (not a
+/// materialized view, whose rows do not replicate) that the peers have
+/// already (not one this transaction created or changed).
+fn lockable(relid: pg_sys::Oid) -> BdrResult<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT c.relkind IN ('r', 'p')
+            AND c.xmin IS DISTINCT FROM pg_catalog.xid(pg_catalog.pg_current_xact_id_if_assigned())
+           FROM pg_catalog.pg_class c WHERE c.oid = $1",
+        &[relid.into()],
+    )?
+    .unwrap_or(false))
+}
+
 /// Whether a table's UPDATEs replicate with a key the peers find rows by.
 fn has_replica_key(relid: pg_sys::Oid) -> BdrResult<bool> {
     Ok(Spi::get_one_with_args::<bool>(
@@ -773,7 +786,7 @@ pub unsafe fn dml_needs(stmt: *mut pg_sys::Node, sql: &str) -> BdrResult<DmlNeed
                     .map(|c| alter_piece(c as *mut pg_sys::AlterTableCmd))
                     .collect();
                 let kinds: Vec<_> = pieces.iter().map(|(p, _)| *p).collect();
-                if dmlrules::alter_needs_dml_lock(&kinds) {
+                if dmlrules::alter_needs_dml_lock(&kinds) && lockable(relid)? {
                     needs.relids.push(relid);
                 }
                 for (p, col) in pieces {
@@ -792,7 +805,7 @@ pub unsafe fn dml_needs(stmt: *mut pg_sys::Node, sql: &str) -> BdrResult<DmlNeed
                 let i = stmt as *mut pg_sys::IndexStmt;
                 if dmlrules::index_needs_dml_lock((*i).unique, (*i).concurrent) {
                     let relid = existing_relid((*i).relation);
-                    if relid != pg_sys::InvalidOid {
+                    if relid != pg_sys::InvalidOid && lockable(relid)? {
                         needs.relids.push(relid);
                     }
                 }
